@@ -1,0 +1,215 @@
+"""The retok command line: one thin command per stage (load config -> run the stage -> say where it went).
+
+Every command takes ``--config FILE`` (or the file as first argument) and repeatable ``--set a.b=value``.
+Bad input ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from retok.errors import RetokError
+
+app = typer.Typer(
+    name="retok",
+    help="Replace the tokenizer of a pretrained LLM and keep the model good (ReTok).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = Annotated[
+    Path | None, typer.Argument(help="The YAML config (same as --config).", show_default=False)
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="The YAML config.", show_default=False)
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a key: --set train.max_steps=50 (repeatable; value is YAML)."),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace this stage's existing output folder.")
+]
+
+
+def _config(arg: Path | None, opt: Path | None, sets: list[str] | None):
+    from retok.config import load_config
+
+    if arg is not None and opt is not None and arg != opt:
+        raise RetokError(f"two configs given ({arg} and --config {opt}); give one")
+    path = opt or arg
+    if path is None and not sets:
+        raise RetokError("no config given; pass --config FILE (`retok init-config FILE` writes one)")
+    return load_config(path, sets)
+
+
+def _done(stage: str, folder: Path, extra: str = "") -> None:
+    typer.echo(f"retok {stage}: wrote {folder}{extra}")
+
+
+# ---------------------------------------------------------------------------------------- stages
+
+
+@app.command("build-tokenizer")
+def build_tokenizer_cmd(
+    config: ConfigArg = None,
+    config_opt: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+):
+    """Extend the model's tokenizer with tokens learned on data.train (or train a new one); report compression."""
+    from retok.pipeline import run_stage
+
+    cfg = _config(config, config_opt, set_)
+    _done("build-tokenizer", run_stage(cfg, "tokenizer", overwrite=overwrite))
+
+
+@app.command("init-embeddings")
+def init_embeddings_cmd(
+    config: ConfigArg = None,
+    config_opt: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+):
+    """Rebuild the input embedding and LM head for the new tokenizer (tensor by tensor)."""
+    from retok.pipeline import run_stage
+
+    cfg = _config(config, config_opt, set_)
+    _done("init-embeddings", run_stage(cfg, "model-init", overwrite=overwrite))
+
+
+@app.command("train-io")
+def train_io_cmd(
+    config: ConfigArg = None,
+    config_opt: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint in output_dir/train-state.")
+    ] = False,
+):
+    """Train the input embedding and LM head with the body frozen (Accelerate; resumable)."""
+    from retok.pipeline import run_stage
+
+    cfg = _config(config, config_opt, set_)
+    _done("train-io", run_stage(cfg, "model-trained", overwrite=overwrite, resume=resume))
+
+
+@app.command("eval-speed")
+def eval_speed_cmd(
+    config: ConfigArg = None,
+    config_opt: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+):
+    """Bytes/token, bits per byte and long-text decoding bytes/s: original vs new model on the same text."""
+    from retok.pipeline import run_stage
+
+    cfg = _config(config, config_opt, set_)
+    _done("eval-speed", run_stage(cfg, "eval", overwrite=overwrite))
+
+
+@app.command("export")
+def export_cmd(
+    config: ConfigArg = None,
+    config_opt: ConfigOpt = None,
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+):
+    """Write the final Hugging Face folder (sharded safetensors, tokenizer, model card) and check it."""
+    from retok.pipeline import run_stage
+
+    cfg = _config(config, config_opt, set_)
+    _done("export", run_stage(cfg, "export", overwrite=overwrite))
+
+
+@app.command("run")
+def run_cmd(
+    config: ConfigArg = None,
+    config_opt: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Redo every stage even if its output is up to date.")
+    ] = False,
+    stages: Annotated[
+        str | None, typer.Option("--stages", help="Comma-separated subset, e.g. tokenizer,model-init.")
+    ] = None,
+):
+    """Run every stage in order; a stage whose output was made by the same config is skipped."""
+    from retok.pipeline import run_all
+
+    cfg = _config(config, config_opt, set_)
+    run_all(cfg, force=force, only=stages.split(",") if stages else None)
+
+
+@app.command("check")
+def check_cmd(folder: Annotated[Path, typer.Argument(help="A model folder to check.")]):
+    """Check that a model folder loads with plain transformers and its tokenizer, ids and head agree."""
+    from retok.export import check_folder, print_checks
+
+    results = check_folder(folder)
+    print_checks(results)
+    if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@app.command("validate")
+def validate_cmd(config: ConfigArg = None, config_opt: ConfigOpt = None, set_: SetOpt = None):
+    """Check a config without running anything."""
+    from retok.pipeline import preflight
+
+    cfg = _config(config, config_opt, set_)
+    for line in preflight(cfg):
+        typer.echo(line)
+    typer.echo(f"config ok: {config_opt or config or '(from --set)'}")
+
+
+@app.command("init-config")
+def init_config_cmd(
+    path: Annotated[Path, typer.Argument(help="Where to write the commented default config.")],
+    model: Annotated[str | None, typer.Option(help="model.path to put in the file.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+):
+    """Write a commented config with every key, its default and what it does."""
+    from retok.config_doc import commented_yaml
+
+    if path.exists() and not force:
+        raise RetokError(f"{path} already exists; pass --force to overwrite it or choose another name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(commented_yaml(model_path=model), encoding="utf-8")
+    typer.echo(f"wrote {path}; edit model.path and data, then `retok validate {path}`")
+
+
+def main() -> None:
+    """Entry point: turn RetokError into one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except RetokError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,499 @@
+"""The one config schema every stage shares: load YAML, apply ``--set`` overrides, validate, write resolved copies.
+
+A config is a YAML file; ``--set a.b=value`` overrides any key (``value`` is parsed as YAML, list items are
+addressed by index: ``--set data.train.0.max_bytes=100000``). Unknown keys are rejected, and every error
+names the key that is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from retok.errors import RetokError
+
+STAGES = ("tokenizer", "model-init", "model-trained", "eval", "export")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class ModelConfig(_Section):
+    """The pretrained model whose tokenizer is replaced."""
+
+    path: str = Field(
+        description="A local Hugging Face model folder, a hub id (org/name, for users online), or a .gguf file "
+        "(de-quantised once and cached as a safetensors folder)."
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) when `path` is a hub id."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run Python code shipped with the model. Off: only architectures transformers knows.",
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Accept pickled (.bin/.pt) checkpoints. Off: only safetensors are read, since pickles can run code.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype to load the model in for stages that run it; auto = float32 on CPU, bfloat16 on GPU.",
+    )
+    device: str = Field(
+        "auto", description="auto, cpu, cuda, cuda:N or mps: where stages that run the model run it."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class DataSource(_Section):
+    """One source of documents for one domain."""
+
+    name: str = Field(description="Domain name used in every report, e.g. zh, en, code.")
+    path: str | None = Field(
+        None,
+        description="A file, a folder or a glob of .txt/.jsonl/.json/.parquet files. "
+        "Relative paths are relative to the working directory; ${VAR} and ~ are expanded.",
+    )
+    hub: str | None = Field(
+        None, description="A Hugging Face hub dataset id instead of `path` (needs the network)."
+    )
+    hub_config: str | None = Field(None, description="Dataset configuration name for `hub`.")
+    split: str = Field("train", description="Dataset split for `hub`.")
+    text_field: str = Field(
+        "text", description="Field holding the text in .jsonl/.json/.parquet rows and hub datasets."
+    )
+    txt_unit: Literal["document", "paragraph", "line"] = Field(
+        "document",
+        description="How a .txt file is cut into documents: the whole file, blank-line paragraphs, or lines.",
+    )
+    max_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Stop reading this source after this many UTF-8 bytes of text (a document budget).",
+    )
+    weight: float = Field(1.0, gt=0, description="Relative weight of this source when domains are mixed.")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> DataSource:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of `path` (local files) or `hub` (a hub dataset id)")
+        return self
+
+
+class DataConfig(_Section):
+    """Text for building the tokenizer and training (train) and for every report (eval)."""
+
+    train: list[DataSource] = Field(
+        default_factory=list, description="Training sources, one or more per domain."
+    )
+    eval: list[DataSource] = Field(
+        default_factory=list, description="Held-out sources, one or more per domain."
+    )
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+
+
+class TokenizerConfig(_Section):
+    """build-tokenizer: how the new tokenizer is made."""
+
+    mode: Literal["extend", "train"] = Field(
+        "extend",
+        description="extend: keep every old token and id, learn `new_tokens` tokens on top of the old tokenizer's "
+        "own segmentation (ReTok). train: a new tokenizer trained from scratch with the old pipeline.",
+    )
+    new_tokens: int = Field(
+        16000,
+        gt=0,
+        description="extend: number of tokens appended. train: new vocabulary = old size + new_tokens.",
+    )
+    vocab_size: int | None = Field(
+        None, gt=0, description="train mode only: total vocabulary size (overrides old size + new_tokens)."
+    )
+    min_frequency: int = Field(
+        2, ge=1, description="A pair must occur at least this often to become a token."
+    )
+    max_token_length: int | None = Field(
+        16, gt=0, description="Longest new token, in characters (null: no limit)."
+    )
+    domains: list[str] | None = Field(
+        None, description="Train domains (data.train names) to learn from; null = every train source."
+    )
+    max_train_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Total byte budget of training text read for the tokenizer (per-source max_bytes also apply).",
+    )
+    keep_digit_split: bool = Field(
+        True,
+        description="Never learn tokens that join digits when the old tokenizer splits numbers into single digits.",
+    )
+    lowercase_check: bool = Field(
+        False, description="Reserved: report case-folding differences (no effect on the tokenizer)."
+    )
+
+
+# -------------------------------------------------------------------------------------------- init
+
+
+InitMethod = Literal["mean", "first", "last", "weighted", "random", "zero"]
+
+
+class InitConfig(_Section):
+    """init-embeddings: how rows of new tokens are initialised."""
+
+    method: InitMethod = Field(
+        "mean",
+        description="Input-embedding rows of new tokens: mean of the old pieces' rows (ReTok), first/last piece, "
+        "weighted (leans on the LAST piece), random or zero (ablations).",
+    )
+    head_method: InitMethod | None = Field(
+        None,
+        description="LM-head rows of new tokens (untied models, or tied with untie_head); null = same as `method`. "
+        "`weighted` here leans on the FIRST piece.",
+    )
+    weighted_decay: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="weighted: each piece further from the favoured end gets this factor less weight.",
+    )
+    untie_head: bool = Field(
+        False,
+        description="Give a tied model a separate LM head (tie_word_embeddings becomes false on export).",
+    )
+    pad_to_multiple_of: int = Field(
+        64,
+        ge=1,
+        description="Pad the vocabulary (rows) to a multiple of this; padded rows can never win greedy decoding.",
+    )
+    eval_bpb: bool = Field(
+        True, description="Measure held-out BPB of the original and initialised model (needs data.eval)."
+    )
+    compare_methods: list[InitMethod] = Field(
+        default_factory=list,
+        description="Also measure held-out BPB for these input/head methods (report only; the folder keeps `method`).",
+    )
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+class FullStage(_Section):
+    """The optional second stage: every parameter trainable (the paper's joint unfreeze)."""
+
+    steps: int = Field(0, ge=0, description="Steps of the joint stage after the io stage; 0 = skip it.")
+    lr: float = Field(1e-5, gt=0, description="Learning rate of the joint stage.")
+
+
+class TrainConfig(_Section):
+    """train-io: training of the input embedding and LM head with the body frozen."""
+
+    trainable: Literal["io", "io_new_rows"] = Field(
+        "io", description="io: whole embedding and head; io_new_rows: only the rows of new tokens learn."
+    )
+    max_steps: int = Field(200, ge=1, description="Optimizer steps of the io stage.")
+    seq_len: int = Field(512, ge=8, description="Tokens per packed training block.")
+    batch_size: int = Field(4, ge=1, description="Blocks per device per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="Learning rate (embedding and head unless set separately).")
+    embed_lr: float | None = Field(None, gt=0, description="Learning rate of the input embedding; null = lr.")
+    head_lr: float | None = Field(None, gt=0, description="Learning rate of the LM head (untied); null = lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warm-up steps before the cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decays to lr * min_lr_ratio.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null = no clipping.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, none on CPU."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+    loss_chunk_tokens: int = Field(
+        1024,
+        ge=16,
+        description="Tokens per chunk of the LM-head + loss computation (never the full fp32 logits at once).",
+    )
+    max_train_bytes: int | None = Field(
+        None, gt=0, description="Byte budget of training text read per source."
+    )
+    eval_every: int = Field(100, ge=1, description="Measure held-out BPB every this many steps.")
+    eval_max_bytes: int = Field(
+        20000, ge=100, description="Bytes of each eval domain used for BPB during training."
+    )
+    save_every: int = Field(100, ge=1, description="Save a resumable checkpoint every this many steps.")
+    log_with: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Extra trackers (the JSONL log is always written)."
+    )
+    full: FullStage = Field(
+        default_factory=FullStage, description="Optional joint stage with every parameter trainable."
+    )
+
+
+# -------------------------------------------------------------------------------------------- eval
+
+
+class EvalConfig(_Section):
+    """eval-speed: quality (bits per byte) and long-text decoding speed, old vs new."""
+
+    baseline_model: str | None = Field(
+        None,
+        description="The model to compare against (folder/hub id/.gguf); null = model.path with its tokenizer.",
+    )
+    candidate_model: str | None = Field(
+        None,
+        description="The new model folder; null = the latest stage output (model-trained, else model-init).",
+    )
+    max_bytes: int = Field(20000, ge=100, description="Bytes of held-out text per domain scored for BPB.")
+    window: int = Field(1024, ge=16, description="Sliding-window context (tokens) for BPB.")
+    stride: int = Field(512, ge=1, description="New tokens scored per window step (<= window).")
+    prompt_bytes: int = Field(
+        2000, ge=1, description="Bytes of held-out text given as the prompt for speed runs."
+    )
+    continuation_bytes: int = Field(
+        600, ge=1, description="Bytes of the reference continuation fed token by token."
+    )
+    generate_bytes: int = Field(
+        0, ge=0, description="Free greedy generation: bytes to generate (0 = skip the second figure)."
+    )
+    repeats: int = Field(3, ge=1, description="Timed repeats; medians are reported.")
+    warmup: int = Field(1, ge=0, description="Untimed warm-up runs.")
+    domains: list[str] | None = Field(None, description="Eval domains to run; null = every data.eval domain.")
+    speed_domains: list[str] | None = Field(
+        None, description="Domains for the decoding-speed runs; null = every eval domain."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype for the eval runs."
+    )
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default.")
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+class ExportConfig(_Section):
+    """export: the final Hugging Face folder."""
+
+    source: Literal["auto", "model-trained", "model-init"] = Field(
+        "auto", description="Which stage output to export; auto = model-trained if present, else model-init."
+    )
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. 500MB, 5GB.")
+    dtype: Literal["keep", "float32", "bfloat16", "float16"] = Field(
+        "keep", description="Dtype of exported weights."
+    )
+    model_name: str | None = Field(
+        None, description="Name shown in the model card; null = derived from model.path."
+    )
+
+
+# -------------------------------------------------------------------------------------------- root
+
+
+class RetokConfig(_Section):
+    """A retok run: every stage reads this one config."""
+
+    output_dir: str = Field(
+        description="Folder of every stage output: tokenizer/, model-init/, model-trained/, eval/, export/."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Cache for converted GGUF models and fetched assets; null = $RETOK_CACHE or ~/.cache/retok.",
+    )
+    seed: int = Field(0, description="Seed for data order, sampling and random init.")
+    model: ModelConfig = Field(description="The pretrained model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training and held-out text.")
+    tokenizer: TokenizerConfig = Field(
+        default_factory=TokenizerConfig, description="build-tokenizer settings."
+    )
+    init: InitConfig = Field(default_factory=InitConfig, description="init-embeddings settings.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="train-io settings.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="eval-speed settings.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="export settings.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> RetokConfig:
+        if self.eval.stride > self.eval.window:
+            raise ValueError("eval.stride must be <= eval.window")
+        if self.tokenizer.vocab_size is not None and self.tokenizer.mode != "train":
+            raise ValueError(
+                "tokenizer.vocab_size applies to mode: train only; use tokenizer.new_tokens for extend"
+            )
+        names = [s.name for s in self.data.train]
+        if self.tokenizer.domains:
+            missing = sorted(set(self.tokenizer.domains) - set(names))
+            if missing:
+                raise ValueError(f"tokenizer.domains names {missing}, which no data.train source has")
+        return self
+
+    # ---- derived paths
+
+    @property
+    def out(self) -> Path:
+        return Path(expand(self.output_dir))
+
+    def stage_dir(self, stage: str) -> Path:
+        assert stage in STAGES, stage
+        return self.out / stage
+
+    @property
+    def cache(self) -> Path:
+        return Path(expand(self.cache_dir)) if self.cache_dir else default_cache()
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("RETOK_CACHE") or Path.home() / ".cache" / "retok").expanduser()
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(value: str) -> str:
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``~``; RETOK_CACHE defaults to the default cache."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name == "RETOK_CACHE" and not os.environ.get(name):
+            return str(default_cache()) if default is None else default
+        val = os.environ.get(name)
+        if val is None:
+            if default is None:
+                raise RetokError(
+                    f"environment variable ${{{name}}} used in the config is not set; set it or use ${{{name}:-default}}"
+                )
+            return default
+        return val
+
+    return os.path.expanduser(_VAR.sub(sub, value))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RetokError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RetokError(f"--set {item!r}: the key must be dotted names like train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RetokError(
+            f"--set {key}: the value {raw!r} is not valid YAML ({e.__class__.__name__})"
+        ) from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides in order; list items are addressed by integer index."""
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node: Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RetokError(
+                        f"--set {'.'.join(parts)}: {where} is not an item of a list of {len(node)}"
+                    )
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise RetokError(f"--set {'.'.join(parts)}: {'.'.join(parts[:i])} is a value, not a section")
+    return data
+
+
+def _format_validation(e: ValidationError, source: str) -> str:
+    msgs = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msgs.append(f"{loc}: unknown key (check the spelling; `retok init-config` writes every key)")
+        elif kind == "missing":
+            msgs.append(f"{loc}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            msgs.append(f"{loc}: {msg}")
+    more = f" (+{len(msgs) - 1} more)" if len(msgs) > 1 else ""
+    return f"config {source}: {msgs[0]}{more}" if len(msgs) == 1 else f"config {source}: " + "; ".join(msgs)
+
+
+def validate_dict(data: Any, source: str = "<dict>") -> RetokConfig:
+    if not isinstance(data, dict):
+        raise RetokError(
+            f"config {source}: expected a mapping of keys at the top level, got {type(data).__name__}"
+        )
+    try:
+        return RetokConfig.model_validate(data)
+    except ValidationError as e:
+        raise RetokError(_format_validation(e, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise RetokError(f"config file {p} not found; `retok init-config {p}` writes a commented one")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RetokError(f"config {p}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RetokError(f"config {p}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return data if data is not None else {}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RetokConfig:
+    """Read a YAML config, apply ``--set`` overrides, validate."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    return validate_dict(data, str(path) if path is not None else "(from --set)")
+
+
+def to_yaml(cfg: RetokConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# Which sections each stage's output depends on (its own and everything upstream).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("model", "data", "tokenizer"),
+    "model-init": ("model", "data", "tokenizer", "init"),
+    "model-trained": ("model", "data", "tokenizer", "init", "train", "seed"),
+    "eval": ("model", "data", "tokenizer", "init", "train", "seed", "eval"),
+    "export": ("model", "data", "tokenizer", "init", "train", "seed", "export"),
+}
+
+
+def fingerprint(cfg: RetokConfig, stage: str) -> str:
+    """Hash of the parts of the resolved config that a stage's output depends on."""
+    dump = cfg.model_dump(mode="json")
+    part = {k: dump[k] for k in STAGE_SECTIONS[stage]}
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]

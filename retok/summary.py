@@ -1,0 +1,111 @@
+"""The end-of-run summary: one table per run from the stage reports, printed and saved as summary.md/json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from retok.config import RetokConfig
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _f(x: Any, fmt: str = ".3f") -> str:
+    return format(x, fmt) if isinstance(x, int | float) else "-"
+
+
+def collect(cfg: RetokConfig) -> dict[str, Any]:
+    """Per-domain figures gathered from every stage report that exists."""
+    comp = _load(cfg.stage_dir("tokenizer") / "compression.json").get("domains", {})
+    init = _load(cfg.stage_dir("model-init") / "init_report.json").get("bpb", {})
+    train = _load(cfg.stage_dir("model-trained") / "train_report.json").get("bpb", {})
+    ev = _load(cfg.stage_dir("eval") / "report.json").get("domains", {})
+    names = list(dict.fromkeys([*comp, *init, *train, *ev]))
+    rows = {}
+    for d in names:
+        c, i, t, e = comp.get(d, {}), init.get(d, {}), train.get(d, {}), ev.get(d, {})
+        rows[d] = {
+            "old_bytes_per_token": c.get("old_bytes_per_token", e.get("old", {}).get("bytes_per_token")),
+            "new_bytes_per_token": c.get("new_bytes_per_token", e.get("new", {}).get("bytes_per_token")),
+            "compression_ratio": c.get("ratio"),
+            "bpb_original": t.get("original", i.get("original", e.get("old", {}).get("bpb"))),
+            "bpb_init": t.get("init", i.get("init")),
+            "bpb_trained": t.get("final"),
+            "bpb_eval_new": e.get("new", {}).get("bpb"),
+            "old_bytes_per_s": e.get("old", {}).get("bytes_per_s"),
+            "new_bytes_per_s": e.get("new", {}).get("bytes_per_s"),
+            "speedup_bytes_per_s": e.get("speedup_bytes_per_s"),
+        }
+    return {"domains": rows, "outputs": {s: str(cfg.stage_dir(s)) for s in _existing(cfg)}}
+
+
+def _existing(cfg: RetokConfig) -> list[str]:
+    from retok.config import STAGES
+
+    return [s for s in STAGES if cfg.stage_dir(s).is_dir()]
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    head = (
+        "| domain | bytes/token old | bytes/token new | ratio | BPB original | BPB init | BPB trained "
+        "| decode bytes/s old | decode bytes/s new | speed-up |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for d, r in summary["domains"].items():
+        lines.append(
+            f"| {d} | {_f(r['old_bytes_per_token'], '.2f')} | {_f(r['new_bytes_per_token'], '.2f')} "
+            f"| {_f(r['compression_ratio'], '.2f')}x | {_f(r['bpb_original'])} | {_f(r['bpb_init'])} "
+            f"| {_f(r['bpb_trained'])} | {_f(r['old_bytes_per_s'], '.1f')} | {_f(r['new_bytes_per_s'], '.1f')} "
+            f"| {_f(r['speedup_bytes_per_s'], '.2f')}x |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def print_summary(cfg: RetokConfig) -> dict[str, Any]:
+    """Print the table and where every output is; save summary.md and summary.json in output_dir."""
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = collect(cfg)
+    table = Table(title=f"retok summary: {cfg.out}")
+    for col in (
+        "domain",
+        "B/tok old",
+        "B/tok new",
+        "ratio",
+        "BPB orig",
+        "BPB init",
+        "BPB trained",
+        "B/s old",
+        "B/s new",
+        "speed-up",
+    ):
+        table.add_column(col, justify="right" if col != "domain" else "left")
+    for d, r in summary["domains"].items():
+        table.add_row(
+            d,
+            _f(r["old_bytes_per_token"], ".2f"),
+            _f(r["new_bytes_per_token"], ".2f"),
+            _f(r["compression_ratio"], ".2f") + "x",
+            _f(r["bpb_original"]),
+            _f(r["bpb_init"]),
+            _f(r["bpb_trained"]),
+            _f(r["old_bytes_per_s"], ".1f"),
+            _f(r["new_bytes_per_s"], ".1f"),
+            _f(r["speedup_bytes_per_s"], ".2f") + "x",
+        )
+    console = Console()
+    console.print(table)
+    for stage, path in summary["outputs"].items():
+        console.print(f"  {stage:>14}: {path}")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (cfg.out / "summary.md").write_text(f"# retok summary\n\n{markdown_table(summary)}")
+    console.print(f"  {'summary':>14}: {cfg.out / 'summary.md'}")
+    return summary
