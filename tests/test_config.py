@@ -1,0 +1,162 @@
+"""The one config schema: unknown keys, types, overrides, the generated template, every shipped config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from retok.config import apply_overrides, fingerprint, load_config, validate_dict
+from retok.config_doc import commented_yaml, markdown_reference
+from retok.errors import RetokError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base() -> dict:
+    return {
+        "output_dir": "runs/x",
+        "model": {"path": "some/model"},
+        "data": {"train": [{"name": "zh", "path": "a.txt"}], "eval": [{"name": "zh", "path": "b.txt"}]},
+    }
+
+
+def test_minimal_config_gets_defaults():
+    cfg = validate_dict(base())
+    assert cfg.tokenizer.mode == "extend"
+    assert cfg.tokenizer.new_tokens == 16000
+    assert cfg.init.method == "mean"
+    assert cfg.model.trust_remote_code is False
+    assert cfg.model.allow_pickle is False
+    assert cfg.stage_dir("model-init") == Path("runs/x/model-init")
+
+
+@pytest.mark.parametrize(
+    ("patch", "needle"),
+    [
+        ({"tokenizer": {"new_tokns": 5}}, "tokenizer.new_tokns: unknown key"),
+        ({"tokenizer": {"new_tokens": 0}}, "tokenizer.new_tokens:"),
+        ({"tokenizer": {"new_tokens": "many"}}, "tokenizer.new_tokens:"),
+        ({"tokenizer": {"mode": "merge"}}, "tokenizer.mode:"),
+        ({"train": {"lr": -1}}, "train.lr:"),
+        ({"init": {"method": "omp"}}, "init.method:"),
+        ({"bogus": 1}, "bogus: unknown key"),
+        ({"data": {"train": [{"name": "zh"}]}}, "data.train.0: Value error"),
+    ],
+)
+def test_bad_keys_name_the_key(patch, needle):
+    data = base()
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k].update(v)
+        else:
+            data[k] = v
+    with pytest.raises(RetokError) as e:
+        validate_dict(data, "c.yaml")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert needle.split(": Value error")[0] in msg, msg
+
+
+def test_missing_required_key():
+    data = base()
+    del data["model"]
+    with pytest.raises(RetokError, match=r"model: required key is missing"):
+        validate_dict(data)
+
+
+def test_source_needs_exactly_one_location():
+    data = base()
+    data["data"]["train"] = [{"name": "zh", "path": "a.txt", "hub": "x/y"}]
+    with pytest.raises(RetokError, match=r"data\.train\.0: give exactly one of"):
+        validate_dict(data)
+
+
+def test_overrides_nested_lists_and_yaml_values():
+    data = apply_overrides(base(), ["train.max_steps=7", "data.train.0.max_bytes=100", "init.compare_methods=[first, last]", "eval.domains=null"])
+    cfg = validate_dict(data)
+    assert cfg.train.max_steps == 7
+    assert cfg.data.train[0].max_bytes == 100
+    assert cfg.init.compare_methods == ["first", "last"]
+    assert cfg.eval.domains is None
+
+
+@pytest.mark.parametrize(
+    ("item", "needle"),
+    [
+        ("train.max_steps", "expected KEY=VALUE"),
+        ("data.train.5.path=x", "is not an item of a list of 1"),
+        ("output_dir.x=1", "output_dir is a value, not a section"),
+        ("train..lr=1", "dotted names"),
+    ],
+)
+def test_bad_overrides(item, needle):
+    with pytest.raises(RetokError, match=needle):
+        apply_overrides(base(), [item])
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: x\nmodel: [unclosed\n")
+    with pytest.raises(RetokError, match=r"invalid YAML at line"):
+        load_config(bad)
+    with pytest.raises(RetokError, match=r"not found; `retok init-config"):
+        load_config(tmp_path / "missing.yaml")
+    # yaml.safe_load only: python tags are refused, not executed
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("output_dir: !!python/object/apply:os.system ['echo hi']\nmodel: {path: x}\n")
+    with pytest.raises(RetokError, match="invalid YAML"):
+        load_config(evil)
+
+
+def test_env_expansion(monkeypatch, tmp_path):
+    monkeypatch.setenv("RETOK_CACHE", str(tmp_path))
+    cfg = validate_dict({**base(), "output_dir": "${RETOK_CACHE}/out"})
+    assert cfg.out == tmp_path / "out"
+    cfg = validate_dict({**base(), "output_dir": "${NOPE_NOT_SET:-fallback}/o"})
+    assert cfg.out == Path("fallback/o")
+    cfg = validate_dict({**base(), "output_dir": "${NOPE_NOT_SET}/o"})
+    with pytest.raises(RetokError, match=r"NOPE_NOT_SET"):
+        _ = cfg.out
+
+
+def test_fingerprint_depends_only_on_upstream_sections():
+    a = validate_dict(base())
+    b = validate_dict(apply_overrides(base(), ["eval.repeats=9"]))
+    c = validate_dict(apply_overrides(base(), ["tokenizer.new_tokens=10"]))
+    assert fingerprint(a, "tokenizer") == fingerprint(b, "tokenizer")
+    assert fingerprint(a, "model-trained") == fingerprint(b, "model-trained")
+    assert fingerprint(a, "eval") != fingerprint(b, "eval")
+    assert fingerprint(a, "tokenizer") != fingerprint(c, "tokenizer")
+    assert fingerprint(a, "model-init") != fingerprint(c, "model-init")
+
+
+def test_commented_template_has_every_key_and_validates():
+    text = commented_yaml(model_path="org/m")
+    data = yaml.safe_load(text)
+    cfg = validate_dict(data)
+    assert cfg.model.path == "org/m"
+    dumped = cfg.model_dump()
+    for section in ("tokenizer", "init", "train", "eval", "export", "model"):
+        assert set(data[section]) == set(dumped[section]), section
+    assert "# Longest new token" in text
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path, monkeypatch, tmp_path):
+    monkeypatch.setenv("RETOK_CACHE", str(tmp_path))
+    text = path.read_text()
+    assert text.startswith("#"), "a shipped config opens with what it is for"
+    assert "retok " in text.split("\n\n")[0], "and the command that runs it"
+    cfg = load_config(path)
+    assert cfg.output_dir
+
+
+def test_shipped_configs_exist():
+    assert len(list((ROOT / "configs").glob("*.yaml"))) >= 4
+
+
+def test_readme_config_reference_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_reference() in readme, "README's config reference is stale: run `python scripts/gen_readme_reference.py`"

@@ -1,0 +1,85 @@
+"""Model sources: folders, pickles refused, GGUF conversion (real model), tokenizer fixes from GGUF metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from retok.config import ModelConfig
+from retok.errors import RetokError
+from retok.sources import check_model_folder, fix_gguf_tokenizer, load_model, resolve_model
+from tests.tiny import byte_level_tokenizer
+
+ASSETS = Path.home() / ".cache" / "retok" / "assets"
+
+
+def test_pickled_checkpoints_are_refused_unless_allowed(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(RetokError, match="only pickled weights"):
+        check_model_folder(tmp_path, allow_pickle=False)
+    check_model_folder(tmp_path, allow_pickle=True)
+
+
+def test_missing_paths_and_not_a_model(tmp_path):
+    with pytest.raises(RetokError, match="not found"):
+        resolve_model(ModelConfig(path=str(tmp_path / "nothing")), tmp_path)
+    with pytest.raises(RetokError, match="GGUF file .* not found"):
+        resolve_model(ModelConfig(path=str(tmp_path / "x.gguf")), tmp_path)
+    with pytest.raises(RetokError, match="has no config.json"):
+        resolve_model(ModelConfig(path=str(tmp_path)), tmp_path)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not gguf" * 10)
+    with pytest.raises(RetokError, match="not a readable GGUF file"):
+        resolve_model(ModelConfig(path=str(bad)), tmp_path / "cache")
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+def test_not_a_causal_lm(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
+    with pytest.raises(RetokError, match="not a causal language model"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_gguf_metadata_fixes_tokenizer():
+    tok = byte_level_tokenizer()
+    tok.model_max_length = int(1e30)
+    tok.eos_token = "<|endoftext|>"
+    meta = {
+        "general.architecture": "llama",
+        "llama.context_length": 8192,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.pre": "smollm",
+    }
+    changes = fix_gguf_tokenizer(tok, meta)
+    assert tok.model_max_length == 8192
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+    assert "eos=<|im_end|>" in changes
+
+
+@pytest.mark.real
+def test_real_smollm2_gguf_converts_and_says_paris():
+    gguf = ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        pytest.skip("real assets missing: run scripts/fetch_assets.py")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(ModelConfig(path=str(gguf)))
+    assert (folder / "model.safetensors").is_file()
+    assert resolve_model(ModelConfig(path=str(gguf))) == folder  # cached, not converted again
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert model.config.tie_word_embeddings is True
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2 and model.generation_config.eos_token_id == 2
+    assert tok.model_max_length == 8192
+    assert tok("x").input_ids[0] != tok.bos_token_id  # the GGUF says add_bos = False
+    assert tok("2024", add_special_tokens=False).input_ids == [tok.convert_tokens_to_ids(c) for c in "2024"]
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
