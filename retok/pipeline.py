@@ -63,10 +63,9 @@ def preflight(cfg: RetokConfig) -> list[str]:
 
 def run_stage(cfg: RetokConfig, stage: str, *, overwrite: bool = False, **kwargs) -> Path:
     """Run one stage into its folder under output_dir (atomically)."""
-    fn = _stage_fn(stage)
     start = time.time()
     with stage_output(cfg, stage, overwrite=overwrite) as tmp:
-        fn(cfg, tmp, **kwargs)
+        _stage_fn(stage)(cfg, tmp, **kwargs)
     print(f"retok: {COMMANDS[stage]} took {time.time() - start:.1f}s", flush=True)
     return cfg.stage_dir(stage)
 

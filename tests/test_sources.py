@@ -38,9 +38,9 @@ def test_missing_paths_and_not_a_model(tmp_path):
 
 
 def test_not_a_causal_lm(tmp_path):
-    from transformers import BertConfig, BertModel
+    from transformers import ViTConfig, ViTModel
 
-    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4)).save_pretrained(tmp_path)
     with pytest.raises(RetokError, match="not a causal language model"):
         load_model(tmp_path, device="cpu")
 
