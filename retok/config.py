@@ -128,7 +128,10 @@ class TokenizerConfig(_Section):
         2, ge=1, description="A pair must occur at least this often to become a token."
     )
     max_token_length: int | None = Field(
-        16, gt=0, description="Longest new token, in characters (null: no limit)."
+        16,
+        gt=0,
+        description="Longest new token, in characters of its vocabulary string (one per byte for byte-level BPE, "
+        "as tokenizers' BpeTrainer counts; null: no limit).",
     )
     domains: list[str] | None = Field(
         None, description="Train domains (data.train names) to learn from; null = every train source."
@@ -144,6 +147,11 @@ class TokenizerConfig(_Section):
     )
     lowercase_check: bool = Field(
         False, description="Reserved: report case-folding differences (no effect on the tokenizer)."
+    )
+    report_max_bytes: int = Field(
+        200_000,
+        ge=100,
+        description="Bytes of each data.eval domain measured for the compression report (compression.json).",
     )
 
 
@@ -188,6 +196,20 @@ class InitConfig(_Section):
         default_factory=list,
         description="Also measure held-out BPB for these input/head methods (report only; the folder keeps `method`).",
     )
+    head_shift: float = Field(
+        0.0,
+        ge=0,
+        description="Lower the LM-head logits of new tokens by about this many nats at every position, so 16k new "
+        "rows do not take probability mass from old tokens (METHOD.md's trap). Needs a separate head (untied, or "
+        "untie_head). The shift direction is fitted on the original model's final hidden states (one forward pass "
+        "over `calibration_bytes` of data.train). 0 = off.",
+    )
+    head_shift_per_piece: bool = Field(
+        False, description="head_shift: lower each new token by head_shift x (its old pieces - 1) instead of a flat head_shift."
+    )
+    calibration_bytes: int = Field(
+        60000, ge=1000, description="head_shift: bytes of data.train text (split over its domains) the shift direction is fitted on."
+    )
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -230,6 +252,12 @@ class TrainConfig(_Section):
     )
     max_train_bytes: int | None = Field(
         None, gt=0, description="Byte budget of training text read per source."
+    )
+    shuffle_buffer: int = Field(
+        2000,
+        ge=1,
+        description="Packed blocks held in the streaming shuffle buffer (memory: blocks x seq_len ids); "
+        "larger mixes documents from further apart.",
     )
     eval_every: int = Field(100, ge=1, description="Measure held-out BPB every this many steps.")
     eval_max_bytes: int = Field(
@@ -281,6 +309,11 @@ class EvalConfig(_Section):
         "auto", description="Dtype for the eval runs."
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default.")
+    interleave: bool | Literal["auto"] = Field(
+        "auto",
+        description="Keep both models loaded and alternate their timed runs, so a busy machine slows both alike; "
+        "auto = when both fit in half the free (GPU) memory; false = one model at a time.",
+    )
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -298,6 +331,11 @@ class ExportConfig(_Section):
     )
     model_name: str | None = Field(
         None, description="Name shown in the model card; null = derived from model.path."
+    )
+    gguf_pre: str | None = Field(
+        None,
+        description="llama.cpp pre-tokenizer name of the original tokenizer (tokenizer.ggml.pre, e.g. smollm) for "
+        "the GGUF conversion line in the model card; null = read from model.path when it is a .gguf, else known hashes.",
     )
 
 

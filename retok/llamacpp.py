@@ -8,10 +8,12 @@ mode), the new hash can be mapped to the OLD pre-tokenizer name with one line in
 
 from __future__ import annotations
 
+import json
 from hashlib import sha256
 from typing import Any
 
 # The probe string of convert_hf_to_gguf.py (escaped so that invisible characters survive editors).
+# Checked: SmolLM2's tokenizer hashes to llama.cpp's "smollm" entry below.
 CHKTXT = (
     "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n"
     "\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis concatenated) \u2705 \U0001f999\U0001f999 "
@@ -42,3 +44,57 @@ def chkhsh(tokenizer: Any) -> str:
 def mapping_line(new_hash: str, pre_name: str) -> str:
     """The two lines to add to ``get_vocab_base_pre`` in convert_hf_to_gguf.py."""
     return f'if chkhsh == "{new_hash}":\n    res = "{pre_name}"'
+
+
+def _pipeline_part(tokenizer: Any, key: str) -> Any:
+    """The normalizer or pre_tokenizer of a fast tokenizer as JSON (what decides how text is split)."""
+    return json.loads(tokenizer.backend_tokenizer.to_str()).get(key)
+
+
+def gguf_advice(old_tok: Any, new_tok: Any, old_pre: str | None, family: str | None = None) -> dict[str, Any]:
+    """What a user needs to convert the new model with llama.cpp: both hashes, whether the text splitting
+    (normalizer + pre-tokenizer) is unchanged, the mapping line when it is, and a sentence saying why or why not.
+
+    ``old_pre`` is the old tokenizer's llama.cpp name (from its GGUF's ``tokenizer.ggml.pre``) or None, in
+    which case the known-hash table is tried. ``family`` is retok.tokens' family of the new tokenizer.
+    """
+    old_hash, new_hash = chkhsh(old_tok), chkhsh(new_tok)
+    pre_name = old_pre or KNOWN_HASHES.get(old_hash)
+    same_split = all(
+        _pipeline_part(old_tok, k) == _pipeline_part(new_tok, k) for k in ("normalizer", "pre_tokenizer")
+    )
+    advice: dict[str, Any] = {
+        "old_chkhsh": old_hash,
+        "new_chkhsh": new_hash,
+        "pre_tokenizer_unchanged": same_split,
+        "pre_name": pre_name,
+        "mapping_line": None,
+    }
+    if family == "sentencepiece":
+        advice["explanation"] = (
+            "This is a SentencePiece-style vocabulary: llama.cpp converts it without the BPE pre-tokenizer hash "
+            "(tokenizer.ggml.pre = default), so no mapping line is needed."
+        )
+    elif old_hash == new_hash:
+        advice["explanation"] = (
+            "The probe string tokenizes to the same ids as before: llama.cpp recognises it as is."
+        )
+    elif not same_split:
+        advice["explanation"] = (
+            "The normalizer or pre-tokenizer differs from the old tokenizer's, so mapping the new hash to the old "
+            "name would make llama.cpp split text differently from transformers; llama.cpp needs its own "
+            "pre-tokenizer entry for this tokenizer (build it with tokenizer.mode: extend to keep the old one)."
+        )
+    elif pre_name is None:
+        advice["explanation"] = (
+            f"The pre-tokenizer is unchanged. Find the old hash {old_hash} in get_vocab_base_pre of llama.cpp's "
+            f'convert_hf_to_gguf.py, note its `res = "NAME"`, and add there: if chkhsh == "{new_hash}": res = "NAME".'
+        )
+    else:
+        advice["mapping_line"] = mapping_line(new_hash, pre_name)
+        advice["explanation"] = (
+            f"The pre-tokenizer is unchanged (llama.cpp name {pre_name!r}), only the vocabulary grew, so the new "
+            "hash maps to the old name: add these lines to get_vocab_base_pre in convert_hf_to_gguf.py, next to "
+            "the other `if chkhsh == ...` lines, before converting."
+        )
+    return advice

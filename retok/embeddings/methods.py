@@ -1,0 +1,175 @@
+"""The embedding math, all of it: pure tensor functions, no files, no models.
+
+A new token that is not in the old vocabulary gets a combination of the old rows of its pieces (the ids
+the OLD tokenizer splits its bytes into):
+
+- ``mean``: the plain average (ReTok).
+- ``first`` / ``last``: the first / last piece's row.
+- ``weighted``: position weights ``decay**distance`` from a favoured end, normalised. The INPUT row leans on
+  the LAST piece (the model has "just read" it when the new token stands for the whole span); the HEAD row
+  leans on the FIRST piece (predicting the span starts with predicting its first piece).
+- ``random``: normal noise with the old rows' per-dimension mean and std; ``zero``: zeros (ablations).
+
+Every combination is computed in float32 and cast to the checkpoint's dtype once, at the end. Copied rows
+never pass through float32 (see ``rows_for_chunk``): they stay bit-identical.
+
+``shift_head_rows`` is the lever against the trap of METHOD.md ("new head rows take probability mass at
+every position"): it subtracts ``amount`` times a direction ``b`` fitted so that ``h . b ~= 1`` for the
+model's final hidden states ``h``, which lowers the new tokens' logits by about ``amount`` nats everywhere
+while leaving every old token's logit untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+Method = Literal["mean", "first", "last", "weighted", "random", "zero"]
+Side = Literal["input", "head"]
+
+# Kinds of rows (mirrors retok.embeddings.mapping; duplicated to keep this module free of imports).
+COPY, SPECIAL, AVERAGED, FALLBACK, PADDING = 0, 1, 2, 3, 4
+
+_STAT_CHUNK = 8192  # rows per step when computing statistics of a (possibly bf16, 128k-row) matrix
+
+
+def piece_weights(n: int, method: Method, side: Side, decay: float = 0.5) -> torch.Tensor:
+    """Un-normalised float32 weights of ``n`` pieces (callers divide by their sum)."""
+    if n <= 0:
+        raise ValueError("a token needs at least one piece")
+    if method == "mean":
+        return torch.ones(n)
+    if method in ("first", "last"):
+        w = torch.zeros(n)
+        w[0 if method == "first" else -1] = 1.0
+        return w
+    if method == "weighted":
+        dist = torch.arange(n, dtype=torch.float32)
+        if side == "input":  # lean on the LAST piece
+            dist = dist.flip(0)
+        return torch.full((n,), float(decay)) ** dist
+    raise ValueError(f"method {method!r} does not combine pieces")
+
+
+def combine_pieces(
+    old: torch.Tensor, pieces: Sequence[Sequence[int]], method: Method, side: Side, decay: float = 0.5
+) -> torch.Tensor:
+    """float32 rows [len(pieces), d]: per token, the weighted mean of ``old[pieces[i]]``.
+
+    ``sum(w_j * row_j) / sum(w_j)``: for ``mean`` that is the sum of the rows divided by their count, so it
+    equals ``torch.stack(rows).mean(0)`` up to float32 rounding.
+    """
+    d = old.shape[1]
+    if not pieces:
+        return torch.zeros(0, d)
+    lengths = [len(p) for p in pieces]
+    flat = torch.as_tensor(np.fromiter((i for p in pieces for i in p), dtype=np.int64, count=sum(lengths)))
+    seg = torch.repeat_interleave(torch.arange(len(pieces)), torch.as_tensor(lengths))
+    # Weights depend only on the piece count: build them once per distinct length.
+    by_len = {n: piece_weights(n, method, side, decay) for n in set(lengths)}
+    w = torch.cat([by_len[n] for n in lengths])
+    rows = old[flat].float()
+    if method != "mean":  # mean: weights are all 1, skip the multiply so the sum is the plain sum
+        rows = rows * w[:, None]
+    out = torch.zeros(len(pieces), d).index_add_(0, seg, rows)
+    totals = torch.zeros(len(pieces)).index_add_(0, seg, w)
+    return out / totals[:, None]
+
+
+def row_mean(w: torch.Tensor) -> torch.Tensor:
+    """float32 mean of the rows of ``w``, in chunks (never a float32 copy of a whole bf16 matrix)."""
+    total = torch.zeros(w.shape[1], dtype=torch.float64)
+    for s in range(0, w.shape[0], _STAT_CHUNK):
+        total += w[s : s + _STAT_CHUNK].double().sum(0)
+    return (total / w.shape[0]).float()
+
+
+def row_std(w: torch.Tensor) -> torch.Tensor:
+    """float32 per-dimension standard deviation of the rows of ``w``, in chunks."""
+    mean = row_mean(w).double()
+    total = torch.zeros(w.shape[1], dtype=torch.float64)
+    for s in range(0, w.shape[0], _STAT_CHUNK):
+        total += ((w[s : s + _STAT_CHUNK].double() - mean) ** 2).sum(0)
+    return (total / max(1, w.shape[0] - 1)).sqrt().float()
+
+
+def shift_head_rows(
+    rows: torch.Tensor, direction: torch.Tensor, amount: float | torch.Tensor
+) -> torch.Tensor:
+    """``rows - amount * direction``: lowers each row's logit by ``amount * (h . direction)`` (about
+    ``amount`` nats when ``direction`` was fitted so that ``h . direction ~= 1``). ``amount`` may be a
+    scalar or one value per row."""
+    amount = torch.as_tensor(amount, dtype=torch.float32)
+    if amount.ndim == 1:
+        amount = amount[:, None]
+    return rows.float() - amount * direction.float()[None, :]
+
+
+def fit_bias_direction(hidden: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, float]:
+    """Least-squares ``b`` with ``hidden @ b ~= 1`` (ridge-regularised), and the R^2-like fit quality
+    ``1 - mean((hidden @ b - 1)^2)`` (1 = the hidden states all have exactly unit projection on b)."""
+    h = hidden.double()
+    gram = h.T @ h
+    gram += ridge * torch.eye(h.shape[1], dtype=torch.float64) * gram.diagonal().mean()
+    b = torch.linalg.solve(gram, h.T @ torch.ones(h.shape[0], dtype=torch.float64))
+    quality = 1.0 - float(((h @ b - 1.0) ** 2).mean())
+    return b.float(), quality
+
+
+def rows_for_chunk(
+    old: torch.Tensor,
+    kind: np.ndarray,
+    source: np.ndarray,
+    pieces: dict[int, list[int]],
+    start: int,
+    end: int,
+    *,
+    method: Method,
+    side: Side,
+    decay: float,
+    fallback: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    shift: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """New rows ``start:end`` of one matrix (embedding or head), in ``old``'s dtype.
+
+    ``kind``/``source``/``pieces`` come from the TokenMap. COPY, SPECIAL and PADDING rows are
+    ``old[source]`` copied as is; AVERAGED rows follow ``method`` (``stats`` = per-dimension (mean, std) of
+    the old rows for ``random``); FALLBACK rows are ``fallback``. ``shift`` = (direction, amount per new id
+    of the whole vocabulary) is applied to AVERAGED and FALLBACK rows only (the head's new tokens).
+    """
+    n, d = end - start, old.shape[1]
+    out = torch.empty(n, d, dtype=old.dtype)
+    k = kind[start:end]
+
+    keep = np.flatnonzero((k == COPY) | (k == SPECIAL) | (k == PADDING))
+    if len(keep):
+        out[torch.as_tensor(keep)] = old[torch.as_tensor(source[start + keep])]
+
+    avg = np.flatnonzero(k == AVERAGED)
+    fb = np.flatnonzero(k == FALLBACK)
+    new_local = np.concatenate([avg, fb])
+    if len(new_local) == 0:
+        return out
+    rows = torch.empty(len(new_local), d)
+    if len(avg):
+        if method == "zero":
+            rows[: len(avg)] = 0.0
+        elif method == "random":
+            if stats is None:
+                raise ValueError("method 'random' needs stats=(mean, std) of the old rows")
+            noise = torch.randn(len(avg), d, generator=generator)
+            rows[: len(avg)] = stats[0] + noise * stats[1]
+        else:
+            rows[: len(avg)] = combine_pieces(old, [pieces[start + int(i)] for i in avg], method, side, decay)
+    if len(fb):
+        rows[len(avg) :] = fallback.float()
+    if shift is not None:
+        direction, amount = shift
+        rows = shift_head_rows(rows, direction, amount[torch.as_tensor(start + new_local)])
+    out[torch.as_tensor(new_local)] = rows.to(old.dtype)
+    return out

@@ -1,0 +1,772 @@
+"""init-embeddings: the original model + ``output_dir/tokenizer/`` -> ``output_dir/model-init/``.
+
+    retok init-embeddings --config configs/smollm2-zh.yaml
+
+Reads and writes safetensors shards tensor by tensor: only the input embedding and the LM head are ever
+held in memory (one at a time), every other tensor is copied byte for byte from the old shard into the new
+one, so peak memory grows with vocab x hidden, not with the number of layers (an 8B model needs ~2 GB, not
+32). The rows of the new matrices come from the TokenMap (mapping.py) and the pure functions of
+methods.py. The folder it writes loads with plain ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+
+Sections: safetensors I/O -> finding the embedding and head -> writing the matrices -> configs and
+tokenizer files -> the stage entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from retok.config import RetokConfig
+from retok.embeddings import methods
+from retok.embeddings.mapping import (
+    AVERAGED,
+    COPY,
+    FALLBACK,
+    TokenMap,
+    build_token_map,
+    check_fits,
+    pick_pad_donor,
+)
+from retok.errors import RetokError
+
+TESTED_ARCHITECTURES = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM"
+TOKENIZER_META = "retok_tokenizer.json"
+INDEX_FILE = "model.safetensors.index.json"
+# Files of the tokenizer folder that are build-tokenizer's own records, not part of the HF tokenizer.
+_NOT_TOKENIZER_FILES = {"retok_stage.json", "retok_config.yaml", "report.json", "report.md"}
+
+# ============================================================================ safetensors I/O, by hand
+# The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+# then the raw bytes. Doing it by hand lets us stream a tensor into a file in row chunks and copy the other
+# tensors as raw bytes (bit-identical by construction, no dtype round trip, no RAM).
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+_COPY_CHUNK = 64 << 20
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str
+    shape: list[int]
+    start: int  # absolute byte offsets in ``file``
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a .safetensors file and the offset where its data starts."""
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise RetokError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise RetokError(f"{path} is not a safetensors file (unreadable header)") from None
+    return header, 8 + n
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, TensorInfo], list[str], dict[str, Any] | None]:
+    """Every tensor of a safetensors checkpoint (single file or sharded with an index), the shard file names
+    in order, and the index's extra metadata (None for a single file)."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        files = list(dict.fromkeys(index["weight_map"].values()))
+        metadata = index.get("metadata") or {}
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        metadata = None
+        if len(files) != 1:
+            raise RetokError(
+                f"model.path: {folder} has {len(files)} .safetensors files and no {INDEX_FILE}; "
+                "expected one model.safetensors or shards with an index"
+            )
+    infos: dict[str, TensorInfo] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise RetokError(f"model.path: {INDEX_FILE} names {name}, which is missing from {folder}")
+        header, base = read_header(path)
+        for key, h in header.items():
+            if key == "__metadata__":
+                continue
+            b, e = h["data_offsets"]
+            infos[key] = TensorInfo(key, path, h["dtype"], list(h["shape"]), base + b, base + e)
+    return infos, files, metadata
+
+
+def load_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor into memory (exactly one copy of its bytes)."""
+    if info.dtype not in DTYPES:
+        raise RetokError(
+            f"{info.file.name}: tensor {info.name} has dtype {info.dtype}; retok rebuilds embeddings stored as "
+            f"{', '.join(DTYPES)} (de-quantise the model first)"
+        )
+    buf = bytearray(info.end - info.start)
+    with info.file.open("rb") as f:
+        f.seek(info.start)
+        f.readinto(buf)
+    if not buf:
+        return torch.empty(info.shape, dtype=DTYPES[info.dtype])
+    return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+
+
+def _copy_bytes(info: TensorInfo) -> Iterator[bytes]:
+    with info.file.open("rb") as f:
+        f.seek(info.start)
+        left = info.end - info.start
+        while left:
+            chunk = f.read(min(_COPY_CHUNK, left))
+            if not chunk:
+                raise RetokError(f"{info.file} is truncated (tensor {info.name})")
+            left -= len(chunk)
+            yield chunk
+
+
+@dataclass
+class OutTensor:
+    """A tensor of an output shard: its header entry and a producer of its bytes, in order."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    produce: Callable[[], Iterator[bytes | memoryview]]
+
+    @property
+    def nbytes(self) -> int:
+        n = int(np.prod(self.shape)) if self.shape else 1
+        return (
+            n
+            * {
+                "F64": 8,
+                "F32": 4,
+                "F16": 2,
+                "BF16": 2,
+                "I64": 8,
+                "I32": 4,
+                "I16": 2,
+                "I8": 1,
+                "U8": 1,
+                "BOOL": 1,
+                "F8_E4M3": 1,
+                "F8_E5M2": 1,
+                "U16": 2,
+                "U32": 4,
+                "U64": 8,
+            }[self.dtype]
+        )
+
+
+def write_shard(
+    path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None, bar: tqdm | None = None
+) -> None:
+    """Write a .safetensors file whose tensors are produced one after the other (streamed)."""
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data 8-byte aligned, as the reference writer does
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors:
+            written = 0
+            for chunk in t.produce():
+                f.write(chunk)
+                n = memoryview(chunk).nbytes
+                written += n
+                if bar is not None:
+                    bar.update(n)
+            if written != t.nbytes:
+                raise AssertionError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a contiguous CPU tensor (bf16 included), without a copy."""
+    t = t.contiguous()
+    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+
+
+# ============================================================================ finding the embedding and head
+
+
+@dataclass
+class IoNames:
+    """Checkpoint keys of the input embedding and LM head."""
+
+    embed: str
+    head: str | None  # None: tied model without a head tensor in the checkpoint
+    head_to_write: str | None  # key of the head tensor in the new checkpoint (None: tied, no head tensor)
+    tied: bool  # the old model ties them
+    separate: bool  # the new model has its own head rows (untied, or a tied model untied by init.untie_head)
+
+
+def _match_key(name: str, keys: set[str]) -> str | None:
+    """The checkpoint key of a module weight: exact, else the one key that ends with it (a wrapper prefix
+    such as ``language_model.``), else the one key it ends with (a prefix the checkpoint dropped)."""
+    if name in keys:
+        return name
+    longer = [k for k in keys if k.endswith("." + name)]
+    if len(longer) == 1:
+        return longer[0]
+    shorter = [k for k in keys if name.endswith("." + k)]
+    if len(shorter) == 1:
+        return shorter[0]
+    return None
+
+
+def find_io_names(
+    model_dir: Path, keys: set[str], *, untie: bool, trust_remote_code: bool = False
+) -> IoNames:
+    """Instantiate the architecture on the meta device (no memory, no weights) and ask it which modules are
+    the input embedding and the LM head; match their weight names to the checkpoint's keys."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    unknown = (
+        f"retok cannot find the input embedding / LM head of the model in {model_dir}; it finds them through "
+        f"transformers' get_input_embeddings()/get_output_embeddings() and is tested on {TESTED_ARCHITECTURES}"
+    )
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise RetokError(f"{unknown} (loading its architecture failed: {e.__class__.__name__})") from None
+    names = {id(m): n for n, m in model.named_modules()}
+    emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb_mod is None or id(emb_mod) not in names or not hasattr(emb_mod, "weight"):
+        raise RetokError(unknown)
+    embed = _match_key(names[id(emb_mod)] + ".weight", keys)
+    if embed is None:
+        raise RetokError(f"{unknown} (no checkpoint key matches {names[id(emb_mod)]}.weight)")
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    head_name = names[id(head_mod)] + ".weight" if head_mod is not None and id(head_mod) in names else None
+    head = _match_key(head_name, keys) if head_name else None
+    if not tied and head is None:
+        raise RetokError(
+            f"{unknown} (the model is untied but no checkpoint key matches its LM head {head_name})"
+        )
+    if head == embed:
+        head = None
+    if tied and not untie:
+        return IoNames(embed, head, head, True, False)
+    if head is None:
+        # Untying a tied model without a head tensor: name it as the architecture does, with the same
+        # wrapper prefix the checkpoint puts in front of the embedding.
+        if head_name is None:
+            raise RetokError(f"{unknown} (the architecture has no separate LM head, so it cannot be untied)")
+        emb_module_name = names[id(emb_mod)] + ".weight"
+        prefix = embed[: -len(emb_module_name)] if embed.endswith(emb_module_name) else ""
+        return IoNames(embed, None, prefix + head_name, tied, True)
+    return IoNames(embed, head, head, tied, True)
+
+
+# ============================================================================ the new matrices
+
+
+@dataclass
+class Plan:
+    """Everything that decides the new rows of both matrices."""
+
+    tmap: TokenMap
+    method: methods.Method
+    head_method: methods.Method
+    decay: float
+    seed: int
+    head_shift: tuple[torch.Tensor, torch.Tensor] | None = None  # (direction, amount per new row)
+
+
+def matrix_chunks(
+    old: torch.Tensor, plan: Plan, side: methods.Side, chunk_rows: int | None = None
+) -> Iterator[torch.Tensor]:
+    """The new matrix built from ``old`` for ``side`` ("input" or "head"), in row chunks, in order."""
+    tmap = plan.tmap
+    method = plan.method if side == "input" else plan.head_method
+    chunk_rows = chunk_rows or max(256, (1 << 24) // max(1, old.shape[1]))
+    fallback = methods.row_mean(old)
+    stats = (fallback, methods.row_std(old)) if method == "random" else None
+    gen = torch.Generator().manual_seed(plan.seed + (0 if side == "input" else 1))
+    shift = plan.head_shift if side == "head" else None
+    for start in range(0, tmap.n_rows, chunk_rows):
+        end = min(tmap.n_rows, start + chunk_rows)
+        yield methods.rows_for_chunk(
+            old,
+            tmap.kind,
+            tmap.source,
+            tmap.pieces,
+            start,
+            end,
+            method=method,
+            side=side,
+            decay=plan.decay,
+            fallback=fallback,
+            stats=stats,
+            generator=gen,
+            shift=shift,
+        )
+
+
+def build_matrix(old: torch.Tensor, plan: Plan, side: methods.Side) -> torch.Tensor:
+    """The whole new matrix in memory (for in-process comparisons on small models)."""
+    return torch.cat(list(matrix_chunks(old, plan, side)))
+
+
+def write_model(
+    model_dir: Path,
+    out: Path,
+    infos: dict[str, TensorInfo],
+    files: list[str],
+    index_meta: dict[str, Any] | None,
+    names: IoNames,
+    plan: Plan,
+) -> dict[str, Any]:
+    """Write every shard of the new checkpoint (same shard names) and the index. Returns counts of bytes."""
+    n_rows = plan.tmap.n_rows
+    embed_info = infos[names.embed]
+    d = embed_info.shape[1]
+    # What each rebuilt tensor is made of: (source key, side).
+    rebuilt: dict[str, tuple[str, methods.Side]] = {names.embed: (names.embed, "input")}
+    if names.head_to_write is not None:
+        if names.separate:
+            rebuilt[names.head_to_write] = (names.head or names.embed, "head")
+        else:  # tied, with a (redundant) head tensor in the checkpoint: it IS the input matrix
+            rebuilt[names.head_to_write] = (names.embed, "input")
+
+    cache: dict[str, torch.Tensor] = {}
+
+    def source(key: str) -> torch.Tensor:
+        if key not in cache:
+            cache.clear()  # at most one old matrix in memory at a time
+            cache[key] = load_tensor(infos[key])
+        return cache[key]
+
+    def producer(key: str) -> Callable[[], Iterator[bytes | memoryview]]:
+        if key in rebuilt:
+            src, side = rebuilt[key]
+
+            def gen() -> Iterator[memoryview]:
+                old = source(src)
+                for chunk in matrix_chunks(old, plan, side):
+                    yield tensor_bytes(chunk)
+
+            return gen
+        return lambda: _copy_bytes(infos[key])
+
+    # Shard contents: the old order, with the new head (untying a model that had none) after the embedding.
+    per_file: dict[str, list[str]] = {f: [] for f in files}
+    for key, info in sorted(infos.items(), key=lambda kv: (files.index(kv[1].file.name), kv[1].start)):
+        per_file[info.file.name].append(key)
+    extra_head = names.head_to_write is not None and names.head_to_write not in infos
+    if extra_head:
+        keys = per_file[embed_info.file.name]
+        keys.insert(keys.index(names.embed) + 1, names.head_to_write)
+
+    total = 0
+    for keys in per_file.values():
+        for key in keys:
+            if key in rebuilt:
+                total += n_rows * d * torch.tensor([], dtype=DTYPES[embed_info.dtype]).element_size()
+            else:
+                total += infos[key].end - infos[key].start
+    weight_map: dict[str, str] = {}
+    with tqdm(total=total, desc="write shards", unit="B", unit_scale=True, mininterval=1.0) as bar:
+        for fname, keys in per_file.items():
+            header, _ = read_header(model_dir / fname)
+            shard_meta = header.get("__metadata__", {"format": "pt"})
+            tensors = []
+            for key in keys:
+                if key in rebuilt:
+                    src = rebuilt[key][0]
+                    tensors.append(OutTensor(key, infos[src].dtype, [n_rows, d], producer(key)))
+                else:
+                    info = infos[key]
+                    tensors.append(OutTensor(key, info.dtype, info.shape, producer(key)))
+                weight_map[key] = fname
+            write_shard(out / fname, tensors, shard_meta, bar)
+            cache.clear()
+    if index_meta is not None:
+        meta = dict(index_meta)
+        meta["total_size"] = total
+        index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return {"total_bytes": total, "shards": files, "rebuilt": sorted(rebuilt)}
+
+
+# ============================================================================ head shift (calibration)
+
+
+def head_shift_amounts(tmap: TokenMap, shift: float, per_piece: bool) -> torch.Tensor:
+    """Nats to lower each new head row's logit by: ``shift`` for every averaged/fallback token, or
+    ``shift * (pieces - 1)`` (a span of k old pieces is about k-1 extra predictions less likely than its
+    first piece alone)."""
+    amount = torch.zeros(tmap.n_rows)
+    new_ids = np.concatenate([tmap.ids(AVERAGED), tmap.ids(FALLBACK)])
+    if not per_piece:
+        amount[torch.as_tensor(new_ids)] = shift
+        return amount
+    for i in new_ids:
+        n = len(tmap.pieces.get(int(i), [])) or 2
+        amount[int(i)] = shift * (n - 1)
+    return amount
+
+
+# ============================================================================ configs and tokenizer files
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    TOKENIZER_META,
+)
+_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id")
+
+
+def old_to_new_ids(tmap: TokenMap) -> dict[int, int]:
+    """old id -> new id for every old token that survives (specials by role/content, text by bytes)."""
+    out: dict[int, int] = {}
+    for new_id in tmap.ids(COPY):
+        out.setdefault(int(tmap.source[new_id]), int(new_id))
+    out.update(tmap.old_to_new_special)
+    return out
+
+
+def _map_ids(value: Any, mapping: dict[int, int], key: str, where: str) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [_map_ids(v, mapping, key, where) for v in value]
+    if not isinstance(value, int) or value < 0:
+        return value
+    if value not in mapping:
+        raise RetokError(
+            f"{where}: {key}={value} names an old token that the new tokenizer does not keep; "
+            "rebuild the tokenizer with `retok build-tokenizer` (special tokens must survive)"
+        )
+    return mapping[value]
+
+
+def write_configs(model_dir: Path, out: Path, tmap: TokenMap, names: IoNames) -> dict[str, Any]:
+    """config.json and generation_config.json with the new vocabulary size, ids and tie flag."""
+    mapping = old_to_new_ids(tmap)
+    config = json.loads((model_dir / "config.json").read_text())
+    targets = [config] + [config[k] for k in ("text_config",) if isinstance(config.get(k), dict)]
+    for c in targets:
+        if "vocab_size" in c or c is config:
+            c["vocab_size"] = tmap.n_rows
+        for key in _ID_KEYS:
+            if key in c:
+                c[key] = _map_ids(c[key], mapping, key, f"{model_dir}/config.json")
+        if names.separate and c.get("tie_word_embeddings", c is config):
+            c["tie_word_embeddings"] = False  # otherwise loading re-ties and throws the new head away
+    (out / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    gen_path = model_dir / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    for key in _ID_KEYS:
+        if key in gen:
+            gen[key] = _map_ids(gen[key], mapping, key, str(gen_path))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key not in gen and config.get(key) is not None:
+            gen[key] = config[key]
+    suppress = [mapping[i] for i in gen.get("suppress_tokens") or [] if i in mapping]
+    gen["suppress_tokens"] = sorted(set(suppress) | set(tmap.padding_ids)) or None
+    if gen["suppress_tokens"] is None:
+        del gen["suppress_tokens"]
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return {
+        "config": {k: config.get(k) for k in (*_ID_KEYS, "vocab_size", "tie_word_embeddings") if k in config},
+        "generation_config": {k: gen.get(k) for k in (*_ID_KEYS, "suppress_tokens") if k in gen},
+    }
+
+
+def copy_tokenizer_files(tok_dir: Path, out: Path, old_hf: Any) -> list[str]:
+    """The new tokenizer's HF files; the old chat template when the new folder lost it."""
+    copied = []
+    for name in _TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copy2(tok_dir / name, out / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied:
+        raise RetokError(
+            f"{tok_dir} has no tokenizer.json; it is not a tokenizer folder from `retok build-tokenizer`"
+        )
+    old_template = getattr(old_hf, "chat_template", None)
+    has_template = any(n.startswith("chat_template") for n in copied)
+    cfg_path = out / "tokenizer_config.json"
+    if old_template and not has_template:
+        tok_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        if not tok_cfg.get("chat_template"):
+            (out / "chat_template.jinja").write_text(
+                old_template if isinstance(old_template, str) else json.dumps(old_template)
+            )
+            copied.append("chat_template.jinja (from the model)")
+    return copied
+
+
+def verify_folder(out: Path, tmap: TokenMap) -> dict[str, Any]:
+    """Load the written folder with plain transformers and check that config, generation config and tokenizer
+    agree; the chat template must render every special token it uses as one id."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    config = AutoConfig.from_pretrained(str(out))
+    gen = GenerationConfig.from_pretrained(str(out))
+    problems: list[str] = []
+    vocab_size = getattr(config, "vocab_size", None) or config.get_text_config().vocab_size
+    if vocab_size != tmap.n_rows:
+        problems.append(f"config vocab_size {vocab_size} != {tmap.n_rows} rows")
+    max_id = max(tok.get_vocab().values())
+    if max_id >= tmap.n_rows:
+        problems.append(f"tokenizer id {max_id} >= {tmap.n_rows} rows")
+    for role in ("bos", "eos", "pad"):
+        tid = getattr(tok, f"{role}_token_id", None)
+        for where, c in (("config.json", config), ("generation_config.json", gen)):
+            val = getattr(c, f"{role}_token_id", None)
+            vals = val if isinstance(val, list) else [val]
+            if tid is not None and val is not None and tid not in vals:
+                problems.append(f"{where} {role}_token_id={val} but the tokenizer's {role} token is id {tid}")
+    template_ok = None
+    if getattr(tok, "chat_template", None):
+        try:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenize=False
+            )
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            template_ok = True
+            for tid, content in ((i, t.content) for i, t in tok.added_tokens_decoder.items() if t.special):
+                if content and text.count(content) != ids.count(tid):
+                    template_ok = False
+                    problems.append(f"chat template: {content!r} does not render as the single id {tid}")
+        except Exception as e:  # a template that needs extra variables: report, do not fail
+            template_ok = None
+            problems.append(f"chat template could not be rendered ({e.__class__.__name__})")
+    return {"ok": not problems, "problems": problems, "chat_template_single_ids": template_ok}
+
+
+# ============================================================================ head-shift calibration
+
+
+def fit_head_direction(cfg: RetokConfig, model_dir: Path, old_hf: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A direction ``b`` of the final hidden space with ``h . b ~= 1`` for the ORIGINAL model's final hidden
+    states on a little text (data.train, else data.eval), so that subtracting ``s * b`` from a head row
+    lowers that token's logit by about ``s`` nats at every position. This runs the whole model once; the
+    rest of the stage never does."""
+    from retok.data import load_domains
+    from retok.sources import load_model
+
+    sources, section = (cfg.data.train, "data.train") if cfg.data.train else (cfg.data.eval, "data.eval")
+    if not sources:
+        raise RetokError(
+            "init.head_shift needs text to fit the shift direction on: set data.train (or data.eval)"
+        )
+    per_domain = max(1000, cfg.init.calibration_bytes // max(1, len({s.name for s in sources})))
+    docs = load_domains(sources, section, per_domain)
+    model = load_model(
+        model_dir,
+        dtype=cfg.model.dtype,
+        device=cfg.model.device,
+        trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle=cfg.model.allow_pickle,
+    )
+    device = next(model.parameters()).device
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    window = min(cfg.eval.window, 1024)
+    states = []
+    with torch.inference_mode():
+        for domain_docs in docs.values():
+            for doc in domain_docs:
+                ids = old_hf(doc, add_special_tokens=False)["input_ids"]
+                for s in range(0, len(ids), window):
+                    x = torch.tensor(ids[s : s + window], device=device)[None]
+                    if x.shape[1] < 2:
+                        continue
+                    states.append(body(input_ids=x).last_hidden_state[0].float().cpu())
+    del model
+    if not states:
+        raise RetokError(f"init.head_shift: {section} gave no text to fit the shift direction on")
+    hidden = torch.cat(states)
+    direction, quality = methods.fit_bias_direction(hidden)
+    proj = hidden @ direction
+    return direction, {
+        "positions": int(hidden.shape[0]),
+        "text": section,
+        "fit_quality": round(quality, 4),
+        "projection_mean": round(float(proj.mean()), 4),
+        "projection_std": round(float(proj.std()), 4),
+    }
+
+
+# ============================================================================ the stage
+
+
+def read_tokenizer_meta(tok_dir: Path) -> dict[str, Any]:
+    path = tok_dir / TOKENIZER_META
+    if not path.is_file():
+        raise RetokError(
+            f"{tok_dir} has no {TOKENIZER_META}, so it was not made by `retok build-tokenizer`; run it with this config"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError:
+        raise RetokError(
+            f"{path} is not valid JSON; rebuild the tokenizer with `retok build-tokenizer`"
+        ) from None
+    if not isinstance(meta, dict):
+        raise RetokError(f"{path} is not a JSON object; rebuild the tokenizer with `retok build-tokenizer`")
+    return meta
+
+
+def _check_init_config(cfg: RetokConfig, names: IoNames) -> None:
+    init = cfg.init
+    if names.tied and not names.separate:
+        if init.head_method is not None and init.head_method != init.method:
+            raise RetokError(
+                "init.head_method: the model ties its LM head to the input embedding, so head rows ARE input rows; "
+                "set init.untie_head: true to give the head its own rows, or drop init.head_method"
+            )
+        if init.head_shift:
+            raise RetokError(
+                "init.head_shift: the model ties its LM head to the input embedding, so shifting head rows would "
+                "shift input rows too; set init.untie_head: true"
+            )
+
+
+def init_embeddings(cfg: RetokConfig, out: Path) -> dict[str, Any]:
+    """Write ``out`` (a temporary folder that the caller renames to ``output_dir/model-init``): the model
+    with the new tokenizer's embedding and LM head, its configs and tokenizer files, and the report.
+    Returns the report (the JSON of init_report.json)."""
+    from retok.embeddings.report import examples, pieces_histogram, write_report
+    from retok.sources import load_tokenizer, resolve_model
+    from retok.stage import require_stage
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.iterdir()):
+        raise RetokError(f"{out} is not empty; init-embeddings writes into a fresh folder")
+    model_dir = resolve_model(cfg.model, cfg.cache)
+    tok_dir = require_stage(cfg, "tokenizer", "init-embeddings")
+    meta = read_tokenizer_meta(tok_dir)
+    old_hf = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    new_hf = load_tokenizer(tok_dir)
+
+    # ---- where the two matrices are, and what each new row is made of
+    infos, files, index_meta = read_checkpoint(model_dir)
+    names = find_io_names(
+        model_dir, set(infos), untie=cfg.init.untie_head, trust_remote_code=cfg.model.trust_remote_code
+    )
+    _check_init_config(cfg, names)
+    emb = infos[names.embed]
+    if len(emb.shape) != 2:
+        raise RetokError(f"{emb.file.name}: {names.embed} has shape {emb.shape}, not [rows, hidden]")
+    if names.head is not None and infos[names.head].shape != emb.shape:
+        raise RetokError(
+            f"{names.head} has shape {infos[names.head].shape} but {names.embed} has {emb.shape}; cannot rebuild them together"
+        )
+    tmap = build_token_map(
+        old_hf,
+        new_hf,
+        old_rows=emb.shape[0],
+        pad_to_multiple_of=cfg.init.pad_to_multiple_of,
+        where=str(tok_dir),
+        progress=True,
+    )
+    check_fits(tmap, meta, old_hf, new_hf, str(tok_dir))
+    old_head = load_tensor(infos[names.head or names.embed])
+    pick_pad_donor(tmap, old_head)
+    del old_head
+
+    plan = Plan(
+        tmap,
+        cfg.init.method,
+        (cfg.init.head_method or cfg.init.method) if names.separate else cfg.init.method,
+        cfg.init.weighted_decay,
+        cfg.seed,
+    )
+    calibration = None
+    if cfg.init.head_shift and names.separate:
+        direction, calibration = fit_head_direction(cfg, model_dir, old_hf)
+        plan.head_shift = (
+            direction,
+            head_shift_amounts(tmap, cfg.init.head_shift, cfg.init.head_shift_per_piece),
+        )
+
+    # ---- shards, configs, tokenizer files
+    written = write_model(model_dir, out, infos, files, index_meta, names, plan)
+    ids = write_configs(model_dir, out, tmap, names)
+    tok_files = copy_tokenizer_files(tok_dir, out, old_hf)
+    checks = verify_folder(out, tmap)
+    if not checks["ok"]:
+        print("retok: warning: " + "; ".join(checks["problems"]), flush=True)
+
+    counts = tmap.counts()
+    report: dict[str, Any] = {
+        **counts,
+        "model": str(model_dir),
+        "tokenizer": str(tok_dir),
+        "old_rows": emb.shape[0],
+        "new_rows": tmap.n_rows,
+        "new_tokens": tmap.n_tokens,
+        "hidden": emb.shape[1],
+        "dtype": emb.dtype,
+        "pad_donor": tmap.pad_donor,
+        "padding_ids": tmap.padding_ids,
+        "init": {
+            "method": plan.method,
+            "head_method": plan.head_method,
+            "weighted_decay": plan.decay,
+            "separate_head": names.separate,
+            "tied_before": names.tied,
+            "head_shift": cfg.init.head_shift if names.separate else 0.0,
+            "head_shift_per_piece": cfg.init.head_shift_per_piece,
+            "pad_to_multiple_of": cfg.init.pad_to_multiple_of,
+        },
+        "calibration": calibration,
+        "tensors": {"embed": names.embed, "head": names.head_to_write, **written},
+        "ids": ids,
+        "tokenizer_files": tok_files,
+        "checks": checks,
+        "pieces_histogram": pieces_histogram(tmap),
+        "examples": examples(tmap, old_hf.backend_tokenizer, new_hf.backend_tokenizer),
+        "fallback_examples": {str(k): v for k, v in list(tmap.fallback_reason.items())[:5]},
+    }
+    if cfg.init.eval_bpb and cfg.data.eval:
+        from retok.embeddings.report import measure_bpb
+
+        report.update(measure_bpb(cfg, model_dir, out, old_hf, new_hf, plan, names))
+    elif cfg.init.eval_bpb:
+        report["eval_note"] = "No held-out BPB: data.eval is empty."
+    write_report(out, report)
+    print(
+        f"retok: init-embeddings: {counts['copied']} copied, {counts['special']} special, {counts['averaged']} averaged, "
+        f"{counts['fallback']} fallback, {counts['padding']} padding rows -> {tmap.n_rows} rows",
+        flush=True,
+    )
+    return report

@@ -1,0 +1,539 @@
+"""eval-speed: the original model and the new one on the SAME held-out text, each with its own tokenizer.
+
+    retok eval-speed --config configs/demo.yaml
+
+Per ``data.eval`` domain: bytes per token, bits per byte (sliding window) and long-text decoding speed.
+The headline speed figure is the time each model needs to emit the same reference continuation (see
+retok/speed.py for how the text is cut and fed); free greedy generation is a second figure when
+``eval.generate_bytes`` > 0. Writes ``report.json`` (contract below), ``report.md`` and two PNG charts.
+
+    {"domains": {"<name>": {"old": {"bytes_per_token", "bpb", "tokens_per_s", "bytes_per_s", "prefill_ms",
+     "ms_per_token", ...}, "new": {...}, "speedup_bytes_per_s", "compression_ratio", ...}}, ...}
+
+The models are any two: ``eval.baseline_model`` (default: model.path) and ``eval.candidate_model``
+(default: the latest stage output, model-trained else model-init).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+from retok.config import ModelConfig, RetokConfig
+from retok.data import domains as domain_names
+from retok.data import iter_domain, load_domains
+from retok.errors import RetokError
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+# ------------------------------------------------------------------------------------- which models
+
+
+def _model_cfg(cfg: RetokConfig, path: str) -> ModelConfig:
+    # Another model given by path inherits the safety switches of the main model section.
+    return ModelConfig(
+        path=path, trust_remote_code=cfg.model.trust_remote_code, allow_pickle=cfg.model.allow_pickle
+    )
+
+
+def pick_models(cfg: RetokConfig) -> tuple[ModelConfig, ModelConfig]:
+    """(baseline, candidate) model configs: eval.baseline_model / eval.candidate_model or their defaults."""
+    from retok.stage import require_stage
+
+    base = _model_cfg(cfg, cfg.eval.baseline_model) if cfg.eval.baseline_model else cfg.model
+    if cfg.eval.candidate_model:
+        return base, _model_cfg(cfg, cfg.eval.candidate_model)
+    for stage in ("model-trained", "model-init"):
+        if cfg.stage_dir(stage).is_dir():
+            return base, _model_cfg(cfg, str(require_stage(cfg, stage, "eval-speed")))
+    raise RetokError(
+        f"eval-speed needs a new model: neither {cfg.stage_dir('model-trained')} nor {cfg.stage_dir('model-init')} "
+        "exists; run `retok init-embeddings` (and `retok train-io`) first, or set eval.candidate_model"
+    )
+
+
+def _pick_domains(wanted: list[str] | None, available: list[str], key: str) -> list[str]:
+    if wanted is None:
+        return list(available)
+    unknown = [d for d in wanted if d not in available]
+    if unknown:
+        raise RetokError(f"{key} names {unknown}, which is not among the eval domains {available}; fix {key}")
+    return [d for d in available if d in wanted]
+
+
+def speed_text(cfg: RetokConfig, domain: str) -> str:
+    """A held-out text of ``domain`` long enough for prompt + continuation (fails with the key to change)."""
+    from retok.speed import MARGIN_BYTES, long_text
+
+    need = cfg.eval.prompt_bytes + cfg.eval.continuation_bytes
+    text, found = long_text(iter_domain(cfg.data.eval, domain, "data.eval"), need + MARGIN_BYTES)
+    if text is None:
+        text, found = long_text(iter_domain(cfg.data.eval, domain, "data.eval"), need)
+    if text is None:
+        raise RetokError(
+            f"data.eval domain {domain!r} has only {found} bytes of text, but eval.prompt_bytes + "
+            f"eval.continuation_bytes = {need}; lower them or add longer held-out documents"
+        )
+    return text
+
+
+# ------------------------------------------------------------------------------------- measurement
+
+
+def _token_nbytes(tok: Any) -> dict[int, int]:
+    """Byte length of every id that stands for text (specials excluded), for free-generation byte counts."""
+    from retok.tokens import token_bytes_table
+
+    try:
+        return {i: len(b) for i, b in token_bytes_table(tok.backend_tokenizer).items()}
+    except RetokError:  # an unknown tokenizer family: fall back to decoding each id on its own
+        specials = set(tok.all_special_ids)
+        return {
+            i: len(tok.decode([i]).encode("utf-8")) for i in tok.get_vocab().values() if i not in specials
+        }
+
+
+def _stop_ids(model: Any, tok: Any) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    return ids
+
+
+class _Loaded:
+    """One model, its tokenizer and what the report says about it."""
+
+    def __init__(self, cfg: RetokConfig, role: str, mcfg: ModelConfig) -> None:
+        from retok.sources import load_model, load_tokenizer, resolve_model
+
+        ev = cfg.eval
+        self.role = role
+        folder = resolve_model(mcfg, cfg.cache)
+        self.tok = load_tokenizer(folder, trust_remote_code=mcfg.trust_remote_code)
+        self.model = load_model(
+            folder,
+            dtype=ev.dtype,
+            device=ev.device,
+            trust_remote_code=mcfg.trust_remote_code,
+            allow_pickle=mcfg.allow_pickle,
+        )
+        self.device = next(self.model.parameters()).device
+        self.info = {
+            "path": mcfg.path,
+            "folder": str(folder),
+            "tokenizer_len": len(self.tok),
+            "embedding_rows": int(self.model.get_input_embeddings().weight.shape[0]),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+        print(f"retok: eval-speed {role}: {mcfg.path} ({len(self.tok)} tokens) on {self.device}", flush=True)
+
+    def free(self) -> None:
+        import torch
+
+        del self.model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _quality(m: _Loaded, cfg: RetokConfig, docs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Bytes per token and sliding-window BPB of one model on every domain."""
+    from retok.metrics import bits_per_byte, bytes_per_token
+
+    ev = cfg.eval
+    out: dict[str, dict[str, Any]] = {}
+    for name, texts in docs.items():
+        bpt = bytes_per_token(m.tok, texts)
+        bpb = bits_per_byte(
+            m.model,
+            m.tok,
+            texts,
+            window=ev.window,
+            stride=ev.stride,
+            device=m.device,
+            desc=f"{m.role} {name} bpb",
+        )
+        out[name] = {
+            "bytes_per_token": bpt["bytes_per_token"],
+            "bpb": bpb["bpb"],
+            "tokens": bpt["tokens"],
+            "bytes": bpt["bytes"],
+            "bpb_bytes": bpb["bytes"],
+        }
+        print(
+            f"retok: {m.role} {name}: {bpt['bytes_per_token']:.3f} bytes/token, BPB {bpb['bpb']:.4f}",
+            flush=True,
+        )
+    return out
+
+
+def _speed(
+    models: list[_Loaded], cfg: RetokConfig, speed_texts: dict[str, str]
+) -> dict[str, dict[str, dict]]:
+    """Reference-continuation (and greedy) timings of the given models, alternating them round by round.
+
+    Returns {role: {domain: figures}}.
+    """
+    from retok.speed import (
+        cut_text,
+        default_max_tokens,
+        greedy_run,
+        greedy_stats,
+        reference_run,
+        reference_stats,
+        run_rounds,
+        split_tokens,
+    )
+
+    ev = cfg.eval
+    res: dict[str, dict[str, dict]] = {m.role: {} for m in models}
+    nbytes_of = {m.role: _token_nbytes(m.tok) for m in models} if ev.generate_bytes else {}
+    for name, long in speed_texts.items():
+        text, boundary, end = cut_text(long, ev.prompt_bytes, ev.continuation_bytes)
+        texts = {}
+        for m in models:
+            st = split_tokens(m.tok, text, boundary, end)
+            if not st.prompt_ids or not st.continuation_ids:
+                raise RetokError(
+                    f"data.eval domain {name!r}: the {m.role} tokenizer gives no whole token within "
+                    f"eval.continuation_bytes={ev.continuation_bytes} bytes of continuation; raise it"
+                )
+            texts[m.role] = st
+        runs = run_rounds(
+            {m.role: (lambda m=m, st=texts[m.role]: reference_run(m.model, st, m.device)) for m in models},
+            repeats=ev.repeats,
+            warmup=ev.warmup,
+        )
+        for m in models:
+            ref = reference_stats(texts[m.role], runs[m.role])
+            figures = {k: ref.pop(k) for k in ("tokens_per_s", "bytes_per_s", "prefill_ms", "ms_per_token")}
+            res[m.role][name] = {**figures, "speed": ref}
+            print(
+                f"retok: {m.role} {name}: prefill {figures['prefill_ms']:.0f} ms ({ref['prompt_tokens']} tokens), "
+                f"{figures['ms_per_token']:.1f} ms/token, {figures['tokens_per_s']:.1f} tokens/s, "
+                f"{figures['bytes_per_s']:.1f} bytes/s on {ref['continuation_bytes']} bytes",
+                flush=True,
+            )
+        if not ev.generate_bytes:
+            continue
+        cap = default_max_tokens(ev.generate_bytes)
+        gruns = run_rounds(
+            {
+                m.role: (
+                    lambda m=m, st=texts[m.role], cap=cap: greedy_run(
+                        m.model, st.prompt_ids, nbytes_of[m.role], ev.generate_bytes, cap, m.device
+                    )
+                )
+                for m in models
+            },
+            repeats=ev.repeats,
+            warmup=ev.warmup,
+        )
+        for m in models:
+            gen = greedy_stats(
+                gruns[m.role],
+                nbytes_of[m.role],
+                valid_ids=set(m.tok.get_vocab().values()),
+                stop_ids=_stop_ids(m.model, m.tok),
+            )
+            gen["sample"] = m.tok.decode(gen.pop("ids")[:64], skip_special_tokens=False)
+            res[m.role][name]["greedy"] = gen
+            print(
+                f"retok: {m.role} {name} greedy: {gen['generated_tokens']} tokens, {gen['bytes_per_s']:.1f} bytes/s",
+                flush=True,
+            )
+    return res
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(
+        f.stat().st_size for f in folder.glob("*.bin")
+    )
+
+
+def _interleave(cfg: RetokConfig, folders: list[Path], device: str) -> bool:
+    """Whether both models can stay loaded: eval.interleave, or (auto) both fit in half the free memory."""
+    if cfg.eval.interleave != "auto":
+        return bool(cfg.eval.interleave)
+    import psutil
+    import torch
+
+    need = sum(_folder_bytes(f) for f in folders)
+    if cfg.eval.dtype in ("bfloat16", "float16") or (cfg.eval.dtype == "auto" and device.startswith("cuda")):
+        need = (
+            need // 2 if need else need
+        )  # a float32 checkpoint loaded in 16 bits (an upper bound otherwise)
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        free = psutil.virtual_memory().available
+    return need * 2 < free
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _ratio(new: Any, old: Any) -> float | None:
+    if not isinstance(new, int | float) or not isinstance(old, int | float) or not old:
+        return None
+    return new / old
+
+
+def _compare(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    comp = _ratio(new["bytes_per_token"], old["bytes_per_token"])
+    speed = _ratio(new.get("bytes_per_s"), old.get("bytes_per_s"))
+    row: dict[str, Any] = {
+        "old": old,
+        "new": new,
+        "compression_ratio": comp,
+        "bpb_delta": new["bpb"] - old["bpb"],
+        "bpb_ratio": _ratio(new["bpb"], old["bpb"]),
+        "speedup_bytes_per_s": speed,
+        "speedup_tokens_per_s": _ratio(new.get("tokens_per_s"), old.get("tokens_per_s")),
+        "ms_per_token_ratio": _ratio(new.get("ms_per_token"), old.get("ms_per_token")),
+        # How much of the compression gain decoding turned into speed (1.0 = all of it).
+        "speedup_vs_compression": _ratio(speed, comp),
+    }
+    if "speed" in old and "speed" in new:
+        # Compression on exactly the text fed for timing; speed-up / this = old ms/token / new ms/token.
+        o, n = old["speed"], new["speed"]
+        row["continuation_compression_ratio"] = _ratio(
+            _ratio(n["continuation_bytes"], n["continuation_tokens"]),
+            _ratio(o["continuation_bytes"], o["continuation_tokens"]),
+        )
+    if "greedy" in old and "greedy" in new:
+        row["greedy_speedup_bytes_per_s"] = _ratio(new["greedy"]["bytes_per_s"], old["greedy"]["bytes_per_s"])
+    return row
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON without NaN/inf (they are not JSON): None instead."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _f(x: Any, spec: str = ".3f") -> str:
+    return (
+        "–"
+        if not isinstance(x, int | float) or (isinstance(x, float) and not math.isfinite(x))
+        else format(x, spec)
+    )
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The per-domain comparison table (also embedded in the exported model card)."""
+    lines = [
+        "| domain | bytes/token old | new | ratio | BPB old | new | bytes/s old | new | speed-up | speed-up / ratio "
+        "| ms/token old | new | prefill ms old | new |",
+        "|---|" + "---:|" * 13,
+    ]
+    for name, d in report["domains"].items():
+        o, n = d["old"], d["new"]
+        lines.append(
+            f"| {name} | {_f(o['bytes_per_token'], '.2f')} | {_f(n['bytes_per_token'], '.2f')} | "
+            f"{_f(d['compression_ratio'], '.2f')}x | {_f(o['bpb'])} | {_f(n['bpb'])} | "
+            f"{_f(o.get('bytes_per_s'), '.1f')} | {_f(n.get('bytes_per_s'), '.1f')} | "
+            f"{_f(d.get('speedup_bytes_per_s'), '.2f')}x | {_f(d.get('speedup_vs_compression'), '.2f')} | "
+            f"{_f(o.get('ms_per_token'), '.1f')} | {_f(n.get('ms_per_token'), '.1f')} | "
+            f"{_f(o.get('prefill_ms'), '.0f')} | {_f(n.get('prefill_ms'), '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _greedy_table(report: dict[str, Any]) -> str | None:
+    rows = [(k, d) for k, d in report["domains"].items() if "greedy" in d["old"] and "greedy" in d["new"]]
+    if not rows:
+        return None
+    lines = [
+        "| domain | tokens old | new | bytes old | new | bytes/s old | new | speed-up | ms/token old | new |",
+        "|---|" + "---:|" * 9,
+    ]
+    for name, d in rows:
+        o, n = d["old"]["greedy"], d["new"]["greedy"]
+        lines.append(
+            f"| {name} | {o['generated_tokens']} | {n['generated_tokens']} | {o['generated_bytes']} | "
+            f"{n['generated_bytes']} | {_f(o['bytes_per_s'], '.1f')} | {_f(n['bytes_per_s'], '.1f')} | "
+            f"{_f(d.get('greedy_speedup_bytes_per_s'), '.2f')}x | {_f(o['ms_per_token'], '.1f')} | "
+            f"{_f(n['ms_per_token'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    env = report["environment"]
+    parts = [
+        "# retok eval-speed",
+        "",
+        f"- old (baseline): `{report['baseline']['path']}` ({report['baseline']['tokenizer_len']} tokens, "
+        f"{report['baseline']['embedding_rows']} embedding rows)",
+        f"- new (candidate): `{report['candidate']['path']}` ({report['candidate']['tokenizer_len']} tokens, "
+        f"{report['candidate']['embedding_rows']} embedding rows)",
+        f"- device {env['device']} ({env['device_name']}), dtype {env['dtype']}, {env['threads']} threads, "
+        f"torch {env['torch']}, transformers {env['transformers']}",
+        f"- BPB: up to {s['max_bytes']} bytes per domain, window {s['window']}, stride {s['stride']}",
+        f"- speed: prompt ~{s['prompt_bytes']} bytes, reference continuation ~{s['continuation_bytes']} bytes fed "
+        f"token by token through the KV cache; {s['warmup']} warm-up + {s['repeats']} timed runs, medians",
+        "",
+        markdown_table(report),
+        "",
+        "*ratio* = new/old bytes per token (higher compresses better); *speed-up* = new/old bytes per second on "
+        "the same reference continuation; *speed-up / ratio* = how much of the compression gain decoding turned "
+        "into speed (the LM head of a bigger vocabulary costs a little per token).",
+    ]
+    greedy = _greedy_table(report)
+    if greedy:
+        parts += [
+            "",
+            f"## Free greedy generation (~{s['generate_bytes']} bytes from the same prompt)",
+            "",
+            greedy,
+            "",
+            "First 64 generated tokens (greedy decoding of an untrained or weak model can loop):",
+            "",
+        ]
+        for name, d in report["domains"].items():
+            for side in ("old", "new"):
+                g = d[side].get("greedy")
+                if g:
+                    sample = g["sample"].replace("`", "'").replace("\n", "⏎")[:160]
+                    parts.append(f"- {name} {side}: `{sample}`")
+    parts += ["", "Charts: `bytes_per_token.png`, `bytes_per_s.png`.", ""]
+    return "\n".join(parts)
+
+
+def _charts(report: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["domains"])
+    written = []
+    for key, title, fname in (
+        ("bytes_per_token", "Bytes per token (higher = better compression)", "bytes_per_token.png"),
+        ("bytes_per_s", "Decoding speed on the same continuation (bytes/s)", "bytes_per_s.png"),
+    ):
+        old = [report["domains"][n]["old"].get(key) or 0.0 for n in names]
+        new = [report["domains"][n]["new"].get(key) or 0.0 for n in names]
+        if not any(old) and not any(new):
+            continue
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2), 3.6))
+        xs = range(len(names))
+        w = 0.38
+        b1 = ax.bar([x - w / 2 for x in xs], old, w, label="old", color="#8c8c8c")
+        b2 = ax.bar([x + w / 2 for x in xs], new, w, label="new", color="#2b7bba")
+        ax.bar_label(b1, fmt="%.2f" if key == "bytes_per_token" else "%.0f", fontsize=8)
+        ax.bar_label(b2, fmt="%.2f" if key == "bytes_per_token" else "%.0f", fontsize=8)
+        ax.set_xticks(list(xs), names)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        written.append(fname)
+    return written
+
+
+# -------------------------------------------------------------------------------------------- stage
+
+
+def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
+    """Measure old vs new on every eval domain; write report.json, report.md and charts into ``out``."""
+    import torch
+    import transformers
+
+    from retok.export import require_causal_lm
+    from retok.sources import pick_device, pick_dtype, resolve_model, set_threads
+
+    ev = cfg.eval
+    device = pick_device(ev.device)  # an unknown device fails here, before anything is loaded
+    set_threads(ev.threads)
+    if not cfg.data.eval:
+        raise RetokError("eval-speed needs held-out text: add data.eval sources (name + path) to the config")
+    chosen = _pick_domains(ev.domains, domain_names(cfg.data.eval), "eval.domains")
+    speed_names = _pick_domains(ev.speed_domains, chosen, "eval.speed_domains")
+    base, cand = pick_models(cfg)
+
+    # All text first, so too-short text fails before minutes of model loading.
+    docs = load_domains(cfg.data.eval, "data.eval", ev.max_bytes, only=chosen)
+    speed_texts = {name: speed_text(cfg, name) for name in speed_names}
+
+    folders = [resolve_model(base, cfg.cache), resolve_model(cand, cfg.cache)]
+    for folder, key in zip(folders, ("eval.baseline_model", "eval.candidate_model"), strict=True):
+        require_causal_lm(folder, f"eval-speed ({key})")
+    both = _interleave(cfg, folders, device)
+    print(
+        f"retok: eval-speed: timing the models {'alternately' if both else 'one after the other'}", flush=True
+    )
+    old_m = _Loaded(cfg, "old", base)
+    old = _quality(old_m, cfg, docs)
+    if not both:
+        for name, figs in _speed([old_m], cfg, speed_texts)["old"].items():
+            old[name].update(figs)
+        old_m.free()
+    new_m = _Loaded(cfg, "new", cand)
+    new = _quality(new_m, cfg, docs)
+    timed = _speed([old_m, new_m] if both else [new_m], cfg, speed_texts)
+    for role, side in (("old", old), ("new", new)):
+        for name, figs in timed.get(role, {}).items():
+            side[name].update(figs)
+    base_info, cand_info = old_m.info, new_m.info
+    new_m.free()
+    if both:
+        old_m.free()
+    interleaved = both
+
+    report: dict[str, Any] = {
+        "baseline": base_info,
+        "candidate": cand_info,
+        "environment": {
+            "device": device,
+            "device_name": _device_name(device),
+            "dtype": str(pick_dtype(ev.dtype, device)).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "interleaved": interleaved,
+        },
+        "settings": ev.model_dump(mode="json"),
+        "domains": {name: _compare(old[name], new[name]) for name in chosen},
+    }
+    report = _clean(report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / REPORT_MD).write_text(_markdown(report), encoding="utf-8")
+    report["charts"] = _charts(report, out)
+    for name, d in report["domains"].items():
+        print(
+            f"retok: {name}: bytes/token x{_f(d['compression_ratio'], '.2f')}, BPB {_f(d['old']['bpb'])} -> "
+            f"{_f(d['new']['bpb'])}, bytes/s x{_f(d.get('speedup_bytes_per_s'), '.2f')}",
+            flush=True,
+        )
+    return report

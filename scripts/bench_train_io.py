@@ -1,0 +1,197 @@
+"""Benchmark `retok train-io` against what a user would otherwise write: a transformers Trainer with the body's
+requires_grad set to False. Same model, same packed blocks (retok.packing, same seed), same batch, sequence
+length, optimizer settings; each run in its own subprocess so its peak RSS is its own.
+
+    python scripts/bench_train_io.py                       # SmolLM2-135M (converted GGUF), seq 256, batch 4
+    python scripts/bench_train_io.py --steps 8 --warmup 2 --model /path/to/hf-folder
+
+Reports the median step time after warm-up, tokens/s and peak RSS of each, their ratios, and ends with ONE JSON
+line. The retok side runs the real stage (retok.train.train_io) on a throwaway output_dir whose tokenizer/ and
+model-init/ are the model itself (links, no copy), with no eval data so that only training is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("RETOK_CACHE") or Path.home() / ".cache" / "retok") / "assets"
+GGUF = ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def config(work: Path, model: Path, a: argparse.Namespace):
+    from retok.config import validate_dict
+
+    return validate_dict(
+        {
+            "output_dir": str(work / "out"),
+            "model": {"path": str(model)},
+            "seed": 0,
+            "data": {
+                "train": [
+                    {"name": d, "path": str(ASSETS / "corpora" / d / "train.jsonl"), "max_bytes": 2_000_000}
+                    for d in ("zh", "en", "code")
+                ]
+            },
+            "train": {
+                "max_steps": a.warmup + a.steps,
+                "seq_len": a.seq,
+                "batch_size": a.batch,
+                "lr": 1e-3,
+                "warmup_steps": 1,
+                "eval_every": 10_000,
+                "save_every": 10_000,
+                "shuffle_buffer": 64,
+            },
+        }
+    )
+
+
+def prepare(work: Path, model: Path, a: argparse.Namespace) -> None:
+    """output_dir/tokenizer and output_dir/model-init as links to the model folder's files."""
+    from retok.config import fingerprint
+
+    cfg = config(work, model, a)
+    for stage in ("tokenizer", "model-init"):
+        d = cfg.stage_dir(stage)
+        d.mkdir(parents=True, exist_ok=True)
+        for f in model.iterdir():
+            if f.is_file() and not f.name.startswith("retok_"):
+                (d / f.name).symlink_to(f.resolve())
+        (d / "retok_stage.json").write_text(json.dumps({"stage": stage, "fingerprint": fingerprint(cfg, stage)}))
+
+
+def child_retok(work: Path, model: Path, a: argparse.Namespace) -> dict:
+    from retok.pipeline import run_stage
+
+    cfg = config(work, model, a)
+    out = run_stage(cfg, "model-trained", overwrite=True)
+    steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    secs = [r["step_seconds"] for r in steps if "loss" in r][a.warmup :]
+    return {"step_seconds": secs, "losses": [r["loss"] for r in steps if "loss" in r], "peak_rss_mb": peak_rss_mb()}
+
+
+def child_trainer(work: Path, model_dir: Path, a: argparse.Namespace) -> dict:
+    """The baseline: Trainer, body frozen with requires_grad=False, the model's own (full-logits) loss."""
+    import itertools
+
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from retok.packing import train_batches
+    from retok.sources import load_tokenizer
+
+    cfg = config(work, model_dir, a)
+    tok = load_tokenizer(model_dir)
+    t = cfg.train
+    n = (a.warmup + a.steps) * a.batch
+    batches = train_batches(cfg.data.train, tok, seq_len=t.seq_len, batch_size=1, seed=cfg.seed,
+                            shuffle_buffer=t.shuffle_buffer, max_bytes=None)
+    blocks = [b[0] for b in itertools.islice(batches, n)]
+    data = [{"input_ids": b, "labels": b} for b in blocks]
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    model.get_output_embeddings().weight.requires_grad_(True)
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    args = TrainingArguments(
+        output_dir=str(work / "trainer"), per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps,
+        learning_rate=1e-3, warmup_steps=1, lr_scheduler_type="cosine", max_grad_norm=1.0, weight_decay=0.0,
+        adam_beta2=0.95, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10_000,
+        dataloader_num_workers=0, remove_unused_columns=False, seed=0, disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[Timer()]).train()
+    return {"step_seconds": times[a.warmup :], "peak_rss_mb": peak_rss_mb()}
+
+
+def run_child(kind: str, work: Path, model: Path, a: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--work", str(work), "--model", str(model),
+           "--seq", str(a.seq), "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode != 0 or not lines:
+        sys.exit(f"bench_train_io: the {kind} run failed:\n{res.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def summarise(r: dict, tokens_per_step: int) -> dict:
+    med = statistics.median(r["step_seconds"])
+    return {
+        "step_seconds_median": med,
+        "tokens_per_second": tokens_per_step / med,
+        "peak_rss_mb": r["peak_rss_mb"],
+        "steps_timed": len(r["step_seconds"]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None, help="HF model folder (default: converted SmolLM2-135M)")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--child", choices=["retok", "trainer"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+
+    if a.child:
+        fn = child_retok if a.child == "retok" else child_trainer
+        print(json.dumps(fn(a.work, a.model, a)))
+        return
+
+    if a.model is None:
+        if not GGUF.is_file():
+            sys.exit(f"bench_train_io: {GGUF} missing; run scripts/fetch_assets.py or pass --model")
+        from retok.sources import resolve_model
+
+        a.model = resolve_model(str(GGUF))
+    with tempfile.TemporaryDirectory(prefix="bench-train-io-") as tmp:
+        work = Path(tmp)
+        prepare(work, a.model, a)
+        tokens = a.seq * a.batch
+        results = {}
+        for kind in ("retok", "trainer"):  # one after the other: never two runs sharing the cores
+            print(f"bench_train_io: running {kind} ({a.warmup} warm-up + {a.steps} timed steps)...", flush=True)
+            results[kind] = summarise(run_child(kind, work, a.model, a), tokens)
+    r, b = results["retok"], results["trainer"]
+    print(f"{'':10} {'step s (median)':>16} {'tokens/s':>10} {'peak RSS MB':>12}")
+    for kind, s in results.items():
+        print(f"{kind:10} {s['step_seconds_median']:16.3f} {s['tokens_per_second']:10.0f} {s['peak_rss_mb']:12.0f}")
+    speed = r["tokens_per_second"] / b["tokens_per_second"]
+    mem = r["peak_rss_mb"] / b["peak_rss_mb"]
+    print(f"retok / Trainer: {speed:.2f}x tokens/s, {mem:.2f}x peak RSS")
+    print(json.dumps({
+        "bench": "train_io", "model": str(a.model), "seq_len": a.seq, "batch_size": a.batch,
+        "warmup_steps": a.warmup, "timed_steps": a.steps, "threads": os.cpu_count(),
+        "retok": r, "trainer": b, "speed_ratio": speed, "peak_rss_ratio": mem,
+    }))
+
+
+if __name__ == "__main__":
+    main()
