@@ -191,7 +191,7 @@ def init_config_cmd(
 def main() -> None:
     """Entry point: turn RetokError into one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except RetokError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -209,6 +209,9 @@ def main() -> None:
         if isinstance(e, click.exceptions.Abort):
             sys.exit(130)
         raise
+    # In non-standalone mode click returns the code of typer.Exit instead of exiting with it.
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -311,8 +311,8 @@ class EvalConfig(_Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default.")
     interleave: bool | Literal["auto"] = Field(
         "auto",
-        description="Keep both models loaded and alternate their timed runs, so a busy machine slows both alike; "
-        "auto = when both fit in half the free (GPU) memory; false = one model at a time.",
+        description="Keep both models loaded and interleave their timed decoding steps, so a busy machine slows "
+        "both alike; auto = when both fit in half the free (GPU) memory; false = one model at a time.",
     )
 
 

@@ -177,7 +177,8 @@ def _quality(m: _Loaded, cfg: RetokConfig, docs: dict[str, list[str]]) -> dict[s
 def _speed(
     models: list[_Loaded], cfg: RetokConfig, speed_texts: dict[str, str]
 ) -> dict[str, dict[str, dict]]:
-    """Reference-continuation (and greedy) timings of the given models, alternating them round by round.
+    """Reference-continuation (and greedy) timings of the given models: the reference steps of both models
+    interleaved within each run (retok.speed.reference_run), greedy runs alternated round by round.
 
     Returns {role: {domain: figures}}.
     """
@@ -206,11 +207,13 @@ def _speed(
                     f"eval.continuation_bytes={ev.continuation_bytes} bytes of continuation; raise it"
                 )
             texts[m.role] = st
-        runs = run_rounds(
-            {m.role: (lambda m=m, st=texts[m.role]: reference_run(m.model, st, m.device)) for m in models},
-            repeats=ev.repeats,
-            warmup=ev.warmup,
-        )
+        runs: dict[str, list[tuple[float, float]]] = {m.role: [] for m in models}
+        for r in range(ev.warmup + ev.repeats):
+            order = models if r % 2 == 0 else models[::-1]  # who prefills first alternates too
+            timings = reference_run([(m.model, texts[m.role], m.device) for m in order])
+            if r >= ev.warmup:
+                for m, t in zip(order, timings, strict=True):
+                    runs[m.role].append(t)
         for m in models:
             ref = reference_stats(texts[m.role], runs[m.role])
             figures = {k: ref.pop(k) for k in ("tokens_per_s", "bytes_per_s", "prefill_ms", "ms_per_token")}

@@ -158,7 +158,9 @@ def train_batches(
     return itertools.islice(batches, skip + rank, None, world)
 
 
-def check_sources(sources: list[DataSource], tokenizer: Any, seq_len: int, max_bytes: int | None) -> torch.Tensor:
+def check_sources(
+    sources: list[DataSource], tokenizer: Any, seq_len: int, max_bytes: int | None
+) -> torch.Tensor:
     """Fail early (before any model is loaded) when a source cannot fill one block; returns the first block."""
     if not sources:
         raise RetokError("train-io needs training text: add at least one data.train source")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,21 +156,36 @@ def _step(model: Any, token: torch.Tensor, cache: Any, kwarg: str) -> tuple[Any,
 
 
 @torch.inference_mode()
-def reference_run(model: Any, text: SpeedText, device: torch.device | str) -> tuple[float, float]:
-    """One run: (prefill seconds, seconds to feed the continuation token by token)."""
-    prompt = torch.tensor([text.prompt_ids], dtype=torch.long, device=device)
-    cont = torch.tensor(text.continuation_ids, dtype=torch.long, device=device).view(-1, 1, 1)
-    kwarg = _cache_kwarg(model)
-    sync(device)
-    t0 = time.perf_counter()
-    cache, _ = _prefill(model, prompt)
-    sync(device)
-    t1 = time.perf_counter()
-    for tok in cont:
-        cache, _ = _step(model, tok, cache, kwarg)
-    sync(device)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+def reference_run(runs: Sequence[tuple[Any, SpeedText, torch.device | str]]) -> list[tuple[float, float]]:
+    """One run of one or more models: (prefill seconds, seconds to feed the continuation) for each.
+
+    The prompts are prefilled one after the other; then the models' continuation steps are interleaved
+    evenly (a model with half the tokens steps every other time) and every step is timed on its own. On a
+    shared machine whose load changes from second to second, this makes the load fall on both models alike,
+    which alternating whole runs cannot do. Each model's work is unchanged: its own cache, one step per token.
+    """
+    caches: list[Any] = []
+    prefill: list[float] = []
+    for model, text, device in runs:
+        prompt = torch.tensor([text.prompt_ids], dtype=torch.long, device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        cache, _ = _prefill(model, prompt)
+        sync(device)
+        prefill.append(time.perf_counter() - t0)
+        caches.append(cache)
+    conts = [torch.tensor(t.continuation_ids, dtype=torch.long, device=d).view(-1, 1, 1) for _, t, d in runs]
+    kwargs = [_cache_kwarg(m) for m, _, _ in runs]
+    # Step i of a model with n steps sits at (i + 0.5) / n of the run: the schedules interleave evenly.
+    order = sorted(((i + 0.5) / len(c), k, i) for k, c in enumerate(conts) for i in range(len(c)))
+    decode = [0.0] * len(runs)
+    for _, k, i in order:
+        model, _, device = runs[k]
+        t0 = time.perf_counter()
+        caches[k], _ = _step(model, conts[k][i], caches[k], kwargs[k])  # int(argmax) waits for the device
+        sync(device)
+        decode[k] += time.perf_counter() - t0
+    return list(zip(prefill, decode, strict=True))
 
 
 @torch.inference_mode()
@@ -285,7 +300,10 @@ def time_reference(
     if not text.prompt_ids or not text.continuation_ids:
         raise ValueError("time_reference needs a non-empty prompt and continuation")
     device = device or next(model.parameters()).device
-    runs = run_rounds({"m": lambda: reference_run(model, text, device)}, repeats=repeats, warmup=warmup)["m"]
+    rounds = run_rounds(
+        {"m": lambda: reference_run([(model, text, device)])[0]}, repeats=repeats, warmup=warmup
+    )
+    runs = rounds["m"]
     return reference_stats(text, runs)
 
 

@@ -73,6 +73,7 @@ def stage_output(cfg: RetokConfig, stage: str, *, overwrite: bool = False) -> It
         raise RetokError(f"{final} exists and is not a folder; move it away first")
     cfg.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{stage}.tmp-", dir=cfg.out))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; the finished folder should read like any other
     try:
         yield tmp
         (tmp / CONFIG_FILE).write_text(to_yaml(cfg), encoding="utf-8")

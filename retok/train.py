@@ -64,12 +64,13 @@ _on_step: Callable[[int], None] | None = None
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """Sum of next-token NLL over ``hidden @ weight.T (+ bias)``, chunk by chunk, gradients computed in forward.
+    """Mean next-token NLL over ``hidden @ weight.T (+ bias)``, chunk by chunk, gradients computed in forward.
 
     Working chunk by chunk and turning each chunk's softmax straight into its gradient (softmax - one-hot)
     means at most one chunk of fp32 logits exists at a time, and nothing vocabulary-sized is kept for
     backward except the weight's gradient itself. Three matmuls per chunk, one fewer than recomputing the
-    chunk's logits in backward with torch.utils.checkpoint.
+    chunk's logits in backward with torch.utils.checkpoint. The 1/N of the mean is folded into the small
+    operands (alpha of addmm), so backward has nothing vocabulary-sized to scale when grad_out is 1.
     """
 
     @staticmethod
@@ -77,6 +78,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         dev = hidden.device.type
         cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        scale = 1.0 / targets.numel()
         with torch.autocast(dev, enabled=False):
             w = weight.to(cd)
             grad_h = torch.empty_like(hidden) if need_h else None
@@ -105,26 +107,24 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 if softcap is not None:
                     g *= 1.0 - capped * capped
                 if need_b:
-                    grad_b += g.sum(0)
+                    grad_b.add_(g.sum(0), alpha=scale)
                 g = g.to(cd)
                 if need_h:
-                    grad_h[s : s + chunk] = (g @ w).to(hidden.dtype)
+                    grad_h[s : s + chunk] = (g @ w).mul_(scale).to(hidden.dtype)
                 if need_w:
                     if cd == torch.float32:
-                        grad_w.addmm_(g.T, h)
+                        grad_w.addmm_(g.T, h, alpha=scale)
                     else:
-                        grad_w += (g.T @ h).float()
+                        grad_w.add_(g.T @ h, alpha=scale)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return total
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = grad_out.float()
-        gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w.mul_(scale) if grad_w is not None else None
-        gb = grad_b.mul_(scale) if grad_b is not None else None
-        return gh, gw, gb, None, None, None
+        grads = list(ctx.saved_tensors)
+        if grad_out.item() != 1.0:  # gradient accumulation or a loss scaler
+            grads = [g.mul_(grad_out.to(g.dtype)) if g is not None else None for g in grads]
+        return grads[0], grads[1], grads[2], None, None, None
 
 
 def chunked_lm_loss(
@@ -138,8 +138,7 @@ def chunked_lm_loss(
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of ``hidden`` (N, H) against ``targets`` (N,) through the head ``weight``
     (V, H); never more than ``chunk_tokens`` rows of logits at once."""
-    total = _ChunkedHeadLoss.apply(hidden, weight, bias, targets, chunk_tokens, softcap)
-    return total / targets.numel()
+    return _ChunkedHeadLoss.apply(hidden, weight, bias, targets, chunk_tokens, softcap)
 
 
 class IOLoss(nn.Module):
@@ -160,8 +159,12 @@ class IOLoss(nn.Module):
         head = self.model.get_output_embeddings()
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         return chunked_lm_loss(
-            h, head.weight, input_ids[:, 1:].reshape(-1), chunk_tokens=self.chunk_tokens,
-            bias=getattr(head, "bias", None), softcap=self.softcap,
+            h,
+            head.weight,
+            input_ids[:, 1:].reshape(-1),
+            chunk_tokens=self.chunk_tokens,
+            bias=getattr(head, "bias", None),
+            softcap=self.softcap,
         )
 
 
@@ -319,7 +322,9 @@ def _save_checkpoint(state_dir: Path, model: nn.Module, opt: torch.optim.Optimiz
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda{i}"] = s
-    save_file(tensors, str(tmp / "optimizer.safetensors"), metadata={"param_groups": json.dumps(sd["param_groups"])})
+    save_file(
+        tensors, str(tmp / "optimizer.safetensors"), metadata={"param_groups": json.dumps(sd["param_groups"])}
+    )
     (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     final, old = state_dir / CKPT, state_dir / f".{CKPT}-old"
     shutil.rmtree(old, ignore_errors=True)
@@ -378,7 +383,10 @@ def _check_state(cfg: RetokConfig, state_dir: Path, resume: bool) -> dict | None
     fp = fingerprint(cfg, "model-trained")
     if resume:
         if state is None:
-            print(f"train-io: --resume, but there is no checkpoint in {state_dir}; starting at step 0", flush=True)
+            print(
+                f"train-io: --resume, but there is no checkpoint in {state_dir}; starting at step 0",
+                flush=True,
+            )
             return None
         if state.get("fingerprint") != fp:
             raise RetokError(
@@ -452,7 +460,9 @@ def _load_new_ids(tok_dir: Path, n_tokens: int) -> list[int]:
         ) from None
     bad = [i for i in ids if not 0 <= i < n_tokens]
     if bad:
-        raise RetokError(f"{f}: new_ids holds {bad[0]}, outside the tokenizer's {n_tokens} ids; rerun build-tokenizer")
+        raise RetokError(
+            f"{f}: new_ids holds {bad[0]}, outside the tokenizer's {n_tokens} ids; rerun build-tokenizer"
+        )
     return ids
 
 
@@ -491,7 +501,9 @@ def _load_init_model(cfg: RetokConfig, init_dir: Path, n_tokens: int, device: An
             "another tokenizer; rerun `retok init-embeddings --overwrite`"
         )
     if head is None or head.weight.shape[0] != rows:
-        raise RetokError(f"{init_dir}: the LM head does not have the embedding's {rows} rows; rerun init-embeddings")
+        raise RetokError(
+            f"{init_dir}: the LM head does not have the embedding's {rows} rows; rerun init-embeddings"
+        )
     model.config.use_cache = False
     return model.to(device)
 
@@ -520,8 +532,13 @@ def _bpb(run: Run, model: nn.Module, tok: Any, label: str) -> dict[str, float]:
     with run.acc.autocast():
         for name, docs in run.eval_docs.items():
             out[name] = bits_per_byte(
-                model, tok, docs, window=run.cfg.eval.window, stride=run.cfg.eval.stride,
-                device=run.acc.device, desc=f"bpb {name} ({label})",
+                model,
+                tok,
+                docs,
+                window=run.cfg.eval.window,
+                stride=run.cfg.eval.stride,
+                device=run.acc.device,
+                desc=f"bpb {name} ({label})",
             )["bpb"]
     return out
 
@@ -543,8 +560,11 @@ def _original_bpb(run: Run) -> dict[str, float]:
         folder = resolve_model(m, run.cfg.cache)
         tok = load_tokenizer(folder, trust_remote_code=m.trust_remote_code)
         model = load_model(
-            folder, dtype="float32", device="cpu" if run.acc.device.type == "cpu" else str(run.acc.device),
-            trust_remote_code=m.trust_remote_code, allow_pickle=m.allow_pickle,
+            folder,
+            dtype="float32",
+            device="cpu" if run.acc.device.type == "cpu" else str(run.acc.device),
+            trust_remote_code=m.trust_remote_code,
+            allow_pickle=m.allow_pickle,
         )
         out = _bpb(run, model, tok, "original")
         del model
@@ -565,7 +585,11 @@ class _Log:
             kept = []
             if keep_until is not None and self.path.is_file():
                 # Steps after the checkpoint are done again on resume: drop their lines.
-                kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_until]
+                kept = [
+                    ln
+                    for ln in self.path.read_text().splitlines()
+                    if ln and json.loads(ln)["step"] <= keep_until
+                ]
             self.path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, rec: dict) -> None:
@@ -584,7 +608,10 @@ def _sigint_handler(run: Run) -> Callable[[int, Any], None]:
         if run.stop[0]:
             raise KeyboardInterrupt  # a second Ctrl-C: leave now, without a checkpoint
         run.stop[0] = True
-        print("\ntrain-io: interrupted; saving a checkpoint after this step (Ctrl-C again quits at once)", flush=True)
+        print(
+            "\ntrain-io: interrupted; saving a checkpoint after this step (Ctrl-C again quits at once)",
+            flush=True,
+        )
 
     return handler
 
@@ -605,8 +632,15 @@ def _checkpoint(run: Run, model: nn.Module, opt: Any, state: dict, stage: str) -
 
 
 def _run_stage(
-    run: Run, stage: str, first: int, end: int, state: dict, batches: Iterator[torch.Tensor], log: _Log,
-    bar: Any, load_optimizer: bool,
+    run: Run,
+    stage: str,
+    first: int,
+    end: int,
+    state: dict,
+    batches: Iterator[torch.Tensor],
+    log: _Log,
+    bar: Any,
+    load_optimizer: bool,
 ) -> None:
     """Optimizer steps state['step'] .. end of one stage, with evals, checkpoints, Ctrl-C and NaN checks."""
     acc, t, model = run.acc, run.cfg.train, run.model
@@ -632,15 +666,21 @@ def _run_stage(
                 x = next(batches).to(acc.device)
                 with acc.no_sync(loss_model) if k < t.grad_accum - 1 else nullcontext():
                     loss = loss_model(x)
-                    acc.backward(loss / t.grad_accum)
+                    acc.backward(loss / t.grad_accum if t.grad_accum > 1 else loss)
                 losses.append(loss.detach().float())
             # One all-reduce carries the loss and whether any process got Ctrl-C, so all stop together.
-            flags = torch.stack([torch.stack(losses).mean(), torch.tensor(float(run.stop[0]), device=acc.device)])
+            flags = torch.stack(
+                [torch.stack(losses).mean(), torch.tensor(float(run.stop[0]), device=acc.device)]
+            )
             flags = acc.reduce(flags, "sum")
             loss_val = float(flags[0]) / acc.num_processes
             if not math.isfinite(loss_val):
                 last = read_state(run.state_dir)
-                kept = f"the last good checkpoint (step {last['step']}) is kept in {run.state_dir}" if last else "no checkpoint was saved yet"
+                kept = (
+                    f"the last good checkpoint (step {last['step']}) is kept in {run.state_dir}"
+                    if last
+                    else "no checkpoint was saved yet"
+                )
                 raise RetokError(
                     f"train-io: the loss became {loss_val} at step {step + 1} (lr {opt.param_groups[0]['lr']:.2e}); "
                     f"stopped without saving, {kept}; lower train.lr (embed_lr, head_lr, full.lr) and start over"
@@ -655,8 +695,13 @@ def _run_stage(
             state["tokens_seen"] += run.tokens_per_step
             state["train_seconds"] += secs
             rec = {
-                "step": step + 1, "stage": stage, "loss": loss_val, "lr": opt.param_groups[0]["lr"],
-                "grad_norm": grad_norm, "tokens": state["tokens_seen"], "step_seconds": secs,
+                "step": step + 1,
+                "stage": stage,
+                "loss": loss_val,
+                "lr": opt.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "tokens": state["tokens_seen"],
+                "step_seconds": secs,
                 "tokens_per_second": run.tokens_per_step / secs,
             }
             log.write(rec)
@@ -676,8 +721,11 @@ def _run_stage(
                 _on_step(step + 1)
             if stopping:
                 if acc.is_main_process:
-                    print(f"train-io: checkpoint at step {step + 1} saved in {run.state_dir}; "
-                          "continue with `retok train-io --resume`", flush=True)
+                    print(
+                        f"train-io: checkpoint at step {step + 1} saved in {run.state_dir}; "
+                        "continue with `retok train-io --resume`",
+                        flush=True,
+                    )
                 raise KeyboardInterrupt
     finally:
         for h in hooks:
@@ -732,7 +780,13 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     if t.gradient_checkpointing:
         _activation_checkpointing(model, True)
     run = Run(
-        cfg=cfg, acc=acc, tok=tok, model=model, io=io, state_dir=state_dir, eval_docs=eval_docs,
+        cfg=cfg,
+        acc=acc,
+        tok=tok,
+        model=model,
+        io=io,
+        state_dir=state_dir,
+        eval_docs=eval_docs,
         tokens_per_step=t.grad_accum * t.batch_size * t.seq_len * acc.num_processes,
     )
     n_train = count_params(io.matrices + ([io.head_bias] if io.head_bias is not None else []))
@@ -741,7 +795,9 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     n_values = n_rows * io.embed.shape[1] * len(io.matrices)
     total = t.max_steps + t.full.steps
     if acc.is_main_process:
-        tied = "tied: one matrix serves embedding and head" if io.head is None else "untied embedding and head"
+        tied = (
+            "tied: one matrix serves embedding and head" if io.head is None else "untied embedding and head"
+        )
         print(
             f"train-io: trainable parameters {n_train:,} of {n_all:,} ({100 * n_train / n_all:.1f}%; {tied}); "
             f"{n_rows:,} of {io.embed.shape[0]:,} rows learn ({n_values:,} values); {total} steps of "
@@ -750,7 +806,9 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
             flush=True,
         )
         if io.head is None and t.head_lr is not None:
-            print("train-io: note: the head is tied to the embedding, so train.head_lr is unused (embed_lr is)")
+            print(
+                "train-io: note: the head is tied to the embedding, so train.head_lr is unused (embed_lr is)"
+            )
 
     old_handler = None
     try:
@@ -769,9 +827,15 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
             if acc.is_main_process:
                 shutil.rmtree(state_dir / CKPT, ignore_errors=True)  # a finished earlier run: start over
             state = {
-                "fingerprint": fingerprint(cfg, "model-trained"), "step": 0, "consumed": 0, "tokens_seen": 0,
-                "train_seconds": 0.0, "wall_seconds": 0.0, "finished": False,
-                "trainable_params": n_train, "learning_values": n_values,
+                "fingerprint": fingerprint(cfg, "model-trained"),
+                "step": 0,
+                "consumed": 0,
+                "tokens_seen": 0,
+                "train_seconds": 0.0,
+                "wall_seconds": 0.0,
+                "finished": False,
+                "trainable_params": n_train,
+                "learning_values": n_values,
             }
             log = _Log(run, keep_until=None)
             state["original"] = _original_bpb(run)
@@ -782,9 +846,16 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
         wall_before = state["wall_seconds"]
 
         batches = train_batches(
-            cfg.data.train, tok, seq_len=t.seq_len, batch_size=t.batch_size, seed=cfg.seed,
-            shuffle_buffer=t.shuffle_buffer, max_bytes=t.max_train_bytes, skip=state["consumed"],
-            rank=acc.process_index, world=acc.num_processes,
+            cfg.data.train,
+            tok,
+            seq_len=t.seq_len,
+            batch_size=t.batch_size,
+            seed=cfg.seed,
+            shuffle_buffer=t.shuffle_buffer,
+            max_bytes=t.max_train_bytes,
+            skip=state["consumed"],
+            rank=acc.process_index,
+            world=acc.num_processes,
         )
         # Fill the shuffle buffer now, so that its one-off cost is not counted as the first step's time.
         first = next(batches)
@@ -793,10 +864,22 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
             scalars = {k: v for k, v in t.model_dump().items() if isinstance(v, int | float | str | bool)}
             acc.init_trackers("retok-train-io", config=scalars)
         resumed_stage = state.get("stage")  # the optimizer state belongs to this stage
-        with tqdm(total=total, initial=state["step"], desc="train-io", unit="step", disable=not acc.is_main_process) as bar:
+        with tqdm(
+            total=total, initial=state["step"], desc="train-io", unit="step", disable=not acc.is_main_process
+        ) as bar:
             for stage, first, end in _stages(cfg):
                 if state["step"] < end:
-                    _run_stage(run, stage, first, end, state, batches, log, bar, load_optimizer=resumed_stage == stage)
+                    _run_stage(
+                        run,
+                        stage,
+                        first,
+                        end,
+                        state,
+                        batches,
+                        log,
+                        bar,
+                        load_optimizer=resumed_stage == stage,
+                    )
                 resumed_stage = None
     finally:
         if old_handler is not None:
@@ -810,14 +893,20 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
         state["wall_seconds"] = wall_before + time.time() - wall0
         _save_model(model, init_dir, out)
         shutil.copy2(state_dir / METRICS, out / METRICS)
-        report = write_report(out, cfg, state, _last_bpb(out / METRICS), acc.num_processes, str(acc.device), acc.mixed_precision)
+        report = write_report(
+            out, cfg, state, _last_bpb(out / METRICS), acc.num_processes, str(acc.device), acc.mixed_precision
+        )
         # Mark the checkpoint finished: a later run without --resume starts over instead of refusing.
         meta = read_state(state_dir) or {}
         meta.update(finished=True, wall_seconds=state["wall_seconds"])
         (state_dir / CKPT / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         print(
-            "train-io: " + "; ".join(f"{d} bpb {f['init']:.4f} -> {f['final']:.4f} (original {_fmt(f['original'])})"
-                                     for d, f in report["bpb"].items() if f["init"] is not None and f["final"] is not None)
+            "train-io: "
+            + "; ".join(
+                f"{d} bpb {f['init']:.4f} -> {f['final']:.4f} (original {_fmt(f['original'])})"
+                for d, f in report["bpb"].items()
+                if f["init"] is not None and f["final"] is not None
+            )
             + f"; {report['tokens_seen']:,} tokens in {report['minutes']:.1f} min",
             flush=True,
         )

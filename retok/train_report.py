@@ -45,7 +45,12 @@ def estimate_to_original(
     half = [p for p in pts if p[0] <= t_end / 2] or pts[:1]
     t0, b0 = half[-1]
     if t_end <= t0 or b0 <= b_end:
-        return {"reached": False, "more_tokens": None, "more_minutes": None, "note": "BPB did not improve lately"}
+        return {
+            "reached": False,
+            "more_tokens": None,
+            "more_minutes": None,
+            "note": "BPB did not improve lately",
+        }
     rate = (b0 - b_end) / (t_end - t0)  # bits/byte gained per token over the recent half
     more = (b_end - original) / rate
     return {
@@ -67,7 +72,10 @@ def _plot(path: Path, losses: list[dict], evals: list[dict], bpb: dict[str, dict
     ax1.plot(steps, [r["loss"] for r in losses], lw=0.8, label="train loss (nats/token)")
     if len(losses) >= 10:
         k = max(2, len(losses) // 20)
-        smooth = [sum(r["loss"] for r in losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+        smooth = [
+            sum(r["loss"] for r in losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         ax1.plot(steps, smooth, lw=1.6, label=f"mean of {k}")
     ax1.set_xlabel("step")
     ax1.set_ylabel("loss")
@@ -97,9 +105,13 @@ def write_report(
     losses, evals = read_metrics(out / "metrics.jsonl")
     original, init = state.get("original") or {}, state.get("init") or {}
     tps = state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] else 0.0
-    bpb = {d: {"original": original.get(d), "init": init.get(d), "final": final.get(d)} for d in init or final}
+    bpb = {
+        d: {"original": original.get(d), "init": init.get(d), "final": final.get(d)} for d in init or final
+    }
     estimate = {
-        d: estimate_to_original(evals, d, f["original"], tps) for d, f in bpb.items() if f["original"] is not None
+        d: estimate_to_original(evals, d, f["original"], tps)
+        for d, f in bpb.items()
+        if f["original"] is not None
     }
     t = cfg.train
     report = {
@@ -170,7 +182,11 @@ def _markdown(r: dict, cfg: RetokConfig) -> str:
         elif e["more_tokens"] is None:
             lines.append(f"- {d}: {e.get('note', 'no estimate')}.")
         else:
-            mins = f", ~{e['more_minutes']:.0f} more minutes at this speed" if e["more_minutes"] is not None else ""
+            mins = (
+                f", ~{e['more_minutes']:.0f} more minutes at this speed"
+                if e["more_minutes"] is not None
+                else ""
+            )
             lines.append(
                 f"- {d}: ~{e['more_tokens']:,} more tokens{mins} at the rate of the last half of training "
                 f"({e['rate_bpb_per_mtok']:.3f} bits/byte per million tokens); curves flatten, so this is a lower bound."

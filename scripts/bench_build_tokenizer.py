@@ -6,14 +6,17 @@
 
 For each number of new tokens N it times, on the same in-memory training text:
 
-- ``extend``: retok's continued BPE on the old segmentation (N tokens appended, old ids kept),
-- ``train``:  retok's from-scratch BPE with the old pipeline, total vocabulary old + N,
+- ``extend``: retok's continued BPE on the old segmentation (N tokens appended, old ids kept; the config
+  defaults min_frequency 2, max_token_length 16),
+- ``train``:  retok's from-scratch BPE with the old pipeline, total vocabulary old + N (HF's defaults: no
+  frequency floor, no length cap, so that it learns as many tokens as ``hf``),
 - ``hf``:     ``old_tokenizer.train_new_from_iterator(text, vocab_size=old + N)`` (transformers),
 
 each run in a fresh subprocess (so peak memory is its own), the three interleaved run by run so that a busy
-machine slows them alike. Reported: median seconds, corpus MB/s, the peak resident memory the run added on
-top of the loaded text and tokenizer, and speed ratios against ``hf``. The last line on stdout is one JSON
-object; the exit status is 1 if a retok engine is slower than ``hf`` (ratio < 1) at any N.
+machine slows them alike. Reported: median wall seconds and corpus MB/s, median CPU seconds (all threads;
+steadier than wall time when other jobs share the machine), the peak resident memory a run added on top of
+the loaded text and tokenizer, and the speed ratios against ``hf`` (> 1: faster). The last line on stdout is
+one JSON object; the exit status is 1 if a retok engine is slower than ``hf`` in wall time at any N.
 """
 
 from __future__ import annotations
@@ -78,8 +81,14 @@ def worker(args: argparse.Namespace) -> None:
         )
         size = res.tokenizer.get_vocab_size(with_added_tokens=True)
     elif args.worker == "train":
+        # HF's defaults (no frequency floor, no length cap), so that both learn the same number of tokens.
         res = train_tokenizer(
-            old, [TrainingText("zh", docs)], vocab_size=len(tok) + n, max_token_length=16, progress=False
+            old,
+            [TrainingText("zh", docs)],
+            vocab_size=len(tok) + n,
+            min_frequency=1,
+            max_token_length=None,
+            progress=False,
         )
         size = res.tokenizer.get_vocab_size(with_added_tokens=True)
     else:

@@ -59,7 +59,8 @@ def synthetic_tokenizers(folder: Path, old_vocab: int, new_vocab: int, seed: int
 
     def grow(target: int, max_len: int) -> None:
         while len(vocab) < target:
-            a, b = rng.choice(tokens), rng.choice(tokens[-20000:] if len(tokens) > 20000 else tokens)
+            # Second half from the most recent tokens, so token lengths grow as in a real BPE.
+            a, b = rng.choice(tokens), tokens[rng.randrange(max(0, len(tokens) - 20000), len(tokens))]
             t = a + b
             if len(t) > max_len or t in vocab:
                 continue

@@ -5,8 +5,9 @@ length, optimizer settings; each run in its own subprocess so its peak RSS is it
     python scripts/bench_train_io.py                       # SmolLM2-135M (converted GGUF), seq 256, batch 4
     python scripts/bench_train_io.py --steps 8 --warmup 2 --model /path/to/hf-folder
 
-Reports the median step time after warm-up, tokens/s and peak RSS of each, their ratios, and ends with ONE JSON
-line. The retok side runs the real stage (retok.train.train_io) on a throwaway output_dir whose tokenizer/ and
+Reports the median step time after warm-up (wall and process CPU time: on a shared machine the CPU-time
+figure is the steadier one; the load average around each run is printed), tokens/s and peak RSS of each,
+their ratios, and ends with ONE JSON line. The retok side runs the real stage (retok.train.train_io) on a throwaway output_dir whose tokenizer/ and
 model-init/ are the model itself (links, no copy), with no eval data so that only training is timed.
 """
 
@@ -71,17 +72,23 @@ def prepare(work: Path, model: Path, a: argparse.Namespace) -> None:
         for f in model.iterdir():
             if f.is_file() and not f.name.startswith("retok_"):
                 (d / f.name).symlink_to(f.resolve())
-        (d / "retok_stage.json").write_text(json.dumps({"stage": stage, "fingerprint": fingerprint(cfg, stage)}))
+        (d / "retok_stage.json").write_text(
+            json.dumps({"stage": stage, "fingerprint": fingerprint(cfg, stage)})
+        )
 
 
 def child_retok(work: Path, model: Path, a: argparse.Namespace) -> dict:
+    import retok.train
     from retok.pipeline import run_stage
 
     cfg = config(work, model, a)
+    marks = [time.process_time()]
+    retok.train._on_step = lambda step: marks.append(time.process_time())  # CPU time at the end of each step
     out = run_stage(cfg, "model-trained", overwrite=True)
     steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     secs = [r["step_seconds"] for r in steps if "loss" in r][a.warmup :]
-    return {"step_seconds": secs, "losses": [r["loss"] for r in steps if "loss" in r], "peak_rss_mb": peak_rss_mb()}
+    cpu = [b - a_ for a_, b in zip(marks, marks[1:], strict=False)][a.warmup :]
+    return {"step_seconds": secs, "step_cpu_seconds": cpu, "peak_rss_mb": peak_rss_mb()}
 
 
 def child_trainer(work: Path, model_dir: Path, a: argparse.Namespace) -> dict:
@@ -98,8 +105,15 @@ def child_trainer(work: Path, model_dir: Path, a: argparse.Namespace) -> dict:
     tok = load_tokenizer(model_dir)
     t = cfg.train
     n = (a.warmup + a.steps) * a.batch
-    batches = train_batches(cfg.data.train, tok, seq_len=t.seq_len, batch_size=1, seed=cfg.seed,
-                            shuffle_buffer=t.shuffle_buffer, max_bytes=None)
+    batches = train_batches(
+        cfg.data.train,
+        tok,
+        seq_len=t.seq_len,
+        batch_size=1,
+        seed=cfg.seed,
+        shuffle_buffer=t.shuffle_buffer,
+        max_bytes=None,
+    )
     blocks = [b[0] for b in itertools.islice(batches, n)]
     data = [{"input_ids": b, "labels": b} for b in blocks]
 
@@ -110,47 +124,90 @@ def child_trainer(work: Path, model_dir: Path, a: argparse.Namespace) -> dict:
     model.get_output_embeddings().weight.requires_grad_(True)
 
     times: list[float] = []
+    cpu: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
+            cpu.append(time.process_time() - self.c0)
 
     args = TrainingArguments(
-        output_dir=str(work / "trainer"), per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps,
-        learning_rate=1e-3, warmup_steps=1, lr_scheduler_type="cosine", max_grad_norm=1.0, weight_decay=0.0,
-        adam_beta2=0.95, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10_000,
-        dataloader_num_workers=0, remove_unused_columns=False, seed=0, disable_tqdm=True,
+        output_dir=str(work / "trainer"),
+        per_device_train_batch_size=a.batch,
+        max_steps=a.warmup + a.steps,
+        learning_rate=1e-3,
+        warmup_steps=1,
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        adam_beta2=0.95,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        seed=0,
+        disable_tqdm=True,
     )
     Trainer(model=model, args=args, train_dataset=data, callbacks=[Timer()]).train()
-    return {"step_seconds": times[a.warmup :], "peak_rss_mb": peak_rss_mb()}
+    return {
+        "step_seconds": times[a.warmup :],
+        "step_cpu_seconds": cpu[a.warmup :],
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def run_child(kind: str, work: Path, model: Path, a: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--work", str(work), "--model", str(model),
-           "--seq", str(a.seq), "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--work",
+        str(work),
+        "--model",
+        str(model),
+        "--seq",
+        str(a.seq),
+        "--batch",
+        str(a.batch),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+    ]
+    load0 = os.getloadavg()[0]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
         sys.exit(f"bench_train_io: the {kind} run failed:\n{res.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    # The 1-minute load average around the run: above the core count, other work shared the cores.
+    return dict(json.loads(lines[-1]), load_avg=[load0, os.getloadavg()[0]])
 
 
 def summarise(r: dict, tokens_per_step: int) -> dict:
     med = statistics.median(r["step_seconds"])
+    cpu = statistics.median(r["step_cpu_seconds"])
     return {
         "step_seconds_median": med,
         "tokens_per_second": tokens_per_step / med,
+        "step_cpu_seconds_median": cpu,
+        "tokens_per_cpu_second": tokens_per_step / cpu,
         "peak_rss_mb": r["peak_rss_mb"],
         "steps_timed": len(r["step_seconds"]),
+        "load_avg": r["load_avg"],
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None, help="HF model folder (default: converted SmolLM2-135M)")
+    ap.add_argument(
+        "--model", type=Path, default=None, help="HF model folder (default: converted SmolLM2-135M)"
+    )
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
@@ -177,20 +234,43 @@ def main() -> None:
         tokens = a.seq * a.batch
         results = {}
         for kind in ("retok", "trainer"):  # one after the other: never two runs sharing the cores
-            print(f"bench_train_io: running {kind} ({a.warmup} warm-up + {a.steps} timed steps)...", flush=True)
+            print(
+                f"bench_train_io: running {kind} ({a.warmup} warm-up + {a.steps} timed steps)...", flush=True
+            )
             results[kind] = summarise(run_child(kind, work, a.model, a), tokens)
     r, b = results["retok"], results["trainer"]
-    print(f"{'':10} {'step s (median)':>16} {'tokens/s':>10} {'peak RSS MB':>12}")
-    for kind, s in results.items():
-        print(f"{kind:10} {s['step_seconds_median']:16.3f} {s['tokens_per_second']:10.0f} {s['peak_rss_mb']:12.0f}")
+    print(
+        f"{'':8} {'step s':>8} {'tokens/s':>9} {'CPU s':>8} {'tok/CPU s':>10} {'peak RSS MB':>12} {'load avg':>10}"
+    )
+    for kind, x in results.items():
+        print(
+            f"{kind:8} {x['step_seconds_median']:8.2f} {x['tokens_per_second']:9.1f} {x['step_cpu_seconds_median']:8.2f} "
+            f"{x['tokens_per_cpu_second']:10.1f} {x['peak_rss_mb']:12.0f} {x['load_avg'][0]:5.1f}-{x['load_avg'][1]:.1f}"
+        )
     speed = r["tokens_per_second"] / b["tokens_per_second"]
+    cpu_speed = r["tokens_per_cpu_second"] / b["tokens_per_cpu_second"]
     mem = r["peak_rss_mb"] / b["peak_rss_mb"]
-    print(f"retok / Trainer: {speed:.2f}x tokens/s, {mem:.2f}x peak RSS")
-    print(json.dumps({
-        "bench": "train_io", "model": str(a.model), "seq_len": a.seq, "batch_size": a.batch,
-        "warmup_steps": a.warmup, "timed_steps": a.steps, "threads": os.cpu_count(),
-        "retok": r, "trainer": b, "speed_ratio": speed, "peak_rss_ratio": mem,
-    }))
+    print(
+        f"retok / Trainer: {speed:.2f}x tokens/s (wall), {cpu_speed:.2f}x tokens per CPU-second, {mem:.2f}x peak RSS"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "train_io",
+                "model": str(a.model),
+                "seq_len": a.seq,
+                "batch_size": a.batch,
+                "warmup_steps": a.warmup,
+                "timed_steps": a.steps,
+                "cpus": os.cpu_count(),
+                "retok": r,
+                "trainer": b,
+                "speed_ratio": speed,
+                "cpu_speed_ratio": cpu_speed,
+                "peak_rss_ratio": mem,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

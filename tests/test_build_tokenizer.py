@@ -610,3 +610,21 @@ def test_real_vocabularies_of_both_families(vocab):
     assert r["roundtrip_ok"] and r["ratio"] > 1.05, r
     if vocab == "llama-spm":
         assert ext.char_tokens > 0  # Chinese characters Llama-2 spells with <0xNN> bytes
+
+
+@pytest.mark.parametrize("legacy_merges", [False, True])
+def test_spliced_json_equals_the_rebuilt_one(legacy_merges):
+    from retok.tokenizer.extend import tokenizer_json, with_tokens
+
+    old = byte_level_tokenizer().backend_tokenizer
+    data = tokenizer_json(old)
+    if legacy_merges:  # the older "a b" merge format
+        data["model"]["merges"] = [f"{a} {b}" for a, b in data["model"]["merges"]]
+        old = Tokenizer.from_str(json.dumps(data))
+    top = max(old.get_vocab(with_added_tokens=True).values())
+    vocab = [('"q', top + 1), ('"q"', top + 2)]  # quotes: escaped in JSON
+    merges = [('"', "q"), ('"q', '"')]
+    spliced = with_tokens(data, vocab, merges, old.to_str())
+    rebuilt = with_tokens(data, vocab, merges)
+    assert spliced.to_str() == rebuilt.to_str()
+    assert [t.id for t in spliced.model.tokenize('"q"')] == [top + 2]

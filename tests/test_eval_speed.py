@@ -19,11 +19,13 @@ from retok.errors import RetokError
 from retok.metrics import bits_per_byte, bytes_per_token
 from retok.pipeline import run_stage
 from retok.speed import (
+    SpeedText,
     _prefill,
     _step,
     cut_text,
     greedy_stats,
     long_text,
+    reference_run,
     run_rounds,
     split_tokens,
     time_greedy,
@@ -137,6 +139,33 @@ def test_time_reference_arithmetic():
     assert r["tokens_per_s"] == pytest.approx(n / r["decode_s"])
     assert r["bytes_per_s"] == pytest.approx(st.continuation_bytes / r["decode_s"])
     assert r["prefill_ms"] >= 10.0
+
+
+def test_reference_run_interleaves_steps_evenly():
+    log: list[str] = []
+    a, b = FixedStepLM(50, 0.004, 1), FixedStepLM(50, 0.004, 1)
+    a.calls, b.calls = _Tagged(log, "a"), _Tagged(log, "b")
+    ta = SpeedText(
+        prompt_ids=[1, 2, 3], continuation_ids=list(range(10)), prompt_bytes=3, continuation_bytes=20
+    )
+    tb = SpeedText(prompt_ids=[1, 2], continuation_ids=list(range(5)), prompt_bytes=3, continuation_bytes=20)
+    (pa, da), (pb, db) = reference_run([(a, ta, "cpu"), (b, tb, "cpu")])
+    assert log[:2] == ["a", "b"]  # the prefills
+    steps = log[2:]
+    assert steps.count("a") == 10 and steps.count("b") == 5
+    # b steps once per two steps of a, spread over the whole run (not all at the start or the end)
+    assert [i for i, x in enumerate(steps) if x == "b"] == [1, 4, 7, 10, 13]
+    assert 0.04 <= da < 0.1 and 0.02 <= db < 0.06 and pa >= 0.004 and pb >= 0.004
+
+
+class _Tagged(list):
+    def __init__(self, log: list[str], tag: str) -> None:
+        super().__init__()
+        self.log, self.tag = log, tag
+
+    def append(self, item) -> None:
+        self.log.append(self.tag)
+        super().append(item)
 
 
 def test_time_greedy_counts_bytes_and_invalid_ids():
@@ -376,7 +405,7 @@ def test_real_smollm2_against_itself(tmp_path: Path):
                 "continuation_bytes": 60,
                 "repeats": 1,
                 "warmup": 0,
-                "threads": 2,
+                "threads": 1,  # 2 threads on a shared 2-core machine spin-wait and run 10x slower
             },
         }
     )

@@ -32,6 +32,7 @@ import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,9 +82,10 @@ class Extension:
 # ----------------------------------------------------------------------------------------------------
 
 
-def tokenizer_json(tok: Tokenizer) -> dict[str, Any]:
-    """The whole tokenizer as its tokenizer.json dict, BPE model checked for options retok cannot extend."""
-    data = json.loads(tok.to_str())
+def tokenizer_json(tok: Tokenizer, text: str | None = None) -> dict[str, Any]:
+    """The whole tokenizer as its tokenizer.json dict (``text``: its ``to_str()``, if already made), BPE
+    model checked for options retok cannot extend."""
+    data = json.loads(text if text is not None else tok.to_str())
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         detect_family(tok)  # raises the one clear message for Unigram / WordPiece / WordLevel
@@ -183,17 +185,18 @@ def weight_ratios(sources: list[TrainingText]) -> list[float]:
     return [s.weight / lowest for s in sources]
 
 
-def _batches(docs: list[str], max_bytes: int = 1 << 18) -> Iterator[list[str]]:
-    batch: list[str] = []
-    size = 0
-    for d in docs:
-        batch.append(d)
+def _batches(
+    docs: list[str], copies: list[int], max_chars: int = 1 << 20
+) -> Iterator[tuple[list[str], list[int]]]:
+    """Documents (with their copy counts) in batches of about ``max_chars`` characters."""
+    start, size = 0, 0
+    for i, d in enumerate(docs):
         size += len(d)
-        if size >= max_bytes:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+        if size >= max_chars:
+            yield docs[start : i + 1], copies[start : i + 1]
+            start, size = i + 1, 0
+    if start < len(docs):
+        yield docs[start:], copies[start:]
 
 
 def unit_texts(
@@ -218,11 +221,20 @@ def unit_texts(
     bar = tqdm(
         total=total, unit="B", unit_scale=True, desc="segment with the old tokenizer", disable=not progress
     )
-    for src, ratio in zip(sources, weight_ratios(sources), strict=True):
-        copies = iter(repeat_counts(len(src.docs), ratio))
-        for batch in _batches(src.docs):
-            for enc in seg_tok.encode_batch(batch, add_special_tokens=False):
-                n_copies = next(copies)
+    jobs = [
+        (batch, copies)
+        for src, ratio in zip(sources, weight_ratios(sources), strict=True)
+        for batch, copies in _batches(src.docs, repeat_counts(len(src.docs), ratio))
+    ]
+    # encode_batch runs in Rust without the GIL: encode the next batch while this one is post-processed.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(seg_tok.encode_batch, jobs[0][0], add_special_tokens=False) if jobs else None
+        for k, (batch, copies) in enumerate(jobs):
+            assert pending is not None
+            encodings = pending.result()
+            if k + 1 < len(jobs):
+                pending = pool.submit(seg_tok.encode_batch, jobs[k + 1][0], add_special_tokens=False)
+            for enc, n_copies in zip(encodings, copies, strict=True):
                 ids = np.asarray(enc.ids, dtype=np.int32)
                 if len(ids) < 2 or n_copies == 0:
                     continue
@@ -322,18 +334,36 @@ def missing_characters(
 
 
 def with_tokens(
-    data: dict[str, Any], new_vocab: list[tuple[str, int]], new_merges: list[tuple[str, str]]
+    data: dict[str, Any],
+    new_vocab: list[tuple[str, int]],
+    new_merges: list[tuple[str, str]],
+    text: str | None = None,
 ) -> Tokenizer:
-    """The old tokenizer.json with vocabulary entries and merges appended (old entries untouched)."""
+    """The old tokenizer.json with vocabulary entries and merges appended (old entries untouched).
+
+    ``text`` (the old ``to_str()``) lets the new entries be spliced into the JSON text instead of serialising
+    the whole vocabulary again (a second or so on a 150k vocabulary); checked, with the dict way as fallback.
+    """
+    legacy = bool(data["model"]["merges"]) and isinstance(data["model"]["merges"][0], str)
+    if text is not None:
+        head, sep, tail = text.rpartition('},"merges":[')
+        if sep and tail.endswith("]}}") and not head.endswith("{"):
+            vocab_add = "".join(f",{json.dumps(t, ensure_ascii=False)}:{i}" for t, i in new_vocab)
+            items = [f"{a} {b}" if legacy else [a, b] for a, b in new_merges]
+            merges_add = "".join("," + json.dumps(m, ensure_ascii=False) for m in items)
+            if tail == "]}}":
+                merges_add = merges_add[1:]
+            try:
+                tok = Tokenizer.from_str(head + vocab_add + sep + tail[:-3] + merges_add + "]}}")
+            except Exception:  # noqa: BLE001 - a layout we did not expect: take the dict way
+                tok = None
+            want = len(data["model"]["vocab"]) + len(new_vocab)
+            if tok is not None and tok.get_vocab_size(with_added_tokens=False) == want:
+                return tok
     data = dict(data)
     model = dict(data["model"])
-    vocab = dict(model["vocab"])
-    vocab.update(new_vocab)
-    model["vocab"] = vocab
-    old_merges = model["merges"]
-    if old_merges and isinstance(old_merges[0], str):  # the older "a b" format
-        old_merges = [list(merge_pair(m)) for m in old_merges]
-    model["merges"] = [*old_merges, *([a, b] for a, b in new_merges)]
+    model["vocab"] = {**model["vocab"], **dict(new_vocab)}
+    model["merges"] = [*model["merges"], *((f"{a} {b}" if legacy else [a, b]) for a, b in new_merges)]
     data["model"] = model
     return Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
@@ -423,7 +453,8 @@ def extend_tokenizer(
     if new_tokens <= 0:
         raise RetokError(f"tokenizer.new_tokens must be positive, got {new_tokens}")
     family = detect_family(old)
-    data = tokenizer_json(old)
+    old_text = old.to_str()
+    data = tokenizer_json(old, old_text)
     model = data["model"]
     old_vocab: dict[str, int] = model["vocab"]
     old_merges = {merge_pair(m) for m in model["merges"]}
@@ -525,7 +556,7 @@ def extend_tokenizer(
             banned=banned,
             max_len=max_token_length,
         )
-        extended = with_tokens(data, [*pinned.items(), *pick.vocab], pick.merges)
+        extended = with_tokens(data, [*pinned.items(), *pick.vocab], pick.merges, old_text)
         bad = unreachable(extended, pick.vocab)
         rounds += 1
         if bad:
