@@ -3,7 +3,7 @@ requires_grad set to False. Same model, same packed blocks (retok.packing, same 
 length, optimizer settings; each run in its own subprocess so its peak RSS is its own.
 
     python scripts/bench_train_io.py                       # SmolLM2-135M (converted GGUF), seq 256, batch 4
-    python scripts/bench_train_io.py --steps 8 --warmup 2 --model /path/to/hf-folder
+    python scripts/bench_train_io.py --steps 8 --warmup 2 --rounds 2 --model /path/to/hf-folder
 
 Reports the median step time after warm-up (wall and process CPU time: on a shared machine the CPU-time
 figure is the steadier one; the load average around each run is printed), tokens/s and peak RSS of each,
@@ -189,6 +189,17 @@ def run_child(kind: str, work: Path, model: Path, a: argparse.Namespace) -> dict
     return dict(json.loads(lines[-1]), load_avg=[load0, os.getloadavg()[0]])
 
 
+def pool(runs: list[dict]) -> dict:
+    """Timed steps of every round together; peak RSS as the median of the rounds' peaks."""
+    return {
+        "step_seconds": [x for r in runs for x in r["step_seconds"]],
+        "step_cpu_seconds": [x for r in runs for x in r["step_cpu_seconds"]],
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "peak_rss_mb_rounds": [r["peak_rss_mb"] for r in runs],
+        "load_avg": [min(r["load_avg"][0] for r in runs), max(r["load_avg"][1] for r in runs)],
+    }
+
+
 def summarise(r: dict, tokens_per_step: int) -> dict:
     med = statistics.median(r["step_seconds"])
     cpu = statistics.median(r["step_cpu_seconds"])
@@ -198,6 +209,7 @@ def summarise(r: dict, tokens_per_step: int) -> dict:
         "step_cpu_seconds_median": cpu,
         "tokens_per_cpu_second": tokens_per_step / cpu,
         "peak_rss_mb": r["peak_rss_mb"],
+        "peak_rss_mb_rounds": r["peak_rss_mb_rounds"],
         "steps_timed": len(r["step_seconds"]),
         "load_avg": r["load_avg"],
     }
@@ -212,6 +224,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate retok/Trainer runs this many times each")
     ap.add_argument("--child", choices=["retok", "trainer"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -232,12 +245,16 @@ def main() -> None:
         work = Path(tmp)
         prepare(work, a.model, a)
         tokens = a.seq * a.batch
-        results = {}
-        for kind in ("retok", "trainer"):  # one after the other: never two runs sharing the cores
-            print(
-                f"bench_train_io: running {kind} ({a.warmup} warm-up + {a.steps} timed steps)...", flush=True
-            )
-            results[kind] = summarise(run_child(kind, work, a.model, a), tokens)
+        runs: dict[str, list[dict]] = {"retok": [], "trainer": []}
+        # Alternate the two (never at the same time): a shared machine's load then falls on both alike.
+        for rnd in range(a.rounds):
+            for kind in runs:
+                print(
+                    f"bench_train_io: round {rnd + 1}/{a.rounds}: {kind} ({a.warmup} warm-up + {a.steps} timed steps)",
+                    flush=True,
+                )
+                runs[kind].append(run_child(kind, work, a.model, a))
+        results = {kind: summarise(pool(rs), tokens) for kind, rs in runs.items()}
     r, b = results["retok"], results["trainer"]
     print(
         f"{'':8} {'step s':>8} {'tokens/s':>9} {'CPU s':>8} {'tok/CPU s':>10} {'peak RSS MB':>12} {'load avg':>10}"
@@ -262,6 +279,7 @@ def main() -> None:
                 "batch_size": a.batch,
                 "warmup_steps": a.warmup,
                 "timed_steps": a.steps,
+                "rounds": a.rounds,
                 "cpus": os.cpu_count(),
                 "retok": r,
                 "trainer": b,

@@ -80,10 +80,11 @@ def combine_pieces(
 
 
 def row_mean(w: torch.Tensor) -> torch.Tensor:
-    """float32 mean of the rows of ``w``, in chunks (never a float32 copy of a whole bf16 matrix)."""
+    """float32 mean of the rows of ``w``: float32 sums of chunks, accumulated in float64 (never a float32
+    copy of a whole bf16 matrix)."""
     total = torch.zeros(w.shape[1], dtype=torch.float64)
     for s in range(0, w.shape[0], _STAT_CHUNK):
-        total += w[s : s + _STAT_CHUNK].double().sum(0)
+        total += w[s : s + _STAT_CHUNK].sum(0, dtype=torch.float32).double()
     return (total / w.shape[0]).float()
 
 
@@ -130,7 +131,7 @@ def rows_for_chunk(
     method: Method,
     side: Side,
     decay: float,
-    fallback: torch.Tensor,
+    fallback: torch.Tensor | None,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     shift: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -142,13 +143,12 @@ def rows_for_chunk(
     the old rows for ``random``); FALLBACK rows are ``fallback``. ``shift`` = (direction, amount per new id
     of the whole vocabulary) is applied to AVERAGED and FALLBACK rows only (the head's new tokens).
     """
-    n, d = end - start, old.shape[1]
-    out = torch.empty(n, d, dtype=old.dtype)
+    d = old.shape[1]
     k = kind[start:end]
-
-    keep = np.flatnonzero((k == COPY) | (k == SPECIAL) | (k == PADDING))
-    if len(keep):
-        out[torch.as_tensor(keep)] = old[torch.as_tensor(source[start + keep])]
+    # One gather for the whole chunk (index_select is several times faster than scattering into `out`):
+    # kept rows come from their source, the others from row 0 and are overwritten below.
+    src = np.where(source[start:end] >= 0, source[start:end], 0)
+    out = old.index_select(0, torch.as_tensor(src))
 
     avg = np.flatnonzero(k == AVERAGED)
     fb = np.flatnonzero(k == FALLBACK)
@@ -167,6 +167,8 @@ def rows_for_chunk(
         else:
             rows[: len(avg)] = combine_pieces(old, [pieces[start + int(i)] for i in avg], method, side, decay)
     if len(fb):
+        if fallback is None:
+            raise ValueError("FALLBACK rows need the fallback row")
         rows[len(avg) :] = fallback.float()
     if shift is not None:
         direction, amount = shift

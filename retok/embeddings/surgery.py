@@ -32,9 +32,9 @@ from retok.embeddings.mapping import (
     AVERAGED,
     COPY,
     FALLBACK,
+    PADDING,
     TokenMap,
     build_token_map,
-    check_fits,
     pick_pad_donor,
 )
 from retok.errors import RetokError
@@ -114,19 +114,26 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, TensorInfo], list[str], dic
 
 
 def load_tensor(info: TensorInfo) -> torch.Tensor:
-    """One tensor into memory (exactly one copy of its bytes)."""
+    """One tensor, memory-mapped from its file (copy-on-write, never written): pages are read when rows are
+    touched and dropped when the tensor is freed, with no zero-filled buffer and no extra copy."""
     if info.dtype not in DTYPES:
         raise RetokError(
             f"{info.file.name}: tensor {info.name} has dtype {info.dtype}; retok rebuilds embeddings stored as "
             f"{', '.join(DTYPES)} (de-quantise the model first)"
         )
-    buf = bytearray(info.end - info.start)
-    with info.file.open("rb") as f:
-        f.seek(info.start)
-        f.readinto(buf)
-    if not buf:
-        return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-    return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+    dtype = DTYPES[info.dtype]
+    if info.end == info.start:
+        return torch.empty(info.shape, dtype=dtype)
+    # numpy has no bfloat16: map the bytes as unsigned ints of the same width and reinterpret them in torch.
+    width = torch.tensor([], dtype=dtype).element_size()
+    raw = np.memmap(
+        info.file,
+        dtype={2: np.uint16, 4: np.uint32, 8: np.uint64}[width],
+        mode="c",
+        offset=info.start,
+        shape=((info.end - info.start) // width,),
+    )
+    return torch.from_numpy(raw).view(dtype).reshape(info.shape)
 
 
 def _copy_bytes(info: TensorInfo) -> Iterator[bytes]:
@@ -304,9 +311,12 @@ def matrix_chunks(
     """The new matrix built from ``old`` for ``side`` ("input" or "head"), in row chunks, in order."""
     tmap = plan.tmap
     method = plan.method if side == "input" else plan.head_method
+    if (tmap.source[tmap.ids(PADDING)] < 0).any():
+        raise AssertionError("padding rows need a donor: call pick_pad_donor first")
     chunk_rows = chunk_rows or max(256, (1 << 24) // max(1, old.shape[1]))
-    fallback = methods.row_mean(old)
-    stats = (fallback, methods.row_std(old)) if method == "random" else None
+    # Statistics over every old row cost a pass over the matrix: only when a row needs them.
+    fallback = methods.row_mean(old) if len(tmap.ids(FALLBACK)) else None
+    stats = (methods.row_mean(old), methods.row_std(old)) if method == "random" else None
     gen = torch.Generator().manual_seed(plan.seed + (0 if side == "input" else 1))
     shift = plan.head_shift if side == "head" else None
     for start in range(0, tmap.n_rows, chunk_rows):
@@ -696,9 +706,9 @@ def init_embeddings(cfg: RetokConfig, out: Path) -> dict[str, Any]:
         old_rows=emb.shape[0],
         pad_to_multiple_of=cfg.init.pad_to_multiple_of,
         where=str(tok_dir),
+        meta=meta,
         progress=True,
     )
-    check_fits(tmap, meta, old_hf, new_hf, str(tok_dir))
     old_head = load_tensor(infos[names.head or names.embed])
     pick_pad_donor(tmap, old_head)
     del old_head

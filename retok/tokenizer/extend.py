@@ -240,7 +240,8 @@ def unit_texts(
                     continue
                 mergeable = ~breaks[ids]
                 # word_ids is None for a token outside any word (an added token): NaN, never equal, a start.
-                words = np.asarray(enc.word_ids, dtype=np.float64)
+                word_ids = enc.word_ids
+                words = np.asarray(word_ids, dtype=np.float64 if None in word_ids else np.int64)
                 start = np.ones(len(ids), dtype=bool)
                 start[1:] = (words[1:] != words[:-1]) | ~mergeable[1:] | ~mergeable[:-1]
                 if sp_start is not None and sp_end is not None:
