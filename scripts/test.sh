@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VENV="${RETOK_VENV:-.venv}"
-"$VENV/bin/python" scripts/fetch_assets.py -q
+"$VENV/bin/python" scripts/fetch_assets.py -q --vocabs
 "$VENV/bin/ruff" check retok scripts tests
 exec "$VENV/bin/python" -m pytest "$@"
