@@ -199,16 +199,20 @@ class InitConfig(_Section):
     head_shift: float = Field(
         0.0,
         ge=0,
-        description="Lower the LM-head logits of new tokens by about this many nats at every position, so 16k new "
-        "rows do not take probability mass from old tokens (METHOD.md's trap). Needs a separate head (untied, or "
-        "untie_head). The shift direction is fitted on the original model's final hidden states (one forward pass "
-        "over `calibration_bytes` of data.train). 0 = off.",
+        description="Lower the LM-head logits of new tokens by about this many nats at every position, so that "
+        "thousands of new rows do not take probability mass from the old tokens (METHOD.md's trap). Needs a "
+        "separate head (an untied model, or untie_head). Fitted on the original model's final hidden states over "
+        "calibration_bytes of data.train (one forward pass). 0 = off.",
     )
-    head_shift_per_piece: bool = Field(
-        False, description="head_shift: lower each new token by head_shift x (its old pieces - 1) instead of a flat head_shift."
+    head_shift_outside: float = Field(
+        0.0,
+        ge=0,
+        description="Lower new tokens' head logits by this many nats MORE where the text is outside "
+        "tokenizer.domains (e.g. English/code when the new tokens are Chinese), about 0 inside them. Needs "
+        "tokenizer.domains and another data.train domain. 0 = off.",
     )
     calibration_bytes: int = Field(
-        60000, ge=1000, description="head_shift: bytes of data.train text (split over its domains) the shift direction is fitted on."
+        60000, ge=1000, description="head_shift: bytes of data.train text (split over its domains) the shift is fitted on."
     )
 
 

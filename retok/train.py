@@ -1,8 +1,10 @@
 """train-io: train the input embedding and LM head of ``output_dir/model-init`` with the body frozen.
 
     retok train-io --config run.yaml                          # CPU or one GPU (bf16 when it supports it)
-    accelerate launch --num_processes 4 -m retok.cli train-io --config run.yaml      # many GPUs
-    accelerate launch --cpu --num_processes 2 -m retok.cli train-io --config run.yaml
+    accelerate launch --multi_gpu --num_processes 4 -m retok.cli train-io --config run.yaml    # many GPUs
+    CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 -m retok.cli train-io -c run.yaml
+                                                              # 2 CPU processes (gloo); `--cpu` alone
+                                                              # starts several only through mpirun
     retok train-io --config run.yaml --resume                 # continue after Ctrl-C or a crash
 
 Reads ``output_dir/model-init`` (the re-initialised model) and ``output_dir/tokenizer`` (the new tokenizer),
@@ -417,6 +419,7 @@ class Run:
     state_dir: Path
     eval_docs: dict[str, list[str]]
     tokens_per_step: int
+    wall_start: float = 0.0  # time.time() when this invocation started
     stop: list[bool] = field(default_factory=lambda: [False])  # set by the Ctrl-C handler
     shown: dict = field(default_factory=dict)  # latest loss / BPB / tokens/s for the progress bar
 
@@ -625,6 +628,7 @@ def _stages(cfg: RetokConfig) -> list[tuple[str, int, int]]:
 
 
 def _checkpoint(run: Run, model: nn.Module, opt: Any, state: dict, stage: str) -> None:
+    state["wall_seconds"] = state["wall_before"] + time.time() - run.wall_start
     if run.acc.is_main_process:
         meta = dict(state, stage=stage, saved=time.strftime("%Y-%m-%dT%H:%M:%S"))
         _save_checkpoint(run.state_dir, model, getattr(opt, "optimizer", opt), meta)
@@ -812,6 +816,7 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
         state_dir=state_dir,
         eval_docs=eval_docs,
         tokens_per_step=t.grad_accum * t.batch_size * t.seq_len * acc.num_processes,
+        wall_start=wall0,
     )
     n_train = count_params(io.matrices + ([io.head_bias] if io.head_bias is not None else []))
     n_all = count_params(list(model.parameters()))
@@ -867,7 +872,7 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
             if state["init"]:
                 log.write({"step": 0, "stage": "io", "bpb": state["init"], "tokens": 0})
         run.shown["bpb"] = state.get("init") or {}
-        wall_before = state["wall_seconds"]
+        state["wall_before"] = state["wall_seconds"]  # minutes add up across interrupted runs
 
         batches = train_batches(
             cfg.data.train,
@@ -882,8 +887,8 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
             world=acc.num_processes,
         )
         # Fill the shuffle buffer now, so that its one-off cost is not counted as the first step's time.
-        first = next(batches)
-        batches = itertools.chain([first], batches)
+        primed = next(batches)
+        batches = itertools.chain([primed], batches)
         if t.log_with:
             scalars = {k: v for k, v in t.model_dump().items() if isinstance(v, int | float | str | bool)}
             acc.init_trackers("retok-train-io", config=scalars)
@@ -914,7 +919,7 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     report: dict = {}
     if acc.is_main_process:
         state["finished"] = True
-        state["wall_seconds"] = wall_before + time.time() - wall0
+        state["wall_seconds"] = state["wall_before"] + time.time() - wall0
         _save_model(model, init_dir, out)
         shutil.copy2(state_dir / METRICS, out / METRICS)
         report = write_report(

@@ -331,6 +331,19 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, tokeni
     assert not cfg.stage_dir("model-trained").exists()
 
 
+def test_trackers_are_opt_in_through_accelerate(tmp_path, tokenizers):
+    import importlib.util
+
+    cfg = make_project(tmp_path, tokenizers, train={"max_steps": 2, "log_with": ["tensorboard"]})
+    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        with pytest.raises(RetokError, match="train.log_with: tensorboard is not installed"):
+            run_stage(cfg, "model-trained")
+        assert not (cfg.out / "train-state").exists()
+    else:
+        run_stage(cfg, "model-trained")
+        assert list((cfg.out / "train-state" / "trackers").rglob("events.out.tfevents*"))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
@@ -427,3 +440,81 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tokenizers):
     assert not torch.equal(before[EMBED], after[EMBED])
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert not [p.name for p in cfg.out.iterdir() if p.name.startswith(".")]  # no stray temporary folders
+
+
+# ------------------------------------------------------------------------------------------ real model
+
+ASSETS = Path(os.environ.get("RETOK_CACHE") or Path.home() / ".cache" / "retok") / "assets"
+GGUF = ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+ZH_WORDS = ["系统", "文件", "使用", "命令", "配置", "用户", "程序", "选项", "目录", "进程", "信息", "网络"]
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not GGUF.is_file(), reason=f"{GGUF} missing: run scripts/fetch_assets.py")
+def test_real_smollm2_short_run(tmp_path):
+    """SmolLM2-135M with a few added Chinese tokens (mean init), 3 steps: body frozen, tie kept, report sane."""
+    from transformers import AutoModelForCausalLM
+
+    from retok.sources import load_tokenizer, resolve_model
+
+    corpora = ASSETS / "corpora"
+    cfg = validate_dict(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "model": {"path": str(GGUF)},
+            "data": {
+                "train": [
+                    {"name": d, "path": str(corpora / d / "train.jsonl"), "max_bytes": 200_000}
+                    for d in ("zh", "en")
+                ],
+                "eval": [{"name": d, "path": str(corpora / d / "eval.jsonl")} for d in ("zh", "en")],
+            },
+            "train": {
+                "max_steps": 3,
+                "seq_len": 64,
+                "batch_size": 2,
+                "lr": 1e-3,
+                "warmup_steps": 1,
+                "eval_every": 3,
+                "eval_max_bytes": 1500,
+                "shuffle_buffer": 32,
+            },
+            "eval": {"window": 128, "stride": 64},
+        }
+    )
+    src = resolve_model(cfg.model, cfg.cache)
+    old, tok = load_tokenizer(src), load_tokenizer(src)
+    words = [w for w in ZH_WORDS if len(old.encode(w, add_special_tokens=False)) > 1]
+    tok.add_tokens(words)
+    tok_dir, init_dir = cfg.stage_dir("tokenizer"), cfg.stage_dir("model-init")
+    tok.save_pretrained(tok_dir)
+    (tok_dir / "retok_tokenizer.json").write_text(json.dumps({"new_ids": list(range(len(old), len(tok)))}))
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    emb = model.get_input_embeddings().weight.detach().clone()
+    model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=False)
+    with torch.no_grad():
+        w = model.get_input_embeddings().weight
+        w[len(old) :] = 0.0
+        for i, word in enumerate(words):
+            w[len(old) + i] = emb[old.encode(word, add_special_tokens=False)].mean(0)
+    model.save_pretrained(init_dir)
+    tok.save_pretrained(init_dir)
+    for stage, d in (("tokenizer", tok_dir), ("model-init", init_dir)):
+        (d / "retok_stage.json").write_text(
+            json.dumps({"stage": stage, "fingerprint": fingerprint(cfg, stage)})
+        )
+
+    out = run_stage(cfg, "model-trained")
+    before, after = _tensors(init_dir), _tensors(out)
+    for name, t in before.items():
+        if name != EMBED:
+            assert torch.equal(t, after[name]), name
+    assert torch.equal(before[EMBED][len(tok) :], after[EMBED][len(tok) :])
+    assert not torch.equal(before[EMBED][: len(tok)], after[EMBED][: len(tok)])
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    rep = json.loads((out / "train_report.json").read_text())
+    for d in ("zh", "en"):
+        figs = rep["bpb"][d]
+        assert all(0.3 < figs[k] < 5 for k in ("original", "init", "final")), figs
+    # English segmentation is unchanged by Chinese words, so before training it scores like the original.
+    assert rep["bpb"]["en"]["init"] == pytest.approx(rep["bpb"]["en"]["original"], rel=0.01)

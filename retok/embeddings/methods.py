@@ -13,10 +13,12 @@ the OLD tokenizer splits its bytes into):
 Every combination is computed in float32 and cast to the checkpoint's dtype once, at the end. Copied rows
 never pass through float32 (see ``rows_for_chunk``): they stay bit-identical.
 
-``shift_head_rows`` is the lever against the trap of METHOD.md ("new head rows take probability mass at
-every position"): it subtracts ``amount`` times a direction ``b`` fitted so that ``h . b ~= 1`` for the
-model's final hidden states ``h``, which lowers the new tokens' logits by about ``amount`` nats everywhere
-while leaving every old token's logit untouched.
+``fit_direction`` + ``shift_vector`` are the lever against the trap of METHOD.md ("new head rows take
+probability mass at every position"): subtracting a vector ``v`` from a head row lowers that token's logit by
+``h . v``. Fitted on the model's final hidden states ``h`` (least squares), ``b_all`` has ``h . b_all ~= 1``
+everywhere and ``b_out`` has ``h . b_out ~= 1`` in text outside the new tokens' target domains and ``~= 0``
+inside them, so ``v = s_all * b_all + s_out * b_out`` lowers every new token's logit by about ``s_all`` nats
+everywhere plus ``s_out`` more where the text is not the target language, leaving old tokens untouched.
 """
 
 from __future__ import annotations
@@ -65,16 +67,27 @@ def combine_pieces(
     d = old.shape[1]
     if not pieces:
         return torch.zeros(0, d)
-    lengths = [len(p) for p in pieces]
-    flat = torch.as_tensor(np.fromiter((i for p in pieces for i in p), dtype=np.int64, count=sum(lengths)))
-    seg = torch.repeat_interleave(torch.arange(len(pieces)), torch.as_tensor(lengths))
-    # Weights depend only on the piece count: build them once per distinct length.
-    by_len = {n: piece_weights(n, method, side, decay) for n in set(lengths)}
-    w = torch.cat([by_len[n] for n in lengths])
-    rows = old[flat].float()
-    if method != "mean":  # mean: weights are all 1, skip the multiply so the sum is the plain sum
-        rows = rows * w[:, None]
-    out = torch.zeros(len(pieces), d).index_add_(0, seg, rows)
+    lengths = torch.as_tensor([len(p) for p in pieces])
+    total = int(lengths.sum())
+    flat = torch.as_tensor(np.fromiter((i for p in pieces for i in p), dtype=np.int64, count=total))
+    seg = torch.repeat_interleave(torch.arange(len(pieces)), lengths)
+    rows = old.index_select(0, flat).float()
+    if method == "mean":  # weights all 1: the plain sum of the rows, divided by their count
+        return torch.zeros(len(pieces), d).index_add_(0, seg, rows) / lengths[:, None]
+    # Position of each piece in its token and its token's length, for every flat piece: vectorised weights.
+    starts = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(total) - starts[seg]
+    n = lengths[seg]
+    if method == "first":
+        w = (pos == 0).float()
+    elif method == "last":
+        w = (pos == n - 1).float()
+    elif method == "weighted":
+        dist = (n - 1 - pos) if side == "input" else pos  # input leans on the LAST piece, head on the FIRST
+        w = torch.full((total,), float(decay)) ** dist.float()
+    else:
+        raise ValueError(f"method {method!r} does not combine pieces")
+    out = torch.zeros(len(pieces), d).index_add_(0, seg, rows * w[:, None])
     totals = torch.zeros(len(pieces)).index_add_(0, seg, w)
     return out / totals[:, None]
 
@@ -97,27 +110,22 @@ def row_std(w: torch.Tensor) -> torch.Tensor:
     return (total / max(1, w.shape[0] - 1)).sqrt().float()
 
 
-def shift_head_rows(
-    rows: torch.Tensor, direction: torch.Tensor, amount: float | torch.Tensor
-) -> torch.Tensor:
-    """``rows - amount * direction``: lowers each row's logit by ``amount * (h . direction)`` (about
-    ``amount`` nats when ``direction`` was fitted so that ``h . direction ~= 1``). ``amount`` may be a
-    scalar or one value per row."""
-    amount = torch.as_tensor(amount, dtype=torch.float32)
-    if amount.ndim == 1:
-        amount = amount[:, None]
-    return rows.float() - amount * direction.float()[None, :]
-
-
-def fit_bias_direction(hidden: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, float]:
-    """Least-squares ``b`` with ``hidden @ b ~= 1`` (ridge-regularised), and the R^2-like fit quality
-    ``1 - mean((hidden @ b - 1)^2)`` (1 = the hidden states all have exactly unit projection on b)."""
+def fit_direction(
+    hidden: torch.Tensor, target: torch.Tensor | None = None, ridge: float = 1e-3
+) -> tuple[torch.Tensor, float]:
+    """Ridge least-squares ``b`` with ``hidden @ b ~= target`` (default: all ones), and the fit's mean squared
+    error (0 = exact)."""
     h = hidden.double()
+    y = torch.ones(h.shape[0], dtype=torch.float64) if target is None else target.double()
     gram = h.T @ h
     gram += ridge * torch.eye(h.shape[1], dtype=torch.float64) * gram.diagonal().mean()
-    b = torch.linalg.solve(gram, h.T @ torch.ones(h.shape[0], dtype=torch.float64))
-    quality = 1.0 - float(((h @ b - 1.0) ** 2).mean())
-    return b.float(), quality
+    b = torch.linalg.solve(gram, h.T @ y)
+    return b.float(), float(((h @ b - y) ** 2).mean())
+
+
+def shift_vector(directions: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """``sum(amount * direction)``: the vector subtracted from new tokens' head rows."""
+    return sum(float(a) * d.float() for d, a in directions)
 
 
 def rows_for_chunk(
@@ -134,14 +142,14 @@ def rows_for_chunk(
     fallback: torch.Tensor | None,
     stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
-    shift: tuple[torch.Tensor, torch.Tensor] | None = None,
+    shift: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New rows ``start:end`` of one matrix (embedding or head), in ``old``'s dtype.
 
     ``kind``/``source``/``pieces`` come from the TokenMap. COPY, SPECIAL and PADDING rows are
     ``old[source]`` copied as is; AVERAGED rows follow ``method`` (``stats`` = per-dimension (mean, std) of
-    the old rows for ``random``); FALLBACK rows are ``fallback``. ``shift`` = (direction, amount per new id
-    of the whole vocabulary) is applied to AVERAGED and FALLBACK rows only (the head's new tokens).
+    the old rows for ``random``); FALLBACK rows are ``fallback``. ``shift`` (a hidden-size vector, see
+    :func:`shift_vector`) is subtracted from the AVERAGED and FALLBACK rows only (the head's new tokens).
     """
     d = old.shape[1]
     k = kind[start:end]
@@ -171,7 +179,6 @@ def rows_for_chunk(
             raise ValueError("FALLBACK rows need the fallback row")
         rows[len(avg) :] = fallback.float()
     if shift is not None:
-        direction, amount = shift
-        rows = shift_head_rows(rows, direction, amount[torch.as_tensor(start + new_local)])
+        rows -= shift.float()[None, :]
     out[torch.as_tensor(new_local)] = rows.to(old.dtype)
     return out

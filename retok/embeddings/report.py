@@ -17,6 +17,8 @@ import numpy as np
 from retok.embeddings.mapping import AVERAGED, TokenMap
 from retok.tokens import token_to_bytes
 
+PAPER = "paper_mean"  # compare key: ReTok's plain mean for input and head rows, no head shift
+
 
 def pieces_histogram(tmap: TokenMap) -> dict[int, int]:
     """Number of averaged tokens per count of old pieces."""
@@ -89,8 +91,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Model: `{r.get('model')}`; tokenizer: `{r.get('tokenizer')}`.",
         f"Input rows: **{init.get('method')}**; head rows: **{init.get('head_method')}**"
         + (
-            f", new head logits lowered by {init['head_shift']} nats{' per extra piece' if init.get('head_shift_per_piece') else ''}"
-            if init.get("head_shift")
+            f", new tokens' head logits lowered by {init.get('head_shift', 0)} nats everywhere and "
+            f"{init.get('head_shift_outside', 0)} more outside the target domains"
+            if init.get("head_shift") or init.get("head_shift_outside")
             else ""
         )
         + f"; head {'separate' if init.get('separate_head') else 'tied to the embedding'}.",
@@ -149,7 +152,15 @@ def render_markdown(r: dict[str, Any]) -> str:
     if comp:
         domains = list(next(iter(comp.values())).keys())
         lines += [
-            "## Init methods compared (input and head rows both by the method; held-out BPB)",
+            "## Init methods compared (held-out BPB)",
+            "",
+            "Each line puts the method on both the input and the head rows, with this run's head settings "
+            f"(separate head, shift); `{PAPER}` is ReTok's plain mean without any shift"
+            + (
+                " (the head rows equal the input rows, as in the tied original)."
+                if init.get("tied_before")
+                else "."
+            ),
             "",
             "| method | " + " | ".join(domains) + " |",
             "|---|" + "---:|" * len(domains),
@@ -223,8 +234,11 @@ def measure_bpb(
     compare: dict[str, dict[str, float]] = {}
     emb_param = model.get_input_embeddings().weight
     head_param = model.get_output_embeddings().weight
-    for m in cfg.init.compare_methods:
-        p = dataclasses.replace(plan, method=m, head_method=m)
+    variants = {m: dataclasses.replace(plan, method=m, head_method=m) for m in cfg.init.compare_methods}
+    if variants and (plan.head_shift is not None or plan.head_method != "mean" or plan.method != "mean"):
+        # The paper's init as the reference every other line is read against: mean rows, no shift.
+        variants[PAPER] = dataclasses.replace(plan, method="mean", head_method="mean", head_shift=None)
+    for m, p in variants.items():
         with torch.no_grad():
             emb_param.copy_(build_matrix(old_emb, p, "input").to(emb_param.dtype))
             if names.separate:

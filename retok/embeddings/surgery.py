@@ -15,12 +15,13 @@ tokenizer files -> the stage entry point.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -29,7 +30,6 @@ from tqdm.auto import tqdm
 from retok.config import RetokConfig
 from retok.embeddings import methods
 from retok.embeddings.mapping import (
-    AVERAGED,
     COPY,
     FALLBACK,
     PADDING,
@@ -136,16 +136,40 @@ def load_tensor(info: TensorInfo) -> torch.Tensor:
     return torch.from_numpy(raw).view(dtype).reshape(info.shape)
 
 
-def _copy_bytes(info: TensorInfo) -> Iterator[bytes]:
-    with info.file.open("rb") as f:
-        f.seek(info.start)
-        left = info.end - info.start
+def _write_all(out: BinaryIO, data: bytes | memoryview) -> None:
+    """An unbuffered write may take fewer bytes than given: loop until all are written."""
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = out.write(view)
+        view = view[n:]
+
+
+def _copy_range(info: TensorInfo, out: BinaryIO, progress: Callable[[int], None]) -> int:
+    """Copy a tensor's bytes from its shard into ``out`` (an unbuffered file): in the kernel where the
+    system allows (copy_file_range: no trip through user memory), else by 64 MiB reads."""
+    left = info.end - info.start
+    with info.file.open("rb", buffering=0) as f:
+        offset = info.start
+        if hasattr(os, "copy_file_range"):
+            try:
+                while left:
+                    n = os.copy_file_range(f.fileno(), out.fileno(), min(left, _COPY_CHUNK), offset)
+                    if n == 0:
+                        raise RetokError(f"{info.file} is truncated (tensor {info.name})")
+                    offset, left = offset + n, left - n
+                    progress(n)
+                return info.end - info.start
+            except OSError:  # e.g. an old kernel or a file system that refuses it: copy by hand
+                pass
+        f.seek(offset)
         while left:
             chunk = f.read(min(_COPY_CHUNK, left))
             if not chunk:
                 raise RetokError(f"{info.file} is truncated (tensor {info.name})")
+            _write_all(out, chunk)
             left -= len(chunk)
-            yield chunk
+            progress(len(chunk))
+    return info.end - info.start
 
 
 @dataclass
@@ -155,7 +179,7 @@ class OutTensor:
     name: str
     dtype: str
     shape: list[int]
-    produce: Callable[[], Iterator[bytes | memoryview]]
+    produce: Callable[[BinaryIO, Callable[[int], None]], int]  # writes the bytes, returns how many
 
     @property
     def nbytes(self) -> int:
@@ -195,17 +219,13 @@ def write_shard(
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data 8-byte aligned, as the reference writer does
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+    progress = bar.update if bar is not None else (lambda n: None)
+    # Unbuffered: copy_file_range moves the file position under Python's feet otherwise.
+    with path.open("wb", buffering=0) as f:
+        _write_all(f, struct.pack("<Q", len(raw)))
+        _write_all(f, raw)
         for t in tensors:
-            written = 0
-            for chunk in t.produce():
-                f.write(chunk)
-                n = memoryview(chunk).nbytes
-                written += n
-                if bar is not None:
-                    bar.update(n)
+            written = t.produce(f, progress)
             if written != t.nbytes:
                 raise AssertionError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
 
@@ -302,7 +322,7 @@ class Plan:
     head_method: methods.Method
     decay: float
     seed: int
-    head_shift: tuple[torch.Tensor, torch.Tensor] | None = None  # (direction, amount per new row)
+    head_shift: torch.Tensor | None = None  # subtracted from new tokens' head rows (methods.shift_vector)
 
 
 def matrix_chunks(
@@ -372,17 +392,21 @@ def write_model(
             cache[key] = load_tensor(infos[key])
         return cache[key]
 
-    def producer(key: str) -> Callable[[], Iterator[bytes | memoryview]]:
-        if key in rebuilt:
-            src, side = rebuilt[key]
+    def producer(key: str) -> Callable[[BinaryIO, Callable[[int], None]], int]:
+        if key not in rebuilt:
+            return lambda out, progress: _copy_range(infos[key], out, progress)
+        src, side = rebuilt[key]
 
-            def gen() -> Iterator[memoryview]:
-                old = source(src)
-                for chunk in matrix_chunks(old, plan, side):
-                    yield tensor_bytes(chunk)
+        def write(out: BinaryIO, progress: Callable[[int], None]) -> int:
+            n = 0
+            for chunk in matrix_chunks(source(src), plan, side):
+                data = tensor_bytes(chunk)
+                _write_all(out, data)
+                n += data.nbytes
+                progress(data.nbytes)
+            return n
 
-            return gen
-        return lambda: _copy_bytes(infos[key])
+        return write
 
     # Shard contents: the old order, with the new head (untying a model that had none) after the embedding.
     per_file: dict[str, list[str]] = {f: [] for f in files}
@@ -397,7 +421,7 @@ def write_model(
     for keys in per_file.values():
         for key in keys:
             if key in rebuilt:
-                total += n_rows * d * torch.tensor([], dtype=DTYPES[embed_info.dtype]).element_size()
+                total += n_rows * d * DTYPES[infos[rebuilt[key][0]].dtype].itemsize
             else:
                 total += infos[key].end - infos[key].start
     weight_map: dict[str, str] = {}
@@ -422,24 +446,6 @@ def write_model(
         index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return {"total_bytes": total, "shards": files, "rebuilt": sorted(rebuilt)}
-
-
-# ============================================================================ head shift (calibration)
-
-
-def head_shift_amounts(tmap: TokenMap, shift: float, per_piece: bool) -> torch.Tensor:
-    """Nats to lower each new head row's logit by: ``shift`` for every averaged/fallback token, or
-    ``shift * (pieces - 1)`` (a span of k old pieces is about k-1 extra predictions less likely than its
-    first piece alone)."""
-    amount = torch.zeros(tmap.n_rows)
-    new_ids = np.concatenate([tmap.ids(AVERAGED), tmap.ids(FALLBACK)])
-    if not per_piece:
-        amount[torch.as_tensor(new_ids)] = shift
-        return amount
-    for i in new_ids:
-        n = len(tmap.pieces.get(int(i), [])) or 2
-        amount[int(i)] = shift * (n - 1)
-    return amount
 
 
 # ============================================================================ configs and tokenizer files
@@ -584,21 +590,30 @@ def verify_folder(out: Path, tmap: TokenMap) -> dict[str, Any]:
 # ============================================================================ head-shift calibration
 
 
-def fit_head_direction(cfg: RetokConfig, model_dir: Path, old_hf: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """A direction ``b`` of the final hidden space with ``h . b ~= 1`` for the ORIGINAL model's final hidden
-    states on a little text (data.train, else data.eval), so that subtracting ``s * b`` from a head row
-    lowers that token's logit by about ``s`` nats at every position. This runs the whole model once; the
-    rest of the stage never does."""
+def fit_head_shift(cfg: RetokConfig, model_dir: Path, old_hf: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The vector subtracted from new tokens' head rows (``init.head_shift`` / ``init.head_shift_outside``).
+
+    Runs the ORIGINAL model once over ``init.calibration_bytes`` of data.train (split over its domains) and
+    fits two directions of the final hidden space on those states (methods.fit_direction): ``b_all`` with
+    ``h . b_all ~= 1`` everywhere, and ``b_out`` with ``h . b_out ~= 1`` in domains outside
+    ``tokenizer.domains`` (the text the new tokens were learned for) and ``~= 0`` inside them. This is the
+    only part of the stage that runs the whole model.
+    """
+    from retok.data import domains as domain_names
     from retok.data import load_domains
     from retok.sources import load_model
 
-    sources, section = (cfg.data.train, "data.train") if cfg.data.train else (cfg.data.eval, "data.eval")
-    if not sources:
+    init = cfg.init
+    if not cfg.data.train:
+        raise RetokError("init.head_shift / init.head_shift_outside need data.train text to fit the shift on")
+    names = domain_names(cfg.data.train)
+    target = set(cfg.tokenizer.domains or names)
+    if init.head_shift_outside and not (set(names) - target and set(names) & target):
         raise RetokError(
-            "init.head_shift needs text to fit the shift direction on: set data.train (or data.eval)"
+            "init.head_shift_outside needs tokenizer.domains (the domains the new tokens are for) and at least one "
+            f"other data.train domain to tell them apart (data.train has {names}); set both, or use init.head_shift"
         )
-    per_domain = max(1000, cfg.init.calibration_bytes // max(1, len({s.name for s in sources})))
-    docs = load_domains(sources, section, per_domain)
+    docs = load_domains(cfg.data.train, "data.train", max(1000, init.calibration_bytes // len(names)))
     model = load_model(
         model_dir,
         dtype=cfg.model.dtype,
@@ -609,29 +624,39 @@ def fit_head_direction(cfg: RetokConfig, model_dir: Path, old_hf: Any) -> tuple[
     device = next(model.parameters()).device
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     window = min(cfg.eval.window, 1024)
-    states = []
+    states: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        for domain_docs in docs.values():
-            for doc in domain_docs:
+        for name, texts in docs.items():
+            parts = []
+            for doc in tqdm(texts, desc=f"fit head shift on {name}", unit="doc", leave=False):
                 ids = old_hf(doc, add_special_tokens=False)["input_ids"]
                 for s in range(0, len(ids), window):
                     x = torch.tensor(ids[s : s + window], device=device)[None]
-                    if x.shape[1] < 2:
-                        continue
-                    states.append(body(input_ids=x).last_hidden_state[0].float().cpu())
+                    if x.shape[1] >= 2:
+                        parts.append(body(input_ids=x).last_hidden_state[0].float().cpu())
+            if parts:
+                states[name] = torch.cat(parts)
     del model
     if not states:
-        raise RetokError(f"init.head_shift: {section} gave no text to fit the shift direction on")
-    hidden = torch.cat(states)
-    direction, quality = methods.fit_bias_direction(hidden)
-    proj = hidden @ direction
-    return direction, {
-        "positions": int(hidden.shape[0]),
-        "text": section,
-        "fit_quality": round(quality, 4),
-        "projection_mean": round(float(proj.mean()), 4),
-        "projection_std": round(float(proj.std()), 4),
+        raise RetokError("init.head_shift: data.train gave no text to fit the shift on")
+    hidden = torch.cat(list(states.values()))
+    outside = torch.cat([torch.full((len(h),), float(n not in target)) for n, h in states.items()])
+    b_all, mse_all = methods.fit_direction(hidden)
+    directions = [(b_all, init.head_shift)]
+    info: dict[str, Any] = {
+        "positions": {n: int(len(h)) for n, h in states.items()},
+        "target_domains": sorted(target),
+        "fit_mse_all": round(mse_all, 5),
     }
+    b_out = None
+    if init.head_shift_outside:
+        b_out, mse_out = methods.fit_direction(hidden, outside)
+        directions.append((b_out, init.head_shift_outside))
+        info["fit_mse_outside"] = round(mse_out, 5)
+    vec = methods.shift_vector(directions)
+    # The logit drop each domain's text actually gets (mean over its calibration positions).
+    info["logit_drop_nats"] = {n: round(float((h @ vec).mean()), 3) for n, h in states.items()}
+    return vec, info
 
 
 # ============================================================================ the stage
@@ -662,7 +687,7 @@ def _check_init_config(cfg: RetokConfig, names: IoNames) -> None:
                 "init.head_method: the model ties its LM head to the input embedding, so head rows ARE input rows; "
                 "set init.untie_head: true to give the head its own rows, or drop init.head_method"
             )
-        if init.head_shift:
+        if init.head_shift or init.head_shift_outside:
             raise RetokError(
                 "init.head_shift: the model ties its LM head to the input embedding, so shifting head rows would "
                 "shift input rows too; set init.untie_head: true"
@@ -721,12 +746,8 @@ def init_embeddings(cfg: RetokConfig, out: Path) -> dict[str, Any]:
         cfg.seed,
     )
     calibration = None
-    if cfg.init.head_shift and names.separate:
-        direction, calibration = fit_head_direction(cfg, model_dir, old_hf)
-        plan.head_shift = (
-            direction,
-            head_shift_amounts(tmap, cfg.init.head_shift, cfg.init.head_shift_per_piece),
-        )
+    if (cfg.init.head_shift or cfg.init.head_shift_outside) and names.separate:
+        plan.head_shift, calibration = fit_head_shift(cfg, model_dir, old_hf)
 
     # ---- shards, configs, tokenizer files
     written = write_model(model_dir, out, infos, files, index_meta, names, plan)
@@ -755,7 +776,7 @@ def init_embeddings(cfg: RetokConfig, out: Path) -> dict[str, Any]:
             "separate_head": names.separate,
             "tied_before": names.tied,
             "head_shift": cfg.init.head_shift if names.separate else 0.0,
-            "head_shift_per_piece": cfg.init.head_shift_per_piece,
+            "head_shift_outside": cfg.init.head_shift_outside if names.separate else 0.0,
             "pad_to_multiple_of": cfg.init.pad_to_multiple_of,
         },
         "calibration": calibration,
