@@ -106,7 +106,12 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"| special | {r['special']} | the old row of the special token with the same role / content |",
         f"| averaged | {r['averaged']} | a combination of the old rows of its pieces (old tokenizer's split) |",
         f"| fallback | {r['fallback']} | the mean of all old rows (no usable decomposition) |",
-        f"| padding | {r.get('padding', 0)} | copies of donor id {r.get('pad_donor')} (never win greedy decoding) |",
+        f"| padding | {r.get('padding', 0)} | "
+        + (
+            f"copies of donor id {r['pad_donor']}: equal logits, the donor wins every tie; suppressed in generate |"
+            if r.get("pad_donor") is not None
+            else "none needed |"
+        ),
         "",
         f"Rows: {r.get('old_rows')} -> {r.get('new_rows')} (vocabulary {r.get('new_tokens')} tokens, padded to a multiple of {init.get('pad_to_multiple_of')}).",
         "",

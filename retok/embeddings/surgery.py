@@ -42,8 +42,6 @@ from retok.errors import RetokError
 TESTED_ARCHITECTURES = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM"
 TOKENIZER_META = "retok_tokenizer.json"
 INDEX_FILE = "model.safetensors.index.json"
-# Files of the tokenizer folder that are build-tokenizer's own records, not part of the HF tokenizer.
-_NOT_TOKENIZER_FILES = {"retok_stage.json", "retok_config.yaml", "report.json", "report.md"}
 
 # ============================================================================ safetensors I/O, by hand
 # The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
@@ -450,6 +448,7 @@ def write_model(
 
 # ============================================================================ configs and tokenizer files
 
+# The HF tokenizer files of the tokenizer folder (not build-tokenizer's reports), plus its metadata.
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -648,7 +647,6 @@ def fit_head_shift(cfg: RetokConfig, model_dir: Path, old_hf: Any) -> tuple[torc
         "target_domains": sorted(target),
         "fit_mse_all": round(mse_all, 5),
     }
-    b_out = None
     if init.head_shift_outside:
         b_out, mse_out = methods.fit_direction(hidden, outside)
         directions.append((b_out, init.head_shift_outside))
