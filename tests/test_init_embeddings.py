@@ -505,7 +505,8 @@ def test_bpb_report_compare_and_head_shift(tmp_path):
     make_tokenizer_stage(cfg.out, new, len(old), "byte_level")
     out = tmp_path / "out"
     report = init_embeddings(cfg, out)
-    assert set(report["bpb"]["mix"]) == {"original", "init"} and set(report["compare"]) == {"mean", "zero", "paper_mean"}
+    assert set(report["bpb"]["mix"]) == {"original", "init"}
+    assert set(report["compare"]) == {"mean", "zero", "paper_mean"}
     assert all(math.isfinite(v) and v > 0 for v in report["bpb"]["mix"].values())
     assert report["compare"]["zero"]["mix"] != report["compare"]["mean"]["mix"]
     # "mean" keeps this run's head shift, "paper_mean" does not; the folder itself is "mean" + shift.
