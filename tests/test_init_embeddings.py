@@ -157,20 +157,51 @@ CASES = [
     ("llama_untied", "sentencepiece", True),
     ("qwen2", "byte_level", False),  # embedding rows > tokenizer length
     ("gemma", "sentencepiece", False),
+    ("mistral", "sentencepiece", False),
 ]
+
+
+def mistral_dir(path: Path) -> Path:
+    """A 2-layer Mistral (untied) with the SentencePiece tokenizer; tests/tiny.py has no Mistral builder."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.tiny import save_model_folder, sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer()
+    config = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MistralForCausalLM(config).eval()
+    return save_model_folder(model, tok, path)
 
 
 @pytest.mark.parametrize(("kind", "family", "sharded"), CASES)
 def test_rows_copied_bit_for_bit_and_new_rows_are_piece_means(
     tmp_path, make_model_dir, kind, family, sharded
 ):
-    model_dir = make_model_dir(kind, family, sharded=sharded)
+    if kind == "mistral":
+        model_dir = mistral_dir(tmp_path / "mistral")
+    else:
+        model_dir = make_model_dir(kind, family, sharded=sharded)
     out, report, _ = run_init(tmp_path, model_dir, pad_to_multiple_of=64)
     old_tok, new_tok = AutoTokenizer.from_pretrained(model_dir), AutoTokenizer.from_pretrained(out)
     old_emb, old_head = emb_head(model_dir)
     emb, head = emb_head(out)
     tied = "lm_head.weight" not in tensors(out)
     assert tied == (kind in ("llama_tied", "gemma"))
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == emb.shape[0]
     assert emb.shape[0] % 64 == 0 and emb.shape[0] >= len(new_tok) and emb.dtype == old_emb.dtype
 
     old_vocab = old_tok.get_vocab()
