@@ -145,9 +145,6 @@ class TokenizerConfig(_Section):
         True,
         description="Never learn tokens that join digits when the old tokenizer splits numbers into single digits.",
     )
-    lowercase_check: bool = Field(
-        False, description="Reserved: report case-folding differences (no effect on the tokenizer)."
-    )
     report_max_bytes: int = Field(
         200_000,
         ge=100,

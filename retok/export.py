@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,9 +23,9 @@ from typing import Any
 
 from retok.config import RetokConfig, to_yaml
 from retok.errors import RetokError
+from retok.safetensors_io import DTYPE_BYTES, INDEX_FILE, TensorInfo, tensor_table
 
 REPORT_JSON = "retok_export.json"
-INDEX = "model.safetensors.index.json"
 
 # A string that exercises every script family retok users care about, whitespace runs and digits.
 ROUND_TRIP_TEXT = (
@@ -64,60 +63,30 @@ def parse_size(value: str | int, key: str = "export.max_shard_size") -> int:
     return size
 
 
-_DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
 _ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
-
-def read_header(path: Path) -> dict[str, dict[str, Any]]:
-    """The tensor table of a safetensors file (name -> dtype, shape, data_offsets) without reading tensors."""
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
     """tensor name -> the safetensors file that holds it (sharded with an index, or single files)."""
-    index = folder / INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / fname for name, fname in weight_map.items()}
-    out: dict[str, Path] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        for name in read_header(f):
-            out[name] = f
-    return out
+    return {name: info.file for name, info in tensor_table(folder).items()}
 
 
 def plan_shards(folder: Path, max_bytes: int, dtype: str = "keep") -> list[list[tuple[str, Path, int]]]:
-    """Group tensors, in file order, into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
-    files = weight_files(folder)
-    if not files:
+    """Group tensors, in name order, into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
+    table = tensor_table(folder)
+    if not table:
         raise RetokError(f"{folder} holds no *.safetensors weights to export")
-    headers = {f: read_header(f) for f in sorted(set(files.values()))}
     shards: list[list[tuple[str, Path, int]]] = [[]]
     used = 0
-    for name in sorted(files):
-        meta = headers[files[name]][name]
-        size = meta["data_offsets"][1] - meta["data_offsets"][0]
-        if dtype in _ST_DTYPE and _is_float(meta["dtype"]):
-            size = size // _DTYPE_BYTES[meta["dtype"]] * _DTYPE_BYTES[_ST_DTYPE[dtype]]
+    for name in sorted(table):
+        info = table[name]
+        size = info.end - info.start
+        if dtype in _ST_DTYPE and _is_float(info.dtype):
+            size = size // DTYPE_BYTES[info.dtype] * DTYPE_BYTES[_ST_DTYPE[dtype]]
         if shards[-1] and used + size > max_bytes:
             shards.append([])
             used = 0
-        shards[-1].append((name, files[name], size))
+        shards[-1].append((name, info.file, size))
         used += size
     return shards
 
@@ -161,7 +130,7 @@ def stream_weights(src: Path, out: Path, max_bytes: int, dtype: str = "keep") ->
         handles.clear()
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return {"files": names, "tensors": len(weight_map), "total_bytes": total}
 
 
@@ -420,18 +389,18 @@ class _Ctx:
         self.gen = json.loads(gen.read_text()) if gen.is_file() else None
         tj = folder / "tokenizer.json"
         self.tokenizer_json = json.loads(tj.read_text(encoding="utf-8")) if tj.is_file() else None
-        self.files = weight_files(folder) if any(folder.glob("*.safetensors")) else {}
+        self.table: dict[str, TensorInfo] = tensor_table(folder)
         self.tok: Any = None
         self.model: Any = None
 
-    def header(self, name: str) -> dict[str, Any] | None:
-        f = self.files.get(name)
-        return read_header(f).get(name) if f else None
+    def rows(self, name: str | None) -> int | None:
+        info = self.table.get(name) if name else None
+        return info.shape[0] if info is not None else None
 
     def tensor(self, name: str) -> Any:
         from safetensors import safe_open
 
-        with safe_open(str(self.files[name]), framework="pt") as f:
+        with safe_open(str(self.table[name].file), framework="pt") as f:
             return f.get_tensor(name)
 
     def text_config(self) -> dict[str, Any]:
@@ -459,16 +428,16 @@ def _embedding_keys(ctx: _Ctx) -> tuple[str | None, str | None]:
                 emb = f"{name}.weight"
             if mod is outp and head is None:
                 head = f"{name}.weight"
-    if emb not in ctx.files:
-        emb = next((n for n in sorted(ctx.files) if n.endswith(_EMBED_SUFFIXES)), None)
-    if head not in ctx.files:
-        head = next((n for n in _HEAD_NAMES if n in ctx.files), head)
+    if emb not in ctx.table:
+        emb = next((n for n in sorted(ctx.table) if n.endswith(_EMBED_SUFFIXES)), None)
+    if head not in ctx.table:
+        head = next((n for n in _HEAD_NAMES if n in ctx.table), head)
     return emb, head
 
 
 def _check_files(ctx: _Ctx) -> Check:
     problems = []
-    if not ctx.files:
+    if not ctx.table:
         problems.append("no *.safetensors weights")
     if ctx.tokenizer_json is None:
         problems.append("no tokenizer.json (fast tokenizer)")
@@ -477,11 +446,11 @@ def _check_files(ctx: _Ctx) -> Check:
     if ctx.gen is None:
         problems.append("no generation_config.json")
     pickles = [p.name for p in ctx.folder.glob("*.bin")]
-    if pickles and not ctx.files:
+    if pickles and not ctx.table:
         problems.append(f"only pickled weights ({pickles[0]})")
     if problems:
         return Check("files", False, "; ".join(problems))
-    n = len(set(ctx.files.values()))
+    n = len(set(i.file for i in ctx.table.values()))
     return Check(
         "files", True, f"config.json, generation_config.json, tokenizer.json, {n} safetensors file(s)"
     )
@@ -536,8 +505,8 @@ def _check_vocab(ctx: _Ctx) -> Check:
     conf = ctx.text_config()
     vocab = conf.get("vocab_size")
     emb, head = _embedding_keys(ctx)
-    rows = ctx.header(emb)["shape"][0] if emb and ctx.header(emb) else None
-    head_rows = ctx.header(head)["shape"][0] if head and ctx.header(head) else None
+    rows = ctx.rows(emb)
+    head_rows = ctx.rows(head)
     n_tok = len(ctx.tok) if ctx.tok is not None else None
     problems = []
     if vocab is None:
@@ -579,8 +548,8 @@ def _check_tied(ctx: _Ctx) -> Check:
     else:
         flag = bool(conf.get("tie_word_embeddings", ctx.config.get("tie_word_embeddings", True)))
     emb, head = _embedding_keys(ctx)
-    has_head = head is not None and head in ctx.files
-    if flag and has_head and emb in ctx.files:
+    has_head = head is not None and head in ctx.table
+    if flag and has_head and emb in ctx.table:
         if not torch.equal(ctx.tensor(head), ctx.tensor(emb)):
             return Check(
                 "tied weights",
@@ -805,7 +774,8 @@ def require_causal_lm(folder: Path, who: str) -> None:
     """RetokError unless ``folder`` holds a causal LM: its model type has an AutoModelForCausalLM class and the
     architecture it was saved as is one of them (a BertModel folder is not, although BertLMHeadModel exists)."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from retok.sources import not_causal_lm
 
     if not (folder / "config.json").is_file():
         raise RetokError(f"{who}: {folder} has no config.json; give a Hugging Face model folder")
@@ -816,15 +786,9 @@ def require_causal_lm(folder: Path, who: str) -> None:
         raise RetokError(
             f"{who}: {folder}/config.json cannot be read ({e.__class__.__name__}: {msg})"
         ) from None
-    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(conf.model_type)
-    names = {causal} if isinstance(causal, str) else set(causal or ())
-    archs = list(getattr(conf, "architectures", None) or [])
-    if not names or (archs and not any(a in names or a.endswith("ForCausalLM") for a in archs)):
-        saved = f" saved as {', '.join(archs)}" if archs else ""
-        raise RetokError(
-            f"{who}: {folder} is a {conf.model_type!r} model{saved}, not a causal language model "
-            "(AutoModelForCausalLM); give a decoder LM folder"
-        )
+    problem = not_causal_lm(conf)
+    if problem:
+        raise RetokError(f"{who}: {folder} is {problem}; give a decoder LM folder")
 
 
 def check_folder(path: str | Path) -> list[Check]:

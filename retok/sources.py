@@ -296,6 +296,23 @@ def pick_dtype(name: str, device: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def not_causal_lm(conf: Any) -> str | None:
+    """Why a loaded model config is not a causal LM (None when it is): its model type needs an
+    AutoModelForCausalLM class and the architecture it was saved as must be one of them (a BertModel folder
+    is not, although BertLMHeadModel exists). Remote-code configs count when their auto_map names one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if "AutoModelForCausalLM" in (getattr(conf, "auto_map", None) or {}):
+        return None
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(conf.model_type)
+    names = {causal} if isinstance(causal, str) else set(causal or ())
+    archs = list(getattr(conf, "architectures", None) or [])
+    if not names or (archs and not any(a in names or a.endswith("ForCausalLM") for a in archs)):
+        saved = f" saved as {', '.join(archs)}" if archs else ""
+        return f"a {conf.model_type!r} model{saved}, not a causal language model (AutoModelForCausalLM)"
+    return None
+
+
 def load_model(
     folder: str | Path,
     *,
@@ -316,6 +333,9 @@ def load_model(
         raise RetokError(
             f"{folder}/config.json cannot be read ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
+    problem = not_causal_lm(config)
+    if problem:
+        raise RetokError(f"{folder} is {problem}; give a decoder LM folder")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(folder),

@@ -39,23 +39,13 @@ import torch
 from torch import nn
 
 from retok.config import RetokConfig, fingerprint
+from retok.embeddings.surgery import TOKENIZER_FILES
 from retok.errors import RetokError
 
 STATE_DIR = "train-state"
 CKPT = "checkpoint"
 STATE_FILE = "state.json"
 METRICS = "metrics.jsonl"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-)
 ADAM_BETAS = (0.9, 0.95)  # the usual LLM-training betas; 0.999 reacts too slowly for a short run
 
 # A seam for tests: called with the step number after every optimizer step (e.g. to send SIGINT).

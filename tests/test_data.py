@@ -24,7 +24,7 @@ def test_jsonl_txt_parquet_folder_and_glob(tmp_path):
     txt.parent.mkdir()
     txt.write_text("para one\nline2\n\npara two\n")
     assert list(iter_source(src(txt), "k")) == ["para one\nline2\n\npara two\n"]
-    assert list(iter_source(src(txt, txt_unit="paragraph"), "k")) == ["para one\nline2", "para two\n"]
+    assert list(iter_source(src(txt, txt_unit="paragraph"), "k")) == ["para one\nline2", "para two"]
     assert list(iter_source(src(txt, txt_unit="line"), "k")) == ["para one", "line2", "para two"]
     assert list(iter_source(src(tmp_path / "t"), "k")) == ["para one\nline2\n\npara two\n"]
     assert list(iter_source(src(str(tmp_path / "a*.jsonl"), text_field="text"), "k"))[:2] == ["一二三", "four"]
@@ -62,6 +62,12 @@ def test_missing_field_empty_source_missing_path(tmp_path):
         list(iter_source(src(tmp_path / "nope.txt"), "k"))
     with pytest.raises(RetokError, match=r"matches no file"):
         list(iter_source(src(tmp_path / "*.zzz"), "k"))
+    (tmp_path / "j.jsonl").write_text(json.dumps({"text": "ok"}) + "\n\n{broken\n")
+    with pytest.raises(RetokError, match=r"j\.jsonl: line 3 is not valid JSON"):
+        list(iter_source(src(tmp_path / "j.jsonl"), "k"))
+    (tmp_path / "l.jsonl").write_text('["a list"]\n')
+    with pytest.raises(RetokError, match=r"l\.jsonl: line 1 holds a JSON list, not an object"):
+        list(iter_source(src(tmp_path / "l.jsonl"), "k"))
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "a.txt").write_text("x")
     (tmp_path / "m" / "b.jsonl").write_text(json.dumps({"text": "y"}))

@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from retok.config import RetokConfig
 from retok.embeddings import methods
-from retok.embeddings.surgery import init_embeddings, read_checkpoint, read_header
+from retok.embeddings.surgery import init_embeddings
 from retok.errors import RetokError
+from retok.safetensors_io import read_checkpoint, read_header
 from retok.tokens import BYTE_TO_UNICODE, SPIECE_SPACE, detect_family, token_to_bytes
 
 WORDS = ["机器学习", "人工智能", "词元", "分词器", " tokenizer", " embeddings", "龘龘"]

@@ -43,6 +43,15 @@ def test_not_a_causal_lm(tmp_path):
     ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4)).save_pretrained(tmp_path)
     with pytest.raises(RetokError, match="not a causal language model"):
         load_model(tmp_path, device="cpu")
+    # bert has a causal-LM class (BertLMHeadModel), but a folder saved as BertModel is an encoder
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    BertModel(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(bert)
+    with pytest.raises(RetokError, match="'bert' model saved as BertModel, not a causal language model"):
+        load_model(bert, device="cpu")
 
 
 def test_gguf_metadata_fixes_tokenizer():

@@ -8,22 +8,19 @@ one, so peak memory grows with vocab x hidden, not with the number of layers (an
 32). The rows of the new matrices come from the TokenMap (mapping.py) and the pure functions of
 methods.py. The folder it writes loads with plain ``AutoModelForCausalLM`` / ``AutoTokenizer``.
 
-Sections: safetensors I/O -> finding the embedding and head -> writing the matrices -> configs and
+Sections: finding the embedding and head -> writing the matrices -> configs and
 tokenizer files -> the stage entry point.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -38,201 +35,22 @@ from retok.embeddings.mapping import (
     pick_pad_donor,
 )
 from retok.errors import RetokError
+from retok.safetensors_io import (
+    DTYPES,
+    INDEX_FILE,
+    OutTensor,
+    TensorInfo,
+    copy_range,
+    load_tensor,
+    read_checkpoint,
+    read_header,
+    tensor_bytes,
+    write_all,
+    write_shard,
+)
 
 TESTED_ARCHITECTURES = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM"
 TOKENIZER_META = "retok_tokenizer.json"
-INDEX_FILE = "model.safetensors.index.json"
-
-# ============================================================================ safetensors I/O, by hand
-# The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
-# then the raw bytes. Doing it by hand lets us stream a tensor into a file in row chunks and copy the other
-# tensors as raw bytes (bit-identical by construction, no dtype round trip, no RAM).
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-}
-_COPY_CHUNK = 64 << 20
-
-
-@dataclass
-class TensorInfo:
-    name: str
-    file: Path
-    dtype: str
-    shape: list[int]
-    start: int  # absolute byte offsets in ``file``
-    end: int
-
-
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a .safetensors file and the offset where its data starts."""
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise RetokError(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise RetokError(f"{path} is not a safetensors file (unreadable header)") from None
-    return header, 8 + n
-
-
-def read_checkpoint(folder: Path) -> tuple[dict[str, TensorInfo], list[str], dict[str, Any] | None]:
-    """Every tensor of a safetensors checkpoint (single file or sharded with an index), the shard file names
-    in order, and the index's extra metadata (None for a single file)."""
-    index_path = folder / INDEX_FILE
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        files = list(dict.fromkeys(index["weight_map"].values()))
-        metadata = index.get("metadata") or {}
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-        metadata = None
-        if len(files) != 1:
-            raise RetokError(
-                f"model.path: {folder} has {len(files)} .safetensors files and no {INDEX_FILE}; "
-                "expected one model.safetensors or shards with an index"
-            )
-    infos: dict[str, TensorInfo] = {}
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise RetokError(f"model.path: {INDEX_FILE} names {name}, which is missing from {folder}")
-        header, base = read_header(path)
-        for key, h in header.items():
-            if key == "__metadata__":
-                continue
-            b, e = h["data_offsets"]
-            infos[key] = TensorInfo(key, path, h["dtype"], list(h["shape"]), base + b, base + e)
-    return infos, files, metadata
-
-
-def load_tensor(info: TensorInfo) -> torch.Tensor:
-    """One tensor, memory-mapped from its file (copy-on-write, never written): pages are read when rows are
-    touched and dropped when the tensor is freed, with no zero-filled buffer and no extra copy."""
-    if info.dtype not in DTYPES:
-        raise RetokError(
-            f"{info.file.name}: tensor {info.name} has dtype {info.dtype}; retok rebuilds embeddings stored as "
-            f"{', '.join(DTYPES)} (de-quantise the model first)"
-        )
-    dtype = DTYPES[info.dtype]
-    if info.end == info.start:
-        return torch.empty(info.shape, dtype=dtype)
-    # numpy has no bfloat16: map the bytes as unsigned ints of the same width and reinterpret them in torch.
-    width = torch.tensor([], dtype=dtype).element_size()
-    raw = np.memmap(
-        info.file,
-        dtype={2: np.uint16, 4: np.uint32, 8: np.uint64}[width],
-        mode="c",
-        offset=info.start,
-        shape=((info.end - info.start) // width,),
-    )
-    return torch.from_numpy(raw).view(dtype).reshape(info.shape)
-
-
-def _write_all(out: BinaryIO, data: bytes | memoryview) -> None:
-    """An unbuffered write may take fewer bytes than given: loop until all are written."""
-    view = memoryview(data).cast("B")
-    while view.nbytes:
-        n = out.write(view)
-        view = view[n:]
-
-
-def _copy_range(info: TensorInfo, out: BinaryIO, progress: Callable[[int], None]) -> int:
-    """Copy a tensor's bytes from its shard into ``out`` (an unbuffered file): in the kernel where the
-    system allows (copy_file_range: no trip through user memory), else by 64 MiB reads."""
-    left = info.end - info.start
-    with info.file.open("rb", buffering=0) as f:
-        offset = info.start
-        if hasattr(os, "copy_file_range"):
-            try:
-                while left:
-                    n = os.copy_file_range(f.fileno(), out.fileno(), min(left, _COPY_CHUNK), offset)
-                    if n == 0:
-                        raise RetokError(f"{info.file} is truncated (tensor {info.name})")
-                    offset, left = offset + n, left - n
-                    progress(n)
-                return info.end - info.start
-            except OSError:  # e.g. an old kernel or a file system that refuses it: copy by hand
-                pass
-        f.seek(offset)
-        while left:
-            chunk = f.read(min(_COPY_CHUNK, left))
-            if not chunk:
-                raise RetokError(f"{info.file} is truncated (tensor {info.name})")
-            _write_all(out, chunk)
-            left -= len(chunk)
-            progress(len(chunk))
-    return info.end - info.start
-
-
-@dataclass
-class OutTensor:
-    """A tensor of an output shard: its header entry and a producer of its bytes, in order."""
-
-    name: str
-    dtype: str
-    shape: list[int]
-    produce: Callable[[BinaryIO, Callable[[int], None]], int]  # writes the bytes, returns how many
-
-    @property
-    def nbytes(self) -> int:
-        n = int(np.prod(self.shape)) if self.shape else 1
-        return (
-            n
-            * {
-                "F64": 8,
-                "F32": 4,
-                "F16": 2,
-                "BF16": 2,
-                "I64": 8,
-                "I32": 4,
-                "I16": 2,
-                "I8": 1,
-                "U8": 1,
-                "BOOL": 1,
-                "F8_E4M3": 1,
-                "F8_E5M2": 1,
-                "U16": 2,
-                "U32": 4,
-                "U64": 8,
-            }[self.dtype]
-        )
-
-
-def write_shard(
-    path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None, bar: tqdm | None = None
-) -> None:
-    """Write a .safetensors file whose tensors are produced one after the other (streamed)."""
-    header: dict[str, Any] = {}
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    offset = 0
-    for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # data 8-byte aligned, as the reference writer does
-    progress = bar.update if bar is not None else (lambda n: None)
-    # Unbuffered: copy_file_range moves the file position under Python's feet otherwise.
-    with path.open("wb", buffering=0) as f:
-        _write_all(f, struct.pack("<Q", len(raw)))
-        _write_all(f, raw)
-        for t in tensors:
-            written = t.produce(f, progress)
-            if written != t.nbytes:
-                raise AssertionError(f"{t.name}: wrote {written} bytes, expected {t.nbytes}")
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw little-endian bytes of a contiguous CPU tensor (bf16 included), without a copy."""
-    t = t.contiguous()
-    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
-
 
 # ============================================================================ finding the embedding and head
 
@@ -392,14 +210,14 @@ def write_model(
 
     def producer(key: str) -> Callable[[BinaryIO, Callable[[int], None]], int]:
         if key not in rebuilt:
-            return lambda out, progress: _copy_range(infos[key], out, progress)
+            return lambda out, progress: copy_range(infos[key], out, progress)
         src, side = rebuilt[key]
 
         def write(out: BinaryIO, progress: Callable[[int], None]) -> int:
             n = 0
             for chunk in matrix_chunks(source(src), plan, side):
                 data = tensor_bytes(chunk)
-                _write_all(out, data)
+                write_all(out, data)
                 n += data.nbytes
                 progress(data.nbytes)
             return n
@@ -449,7 +267,7 @@ def write_model(
 # ============================================================================ configs and tokenizer files
 
 # The HF tokenizer files of the tokenizer folder (not build-tokenizer's reports), plus its metadata.
-_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -525,7 +343,7 @@ def write_configs(model_dir: Path, out: Path, tmap: TokenMap, names: IoNames) ->
 def copy_tokenizer_files(tok_dir: Path, out: Path, old_hf: Any) -> list[str]:
     """The new tokenizer's HF files; the old chat template when the new folder lost it."""
     copied = []
-    for name in _TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         if (tok_dir / name).is_file():
             shutil.copy2(tok_dir / name, out / name)
             copied.append(name)
