@@ -101,6 +101,8 @@ def print_summary(cfg: RetokConfig) -> dict[str, Any]:
             _f(r["speedup_bytes_per_s"], ".2f") + "x",
         )
     console = Console()
+    if not console.is_terminal:  # a log file or a pipe: rich would wrap the table at 80 columns
+        console = Console(width=120)
     console.print(table)
     for stage, path in summary["outputs"].items():
         console.print(f"  {stage:>14}: {path}")

@@ -63,6 +63,8 @@ def test_every_stage_folder_documents_itself(run_dir):
     assert (run / "summary.md").is_file()
     stdout = (run_dir / "stdout.txt").read_text()
     assert "retok summary" in stdout
+    # the table printed into a pipe is whole: no column header cut to "spe…" at 80 columns
+    assert "speed-up" in stdout and "BPB trained" in stdout
 
 
 def test_report_contracts(run_dir):
