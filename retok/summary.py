@@ -25,18 +25,25 @@ def collect(cfg: RetokConfig) -> dict[str, Any]:
     comp = _load(cfg.stage_dir("tokenizer") / "compression.json").get("domains", {})
     init = _load(cfg.stage_dir("model-init") / "init_report.json").get("bpb", {})
     train = _load(cfg.stage_dir("model-trained") / "train_report.json").get("bpb", {})
-    ev = _load(cfg.stage_dir("eval") / "report.json").get("domains", {})
+    report = _load(cfg.stage_dir("eval") / "report.json")
+    ev = report.get("domains", {})
+    # BPB columns on one slice of text: init-embeddings and eval-speed both score eval.max_bytes per domain
+    # (train-io's own evals use the smaller train.eval_max_bytes), so prefer them when eval-speed measured
+    # this run's trained model.
+    cand = Path(str((report.get("candidate") or {}).get("folder", "")))
+    eval_is_trained = bool(ev) and cand.name == "model-trained"
     names = list(dict.fromkeys([*comp, *init, *train, *ev]))
     rows = {}
     for d in names:
         c, i, t, e = comp.get(d, {}), init.get(d, {}), train.get(d, {}), ev.get(d, {})
+        trained = e.get("new", {}).get("bpb") if eval_is_trained else None
         rows[d] = {
             "old_bytes_per_token": c.get("old_bytes_per_token", e.get("old", {}).get("bytes_per_token")),
             "new_bytes_per_token": c.get("new_bytes_per_token", e.get("new", {}).get("bytes_per_token")),
             "compression_ratio": c.get("ratio"),
-            "bpb_original": t.get("original", i.get("original", e.get("old", {}).get("bpb"))),
-            "bpb_init": t.get("init", i.get("init")),
-            "bpb_trained": t.get("final"),
+            "bpb_original": i.get("original", e.get("old", {}).get("bpb", t.get("original"))),
+            "bpb_init": i.get("init", t.get("init")),
+            "bpb_trained": trained if trained is not None else t.get("final"),
             "bpb_eval_new": e.get("new", {}).get("bpb"),
             "old_bytes_per_s": e.get("old", {}).get("bytes_per_s"),
             "new_bytes_per_s": e.get("new", {}).get("bytes_per_s"),

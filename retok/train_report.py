@@ -31,6 +31,10 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return losses, evals
 
 
+def _mean_loss(rows: list[dict[str, Any]]) -> float:
+    return sum(r["loss"] for r in rows) / len(rows)
+
+
 def estimate_to_original(
     evals: list[dict], domain: str, original: float, tokens_per_second: float
 ) -> dict[str, Any] | None:
@@ -114,6 +118,7 @@ def write_report(
         if f["original"] is not None
     }
     t = cfg.train
+    window = max(1, min(50, len(losses) // 10))
     report = {
         "bpb": bpb,
         "tokens_per_second": tps,
@@ -126,8 +131,10 @@ def write_report(
         "trainable_params": state["trainable_params"],
         "learning_values": state["learning_values"],
         "trainable": t.trainable,
-        "loss_first": losses[0]["loss"] if losses else None,
-        "loss_last": losses[-1]["loss"] if losses else None,
+        # one step's loss is one batch of one domain: average a tenth of the run (at least 1, at most 50 steps)
+        "loss_first": _mean_loss(losses[:window]) if losses else None,
+        "loss_last": _mean_loss(losses[-window:]) if losses else None,
+        "loss_window_steps": window,
         "estimate_to_original": estimate,
         "processes": world,
         "device": device,
@@ -195,7 +202,8 @@ def _markdown(r: dict, cfg: RetokConfig) -> str:
         "",
         f"![loss and BPB]({CURVE})",
         "",
-        f"Loss (nats/token, new tokenizer): {_f(r['loss_first'])} at step 1 -> {_f(r['loss_last'])} at the end. "
+        f"Loss (nats/token, new tokenizer, mean of {r['loss_window_steps']} steps): {_f(r['loss_first'])} at the "
+        f"start -> {_f(r['loss_last'])} at the end. "
         "Per-step figures: `metrics.jsonl`.",
         "",
         "Resumable state (not needed to use this model): `train-state/` next to this folder.",

@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=1, help="alternate retok/Trainer runs this many times each")
+    ap.add_argument("--rounds", type=int, default=3, help="alternate retok/Trainer runs this many times each (median)")
     ap.add_argument("--child", choices=["retok", "trainer"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
