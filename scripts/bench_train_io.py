@@ -127,12 +127,16 @@ def child_trainer(work: Path, model_dir: Path, a: argparse.Namespace) -> dict:
     cpu: list[float] = []
 
     class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
+        # From one step's end to the next, as retok's step_seconds: fetching the batch is part of a step
+        # (Trainer's on_step_begin comes after the batch is fetched, so begin->end would leave it out).
+        def on_train_begin(self, args, state, control, **kw):
             self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-            cpu.append(time.process_time() - self.c0)
+            t, c = time.perf_counter(), time.process_time()
+            times.append(t - self.t0)
+            cpu.append(c - self.c0)
+            self.t0, self.c0 = t, c
 
     args = TrainingArguments(
         output_dir=str(work / "trainer"),
