@@ -518,3 +518,17 @@ def test_real_smollm2_short_run(tmp_path):
         assert all(0.3 < figs[k] < 5 for k in ("original", "init", "final")), figs
     # English segmentation is unchanged by Chinese words, so before training it scores like the original.
     assert rep["bpb"]["en"]["init"] == pytest.approx(rep["bpb"]["en"]["original"], rel=0.01)
+
+
+def test_heap_trimmer_trims_only_when_the_heap_crept_up(monkeypatch):
+    from retok.train import _HeapTrimmer
+
+    trimmer = _HeapTrimmer(slack_bytes=100)
+    calls: list[int] = []
+    trimmer._trim = calls.append  # stands in for glibc's malloc_trim
+    sizes = iter([1000, 1050, 1100, 1101, 990, 1200])
+    monkeypatch.setattr(_HeapTrimmer, "resident_bytes", staticmethod(lambda: next(sizes)))
+    for _ in range(6):
+        trimmer.after_step()
+    # reference 1000 after the first step; only 1101 and 1200 end more than 100 above it
+    assert calls == [0, 0] and trimmer.trims == 2 and trimmer.reference == 1000
