@@ -163,29 +163,11 @@ CASES = [
 
 
 def mistral_dir(path: Path) -> Path:
-    """A 2-layer Mistral (untied) with the SentencePiece tokenizer; tests/tiny.py has no Mistral builder."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from tests.tiny import save_model_folder, sentencepiece_tokenizer
+    """A 2-layer Mistral (untied) with the SentencePiece tokenizer."""
+    from tests.tiny import save_model_folder, sentencepiece_tokenizer, tiny_mistral
 
     tok = sentencepiece_tokenizer()
-    config = MistralConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = MistralForCausalLM(config).eval()
-    return save_model_folder(model, tok, path)
+    return save_model_folder(tiny_mistral(tok), tok, path)
 
 
 @pytest.mark.parametrize(("kind", "family", "sharded"), CASES)

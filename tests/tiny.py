@@ -39,6 +39,8 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -227,6 +229,19 @@ def tiny_llama(tokenizer: PreTrainedTokenizerFast, tied: bool, seed: int = 0) ->
         **_special_ids(tokenizer),
     )
     return _seeded(lambda: LlamaForCausalLM(config), seed)
+
+
+def tiny_mistral(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> MistralForCausalLM:
+    """A 2-layer Mistral (grouped-query attention), untied head."""
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        **_SMALL,
+        **_special_ids(tokenizer),
+    )
+    return _seeded(lambda: MistralForCausalLM(config), seed)
 
 
 def tiny_qwen2(tokenizer: PreTrainedTokenizerFast, extra_rows: int = 37, seed: int = 0) -> Qwen2ForCausalLM:
