@@ -4,7 +4,7 @@
 Standard library only: this runs before the ``retok`` package is installed.
 
     python scripts/fetch_assets.py [--cache DIR] [--only model|zh|en|code|vocabs ...]
-                                   [--eval-percent N] [--more-zh] [--vocabs] [-q]
+                                   [--eval-percent N] [--more-zh] [--zh-min-han N] [--vocabs] [-q]
 
 Everything goes under ``<cache>/assets/`` (cache: ``--cache``, else ``$RETOK_CACHE``, else
 ``~/.cache/retok``):
@@ -15,6 +15,11 @@ Everything goes under ``<cache>/assets/`` (cache: ``--cache``, else ``$RETOK_CAC
     corpora/<domain>/eval.jsonl      held-out documents (sha1(source) % 100 < eval percent)
     vocabs/ggml-vocab-*.gguf(.inp|.out)   only with --vocabs
     manifest.json                    sizes, sha256 and document counts
+
+The Chinese sources carry many paragraphs that were never translated (option lists, code samples, English
+licence blocks); the zh corpus keeps the paragraphs in which Chinese characters are at least
+``--zh-min-han`` percent (default 30) of the non-blank characters, so that "zh" measures Chinese text and
+English and code are measured by their own domains. ``--zh-min-han 0`` keeps every paragraph.
 
 The script is idempotent: a second run downloads nothing and rewrites nothing. Every file is written to
 a temporary name and renamed, so an interrupted run never leaves a half file that looks complete.
@@ -48,6 +53,7 @@ FORMAT_VERSION = 1
 EVAL_PERCENT = 5
 MIN_DOC_BYTES = 200
 CODE_MAX_BYTES = 200_000
+ZH_MIN_HAN_PERCENT = 30
 DOMAINS = ("zh", "en", "code")
 TARGETS = ("model", "zh", "en", "code", "vocabs")
 
@@ -751,6 +757,26 @@ def jsonl_bytes(docs: Iterable[dict]) -> bytes:
     ).encode("utf-8")
 
 
+# Han ideographs (and extension A), CJK symbols and punctuation, full-width forms
+_HAN = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
+_BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
+
+
+def han_share(text: str) -> float:
+    """Share of the non-blank characters of ``text`` that are Chinese (Han, CJK punctuation, full width)."""
+    chars = len(text) - sum(c.isspace() for c in text)
+    return len(_HAN.findall(text)) / chars if chars else 0.0
+
+
+def chinese_paragraphs(text: str, min_percent: int) -> str:
+    """The blank-line paragraphs of ``text`` whose Chinese share is at least ``min_percent``, joined by
+    blank lines ('' when none is left); ``min_percent`` 0 returns the text unchanged."""
+    if min_percent <= 0:
+        return text
+    kept = [p.strip("\n") for p in _BLANK_LINES.split(text) if han_share(p) * 100 >= min_percent]
+    return "\n\n".join(p for p in kept if p.strip())
+
+
 def keep_doc(text: str) -> bool:
     return len(text.encode("utf-8")) >= MIN_DOC_BYTES
 
@@ -881,6 +907,7 @@ class Fetcher:
         cache: Path,
         eval_percent: int = EVAL_PERCENT,
         more_zh: bool = False,
+        zh_min_han: int = ZH_MIN_HAN_PERCENT,
         quiet: bool = False,
         stdlib: Path | None = None,
     ):
@@ -888,6 +915,7 @@ class Fetcher:
         self.downloads = self.assets / "downloads"
         self.eval_percent = eval_percent
         self.more_zh = more_zh
+        self.zh_min_han = zh_min_han
         self.quiet = quiet
         self.stdlib = stdlib or stdlib_dir()
         self.manifest_path = self.assets / "manifest.json"
@@ -1025,6 +1053,7 @@ class Fetcher:
                 "format": FORMAT_VERSION,
                 "eval_percent": self.eval_percent,
                 "min_doc_bytes": MIN_DOC_BYTES,
+                **({"zh_min_han": self.zh_min_han} if domain == "zh" else {}),
                 "inputs": inputs,
                 "script": _script_digest(),
             }
@@ -1035,6 +1064,15 @@ class Fetcher:
             self.log(f"{domain}: up to date")
             return entry
         docs = self._collect(domain, paths)
+        if domain == "zh" and self.zh_min_han > 0:
+            before = sum(len(d["text"].encode("utf-8")) for d in docs)
+            docs = [{**d, "text": chinese_paragraphs(d["text"], self.zh_min_han)} for d in docs]
+            docs = [d for d in docs if keep_doc(d["text"])]
+            after = sum(len(d["text"].encode("utf-8")) for d in docs)
+            self.log(
+                f"zh: kept the paragraphs that are at least {self.zh_min_han}% Chinese: "
+                f"{after:,} of {before:,} bytes"
+            )
         train, held = split_docs(docs, self.eval_percent)
         entry = {"key": key, "inputs": sorted(p.name for p in paths.values()) or [str(self.stdlib)]}
         out_dir = self.assets / "corpora" / domain
@@ -1186,6 +1224,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="add libreoffice-help-zh-cn to the zh corpus (a later run without it rebuilds zh without it)",
     )
     p.add_argument(
+        "--zh-min-han",
+        type=_percent,
+        default=ZH_MIN_HAN_PERCENT,
+        metavar="N",
+        help="keep the zh paragraphs in which Chinese characters are at least N%% of the non-blank "
+        f"characters (default {ZH_MIN_HAN_PERCENT}; 0 keeps every paragraph)",
+    )
+    p.add_argument(
         "--vocabs",
         action="store_true",
         help="also fetch llama.cpp's ggml-vocab-*.gguf test vocabularies (llama-cpp-python sdist)",
@@ -1199,7 +1245,9 @@ def main(argv: list[str] | None = None) -> int:
     cache = (args.cache or default_cache()).expanduser()
     targets = set(args.only or ("model", *DOMAINS)) | ({"vocabs"} if args.vocabs else set())
     try:
-        summary = Fetcher(cache, args.eval_percent, more_zh=args.more_zh, quiet=args.quiet).run(targets)
+        summary = Fetcher(
+            cache, args.eval_percent, more_zh=args.more_zh, zh_min_han=args.zh_min_han, quiet=args.quiet
+        ).run(targets)
     except FetchError as e:
         print(f"fetch_assets: error: {e}", file=sys.stderr)
         return 2

@@ -120,6 +120,31 @@ def test_html_to_text_root_id():
     assert fa.html_to_text(src, root_id="Main") == "keep this"
 
 
+# ---------------------------------------------------------------------------------------------- Chinese filter
+
+
+def test_han_share():
+    assert fa.han_share("中文，abc") == pytest.approx(3 / 6)
+    assert fa.han_share("中 文\n\t") == 1.0  # blanks do not count
+    assert fa.han_share("   ") == 0.0 and fa.han_share("") == 0.0
+    assert fa.han_share("\u3400\uff08x\uff09") == pytest.approx(3 / 4)  # extension A, full-width brackets
+
+
+def test_chinese_paragraphs_drops_untranslated_paragraphs():
+    text = (
+        "NAME(名称)\nls - 列出目录内容\n\n"  # 7 of 18 non-blank characters are Chinese: kept at 30%
+        "SYNOPSIS\nls [OPTION]... [FILE]...\n\n"  # no Chinese: dropped
+        "  \n"
+        "-a, --all\n    不隐藏任何以 . 开始的项目\n\n"  # 12 of 28: kept
+        "Copyright (C) 2001 Free Software Foundation, 中文\n"  # 2 of ~40: dropped
+    )
+    got = fa.chinese_paragraphs(text, 30)
+    assert got == "NAME(名称)\nls - 列出目录内容\n\n-a, --all\n    不隐藏任何以 . 开始的项目"
+    assert fa.chinese_paragraphs(text, 0) == text
+    assert fa.chinese_paragraphs(text, 100) == ""
+    assert fa.chinese_paragraphs("只有中文。", 50) == "只有中文。"
+
+
 # ---------------------------------------------------------------------------------------------- Brown
 
 
@@ -207,7 +232,9 @@ def _fake_inputs(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
     def fake_extract_deb(deb: Path, dest: Path) -> None:
         files = {
             "manpages-zh": {
-                "usr/share/man/zh_CN/man1/ls.1.gz": gzip.compress(f".TH LS 1\n.SH 名称\n{body}\n".encode()),
+                "usr/share/man/zh_CN/man1/ls.1.gz": gzip.compress(
+                    f".TH LS 1\n.SH 名称\n{body}\n.SH SYNOPSIS\n.B ls [OPTION]... [FILE]...\n".encode()
+                ),
                 "usr/share/man/zh_TW/man1/ls.1.gz": gzip.compress(f".SH 名稱\n{body}\n".encode()),
                 "usr/share/man/zh_CN/man1/tiny.1.gz": gzip.compress(b".SH X\nshort\n"),
             },
@@ -269,6 +296,8 @@ def test_run_twice_is_idempotent(tmp_path, monkeypatch, capsys):
         "debian-reference-zh-cn/usr/share/debian-reference/ch01.zh-cn.html",
         "manpages-zh/usr/share/man/zh_CN/man1/ls.1.gz",
     ]
+    ls_page = next(d["text"] for d in zh if d["source"].endswith("ls.1.gz"))
+    assert "说明文字。" in ls_page and "OPTION" not in ls_page  # the untranslated paragraph is dropped
     manifest = json.loads((assets / "manifest.json").read_text())
     assert manifest["model"]["sha256"] == summary["model"]["sha256"]
     assert manifest["corpora"]["en"]["train"]["docs"] == summary["corpora"]["en"]["train"]["docs"]
@@ -297,6 +326,22 @@ def test_eval_percent_changes_the_split(tmp_path, monkeypatch, capsys):
     assert fa.main(["--cache", str(cache), "-q", "--only", "en", "--eval-percent", "100"]) == 0
     s100 = json.loads(capsys.readouterr().out)["corpora"]["en"]
     assert s100["eval"]["docs"] == 7 and s100["train"]["docs"] == 0
+
+
+def test_zh_min_han_zero_keeps_every_paragraph(tmp_path, monkeypatch, capsys):
+    cache, _ = _fake_inputs(tmp_path, monkeypatch)
+
+    def ls_page(*flags: str) -> str:
+        assert fa.main(["--cache", str(cache), "-q", "--only", "zh", *flags]) == 0
+        corpus = json.loads(capsys.readouterr().out)["corpora"]["zh"]
+        lines = Path(corpus["train"]["path"]).read_text().splitlines()
+        lines += Path(corpus["eval"]["path"]).read_text().splitlines()
+        return next(json.loads(ln)["text"] for ln in lines if "ls.1.gz" in ln)
+
+    filtered = ls_page()
+    everything = ls_page("--zh-min-han", "0")
+    assert "OPTION" not in filtered
+    assert everything == "LS 1\n\n" + filtered + "\n\nSYNOPSIS\nls [OPTION]... [FILE]..."
 
 
 def test_failed_download_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
