@@ -552,15 +552,17 @@ def test_real_smollm2_extension_on_chinese(tmp_path):
             "output_dir": str(tmp_path / "run"),
             "model": {"path": str(gguf)},
             "data": {
-                "train": [{"name": "zh", "path": str(corp / "zh" / "train.jsonl"), "max_bytes": 1_000_000}],
+                "train": [{"name": "zh", "path": str(corp / "zh" / "train.jsonl")}],
                 "eval": [{"name": d, "path": str(corp / d / "eval.jsonl")} for d in ("zh", "en", "code")],
             },
-            "tokenizer": {"new_tokens": 2000, "report_max_bytes": 100_000},
+            "tokenizer": {"new_tokens": 16000},
         }
     )
     folder = run_stage(cfg, "tokenizer")
     r = _report(folder)
-    assert r["domains"]["zh"]["ratio"] > 1.3, r["domains"]["zh"]
+    # the target: 16,000 tokens learned on the Chinese training text, held-out Chinese >= 2.2x
+    # (measured 2.31x; a BPE trained from scratch with the same total vocabulary gives 2.38x)
+    assert r["domains"]["zh"]["ratio"] >= 2.2, r["domains"]["zh"]
     for d in ("en", "code"):
         assert r["domains"][d]["ratio"] >= 0.99, r["domains"][d]
     assert all(d["roundtrip_ok"] for d in r["domains"].values())
@@ -572,7 +574,7 @@ def test_real_smollm2_extension_on_chinese(tmp_path):
     new = _load(folder)
     new_vocab = new.get_vocab()
     assert all(new_vocab.get(t) == i for t, i in old.get_vocab().items())
-    assert len(new) == len(old) + 2000
+    assert len(new) == len(old) + 16000
     assert new.eos_token == old.eos_token and new.chat_template == old.chat_template
 
 
