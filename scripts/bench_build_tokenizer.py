@@ -174,14 +174,10 @@ def main() -> None:
             secs = statistics.median(x["seconds"] for x in runs[m])
             row[m] = {
                 "seconds": round(secs, 3),
-                "seconds_range": [
-                    round(min(x["seconds"] for x in runs[m]), 3),
-                    round(max(x["seconds"] for x in runs[m]), 3),
-                ],
-                "cpu_seconds_range": [
-                    round(min(x["cpu_seconds"] for x in runs[m]), 3),
-                    round(max(x["cpu_seconds"] for x in runs[m]), 3),
-                ],
+                **{
+                    f"{f}_range": [round(min(x[f] for x in runs[m]), 3), round(max(x[f] for x in runs[m]), 3)]
+                    for f in ("seconds", "cpu_seconds")
+                },
                 "mb_per_s": round(n_bytes / 1e6 / secs, 3),
                 "cpu_seconds": round(statistics.median(x["cpu_seconds"] for x in runs[m]), 3),
                 "extra_mb": round(statistics.median(x["extra_mb"] for x in runs[m]), 1),
@@ -214,19 +210,16 @@ def main() -> None:
     basis = "cpu" if load > (os.cpu_count() or 1) else "wall"
     key = "cpu_vs_hf" if basis == "cpu" else "speed_vs_hf"
     span = "cpu_seconds_range" if basis == "cpu" else "seconds_range"
-    slower = {
-        f"{m}@{n}": row[m][key] < 1.0 and row[m][span][0] > row["hf"][span][1]
-        for n, row in results.items()
-        for m in ("extend", "train")
-    }
-    for name, is_slower in slower.items():
-        m, n = name.split("@")
-        x, own, hf = results[n][m][key], results[n][m][span], results[n]["hf"][span]
-        if x < 1.0:
-            note = "slower beyond noise" if is_slower else "within run-to-run noise"
-            print(
-                f"  {name}: {x:.2f}x, runs {own[0]:.2f}-{own[1]:.2f} s vs hf {hf[0]:.2f}-{hf[1]:.2f} s: {note}"
-            )
+    slower = {}
+    for n, row in results.items():
+        for m in ("extend", "train"):
+            x, own, hf = row[m][key], row[m][span], row["hf"][span]
+            slower[f"{m}@{n}"] = x < 1.0 and own[0] > hf[1]
+            if x < 1.0:
+                note = "slower beyond noise" if slower[f"{m}@{n}"] else "within run-to-run noise"
+                print(
+                    f"  {m}@{n}: {x:.2f}x, runs {own[0]:.2f}-{own[1]:.2f} s vs hf {hf[0]:.2f}-{hf[1]:.2f} s: {note}"
+                )
     ok = not any(slower.values())
     print(
         f"verdict on {basis} time (load average {load:.1f} on {os.cpu_count()} CPUs): "

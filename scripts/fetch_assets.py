@@ -773,8 +773,7 @@ def chinese_paragraphs(text: str, min_percent: int) -> str:
     blank lines ('' when none is left); ``min_percent`` 0 returns the text unchanged."""
     if min_percent <= 0:
         return text
-    kept = [p.strip("\n") for p in _BLANK_LINES.split(text) if han_share(p) * 100 >= min_percent]
-    return "\n\n".join(p for p in kept if p.strip())
+    return "\n\n".join(p.strip("\n") for p in _BLANK_LINES.split(text) if han_share(p) * 100 >= min_percent)
 
 
 def keep_doc(text: str) -> bool:

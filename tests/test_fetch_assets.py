@@ -132,11 +132,11 @@ def test_han_share():
 
 def test_chinese_paragraphs_drops_untranslated_paragraphs():
     text = (
-        "NAME(名称)\nls - 列出目录内容\n\n"  # 7 of 18 non-blank characters are Chinese: kept at 30%
+        "NAME(名称)\nls - 列出目录内容\n\n"  # 8 of 17 non-blank characters are Chinese: kept at 30%
         "SYNOPSIS\nls [OPTION]... [FILE]...\n\n"  # no Chinese: dropped
         "  \n"
-        "-a, --all\n    不隐藏任何以 . 开始的项目\n\n"  # 12 of 28: kept
-        "Copyright (C) 2001 Free Software Foundation, 中文\n"  # 2 of ~40: dropped
+        "-a, --all\n    不隐藏任何以 . 开始的项目\n\n"  # 11 of 20: kept
+        "Copyright (C) 2001 Free Software Foundation, 中文\n"  # 2 of 41: dropped
     )
     got = fa.chinese_paragraphs(text, 30)
     assert got == "NAME(名称)\nls - 列出目录内容\n\n-a, --all\n    不隐藏任何以 . 开始的项目"
