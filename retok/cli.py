@@ -149,11 +149,15 @@ def run_cmd(
 
 @app.command("check")
 def check_cmd(folder: Annotated[Path, typer.Argument(help="A model folder to check.")]):
-    """Check that a model folder loads with plain transformers and its tokenizer, ids and head agree."""
-    from retok.export import check_folder, print_checks
+    """Check that a model folder loads with plain transformers and its tokenizer, ids and head agree.
+
+    Exit code 0: every check passes; 1: a check fails; 2: not a model folder; 3: retok's own error."""
+    from retok.export.check import check_folder, print_checks
 
     results = check_folder(folder)
     print_checks(results)
+    if any(r.internal for r in results):
+        raise typer.Exit(3)  # retok's own error, not a verdict on the folder
     if not all(r.ok for r in results):
         raise typer.Exit(1)
 
@@ -181,10 +185,15 @@ def init_config_cmd(
     """Write a commented config with every key, its default and what it does."""
     from retok.config_doc import commented_yaml
 
+    if path.is_dir():
+        raise RetokError(f"{path} is a folder; give a file name such as {path / 'retok.yaml'}")
     if path.exists() and not force:
         raise RetokError(f"{path} already exists; pass --force to overwrite it or choose another name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(commented_yaml(model_path=model), encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(commented_yaml(model_path=model), encoding="utf-8")
+    except OSError as e:
+        raise RetokError(f"cannot write {path} ({e.strerror or e.__class__.__name__}); choose another path") from None
     typer.echo(f"wrote {path}; edit model.path and data, then `retok validate {path}`")
 
 

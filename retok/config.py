@@ -7,19 +7,38 @@ names the key that is wrong.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from retok.errors import RetokError
 
-STAGES = ("tokenizer", "model-init", "model-trained", "eval", "export")
+
+def parse_size(value: str | int) -> int:
+    """'2GB' -> 2e9, '500MB', '1GiB' -> 2**30; an int is bytes. ValueError says what to write instead."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(value), flags=re.IGNORECASE)
+        if not m:
+            raise ValueError(f"{value!r} is not a size; write e.g. 500MB, 2GB or 1GiB")
+        unit = (m.group(2) or "B").upper()
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}.get(unit) or {
+            "KIB": 2**10,
+            "MIB": 2**20,
+            "GIB": 2**30,
+            "TIB": 2**40,
+        }.get(unit)
+        if scale is None:
+            raise ValueError(f"unknown unit in {value!r}; use KB, MB, GB (or KiB, MiB, GiB)")
+        size = int(float(m.group(1)) * scale)
+    if size <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return size
 
 
 class _Section(BaseModel):
@@ -47,13 +66,35 @@ class ModelConfig(_Section):
         False,
         description="Accept pickled (.bin/.pt) checkpoints. Off: only safetensors are read, since pickles can run code.",
     )
+
+
+# ------------------------------------------------------------------------------------------- compute
+
+
+DEVICE_RE = r"auto|cpu|mps|cuda(:[0-9]+)?"
+
+
+class ComputeConfig(_Section):
+    """Where and how the stages that run a model run it (init-embeddings' reports, train-io, eval-speed)."""
+
+    device: str = Field(
+        "auto", description="auto (a GPU when there is one, else CPU), cpu, cuda, cuda:N or mps."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Dtype to load the model in for stages that run it; auto = float32 on CPU, bfloat16 on GPU.",
+        description="Dtype models are run in for measurements; auto = float32 on CPU, bfloat16 on GPU. "
+        "train-io keeps float32 master weights and uses train.mixed_precision on top.",
     )
-    device: str = Field(
-        "auto", description="auto, cpu, cuda, cuda:N or mps: where stages that run the model run it."
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="torch CPU threads; null = torch's default."
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(DEVICE_RE, v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -119,10 +160,11 @@ class TokenizerConfig(_Section):
     new_tokens: int = Field(
         16000,
         gt=0,
+        le=2_000_000,
         description="extend: number of tokens appended. train: new vocabulary = old size + new_tokens.",
     )
     vocab_size: int | None = Field(
-        None, gt=0, description="train mode only: total vocabulary size (overrides old size + new_tokens)."
+        None, gt=0, le=4_000_000, description="train mode only: total vocabulary size (overrides old size + new_tokens)."
     )
     min_frequency: int = Field(
         2, ge=1, description="A pair must occur at least this often to become a token."
@@ -130,16 +172,18 @@ class TokenizerConfig(_Section):
     max_token_length: int | None = Field(
         16,
         gt=0,
+        le=1024,
         description="Longest new token, in characters of its vocabulary string (one per byte for byte-level BPE, "
         "as tokenizers' BpeTrainer counts; null: no limit).",
     )
     domains: list[str] | None = Field(
         None, description="Train domains (data.train names) to learn from; null = every train source."
     )
-    max_train_bytes: int | None = Field(
+    max_bytes: int | None = Field(
         None,
         gt=0,
-        description="Total byte budget of training text read for the tokenizer (per-source max_bytes also apply).",
+        description="Total byte budget of data.train text the tokenizer learns from, split evenly over the sources "
+        "(per-source max_bytes also apply); null = all of it.",
     )
     keep_digit_split: bool = Field(
         True,
@@ -184,10 +228,18 @@ class InitConfig(_Section):
     pad_to_multiple_of: int = Field(
         64,
         ge=1,
+        le=4096,
         description="Pad the vocabulary (rows) to a multiple of this; padded rows can never win greedy decoding.",
     )
     eval_bpb: bool = Field(
         True, description="Measure held-out BPB of the original and initialised model (needs data.eval)."
+    )
+    eval_max_bytes: int = Field(
+        4000,
+        ge=100,
+        le=10**9,
+        description="Bytes of each data.eval domain the init report scores (kept small: the report must not cost "
+        "more than the stage; eval-speed scores eval.max_bytes).",
     )
     compare_methods: list[InitMethod] = Field(
         default_factory=list,
@@ -197,7 +249,7 @@ class InitConfig(_Section):
         0.0,
         ge=0,
         description="Lower the LM-head logits of new tokens by about this many nats at every position, so that "
-        "thousands of new rows do not take probability mass from the old tokens (METHOD.md's trap). Needs a "
+        "thousands of new rows do not take probability mass from the old tokens at every position. Needs a "
         "separate head (an untied model, or untie_head). Fitted on the original model's final hidden states over "
         "calibration_bytes of data.train (one forward pass). 0 = off.",
     )
@@ -216,11 +268,11 @@ class InitConfig(_Section):
 # ------------------------------------------------------------------------------------------- train
 
 
-class FullStage(_Section):
-    """The optional second stage: every parameter trainable (the paper's joint unfreeze)."""
+class FullPhase(_Section):
+    """The optional second phase of train-io: every parameter trainable (the paper's joint unfreeze)."""
 
-    steps: int = Field(0, ge=0, description="Steps of the joint stage after the io stage; 0 = skip it.")
-    lr: float = Field(1e-5, gt=0, description="Learning rate of the joint stage.")
+    steps: int = Field(0, ge=0, le=10**9, description="Steps of the joint phase after the io phase; 0 = skip it.")
+    lr: float = Field(1e-5, gt=0, description="Learning rate of the joint phase.")
 
 
 class TrainConfig(_Section):
@@ -229,10 +281,10 @@ class TrainConfig(_Section):
     trainable: Literal["io", "io_new_rows"] = Field(
         "io", description="io: whole embedding and head; io_new_rows: only the rows of new tokens learn."
     )
-    max_steps: int = Field(200, ge=1, description="Optimizer steps of the io stage.")
-    seq_len: int = Field(512, ge=8, description="Tokens per packed training block.")
-    batch_size: int = Field(4, ge=1, description="Blocks per device per micro-batch.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: int = Field(200, ge=1, le=10**9, description="Optimizer steps of the io phase.")
+    seq_len: int = Field(512, ge=8, le=1 << 20, description="Tokens per packed training block.")
+    batch_size: int = Field(4, ge=1, le=1 << 16, description="Blocks per device per micro-batch.")
+    grad_accum: int = Field(1, ge=1, le=1 << 16, description="Micro-batches per optimizer step.")
     lr: float = Field(1e-3, gt=0, description="Learning rate (embedding and head unless set separately).")
     embed_lr: float | None = Field(None, gt=0, description="Learning rate of the input embedding; null = lr.")
     head_lr: float | None = Field(None, gt=0, description="Learning rate of the LM head (untied); null = lr.")
@@ -251,8 +303,11 @@ class TrainConfig(_Section):
         ge=16,
         description="Tokens per chunk of the LM-head + loss computation (never the full fp32 logits at once).",
     )
-    max_train_bytes: int | None = Field(
-        None, gt=0, description="Byte budget of training text read per source."
+    max_bytes_per_source: int | None = Field(
+        None,
+        gt=0,
+        description="Stop reading each data.train source after this many bytes of text (on top of its own "
+        "max_bytes); null = read every source to its end, then start over.",
     )
     shuffle_buffer: int = Field(
         2000,
@@ -268,8 +323,8 @@ class TrainConfig(_Section):
     log_with: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="Extra trackers (the JSONL log is always written)."
     )
-    full: FullStage = Field(
-        default_factory=FullStage, description="Optional joint stage with every parameter trainable."
+    full: FullPhase = Field(
+        default_factory=FullPhase, description="Optional joint phase with every parameter trainable."
     )
 
 
@@ -288,8 +343,13 @@ class EvalConfig(_Section):
         description="The new model folder; null = the latest stage output (model-trained, else model-init).",
     )
     max_bytes: int = Field(20000, ge=100, description="Bytes of held-out text per domain scored for BPB.")
-    window: int = Field(1024, ge=16, description="Sliding-window context (tokens) for BPB.")
-    stride: int = Field(512, ge=1, description="New tokens scored per window step (<= window).")
+    window: int = Field(
+        1024,
+        ge=16,
+        le=1 << 20,
+        description="Sliding-window context (tokens) for BPB, in every stage that reports BPB.",
+    )
+    stride: int = Field(512, ge=1, description="Tokens scored per window step (<= window), in every stage.")
     prompt_bytes: int = Field(
         2000, ge=1, description="Bytes of held-out text given as the prompt for speed runs."
     )
@@ -299,17 +359,12 @@ class EvalConfig(_Section):
     generate_bytes: int = Field(
         0, ge=0, description="Free greedy generation: bytes to generate (0 = skip the second figure)."
     )
-    repeats: int = Field(3, ge=1, description="Timed repeats; medians are reported.")
-    warmup: int = Field(1, ge=0, description="Untimed warm-up runs.")
+    repeats: int = Field(3, ge=1, le=1000, description="Timed repeats; medians are reported.")
+    warmup: int = Field(1, ge=0, le=1000, description="Untimed warm-up runs.")
     domains: list[str] | None = Field(None, description="Eval domains to run; null = every data.eval domain.")
     speed_domains: list[str] | None = Field(
         None, description="Domains for the decoding-speed runs; null = every eval domain."
     )
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype for the eval runs."
-    )
-    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch's default.")
     interleave: bool | Literal["auto"] = Field(
         "auto",
         description="Keep both models loaded and interleave their timed decoding steps, so a busy machine slows "
@@ -327,6 +382,12 @@ class ExportConfig(_Section):
         "auto", description="Which stage output to export; auto = model-trained if present, else model-init."
     )
     max_shard_size: str = Field("2GB", description="Largest safetensors shard, e.g. 500MB, 5GB.")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)  # raises with what to write
+        return v
     dtype: Literal["keep", "float32", "bfloat16", "float16"] = Field(
         "keep", description="Dtype of exported weights."
     )
@@ -353,8 +414,11 @@ class RetokConfig(_Section):
         None,
         description="Cache for converted GGUF models and fetched assets; null = $RETOK_CACHE or ~/.cache/retok.",
     )
-    seed: int = Field(0, description="Seed for data order, sampling and random init.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed for data order, sampling and random init.")
     model: ModelConfig = Field(description="The pretrained model.")
+    compute: ComputeConfig = Field(
+        default_factory=ComputeConfig, description="Device, dtype and threads of every stage that runs a model."
+    )
     data: DataConfig = Field(default_factory=DataConfig, description="Training and held-out text.")
     tokenizer: TokenizerConfig = Field(
         default_factory=TokenizerConfig, description="build-tokenizer settings."
@@ -364,19 +428,53 @@ class RetokConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="eval-speed settings.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="export settings.")
 
+    # One validator per rule that needs more than one field; each names the key to change.
+
     @model_validator(mode="after")
-    def _cross_field(self) -> RetokConfig:
+    def _stride_within_window(self) -> RetokConfig:
         if self.eval.stride > self.eval.window:
             raise ValueError("eval.stride must be <= eval.window")
+        return self
+
+    @model_validator(mode="after")
+    def _vocab_size_only_in_train_mode(self) -> RetokConfig:
         if self.tokenizer.vocab_size is not None and self.tokenizer.mode != "train":
             raise ValueError(
                 "tokenizer.vocab_size applies to mode: train only; use tokenizer.new_tokens for extend"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _tokenizer_domains_exist(self) -> RetokConfig:
         names = [s.name for s in self.data.train]
-        if self.tokenizer.domains:
-            missing = sorted(set(self.tokenizer.domains) - set(names))
+        missing = sorted(set(self.tokenizer.domains or []) - set(names))
+        if missing:
+            raise ValueError(f"tokenizer.domains names {missing}, which no data.train source has")
+        return self
+
+    @model_validator(mode="after")
+    def _head_shift_outside_has_two_sides(self) -> RetokConfig:
+        if not self.init.head_shift_outside:
+            return self
+        names = {s.name for s in self.data.train}
+        target = set(self.tokenizer.domains or [])
+        if not target or not names - target:
+            raise ValueError(
+                "init.head_shift_outside needs tokenizer.domains (the domains the new tokens are for) and another "
+                f"data.train domain to tell them apart (data.train has {sorted(names)}); set both, or set it to 0"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _eval_domains_exist(self) -> RetokConfig:
+        names = [s.name for s in self.data.eval]
+        for key, wanted in (("eval.domains", self.eval.domains), ("eval.speed_domains", self.eval.speed_domains)):
+            missing = sorted(set(wanted or []) - set(names))
             if missing:
-                raise ValueError(f"tokenizer.domains names {missing}, which no data.train source has")
+                raise ValueError(f"{key} names {missing}, which no data.eval source has (data.eval: {names})")
+        outside = sorted(set(self.eval.speed_domains or []) - set(self.eval.domains or names))
+        if outside:
+            raise ValueError(f"eval.speed_domains names {outside}, which eval.domains leaves out")
         return self
 
     # ---- derived paths
@@ -384,10 +482,6 @@ class RetokConfig(_Section):
     @property
     def out(self) -> Path:
         return Path(expand(self.output_dir))
-
-    def stage_dir(self, stage: str) -> Path:
-        assert stage in STAGES, stage
-        return self.out / stage
 
     @property
     def cache(self) -> Path:
@@ -468,12 +562,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# Keys that moved, for a message that says where to (configs written for earlier versions of retok).
+MOVED = {
+    "model.device": "compute.device",
+    "model.dtype": "compute.dtype",
+    "eval.device": "compute.device",
+    "eval.dtype": "compute.dtype",
+    "eval.threads": "compute.threads",
+    "tokenizer.max_train_bytes": "tokenizer.max_bytes",
+    "train.max_train_bytes": "train.max_bytes_per_source",
+}
+
+
 def _format_validation(e: ValidationError, source: str) -> str:
     msgs = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         kind = err["type"]
-        if kind == "extra_forbidden":
+        if kind == "extra_forbidden" and loc in MOVED:
+            msgs.append(f"{loc}: this key is now {MOVED[loc]}; rename it")
+        elif kind == "extra_forbidden":
             msgs.append(f"{loc}: unknown key (check the spelling; `retok init-config` writes every key)")
         elif kind == "missing":
             msgs.append(f"{loc}: required key is missing")
@@ -495,12 +603,33 @@ def validate_dict(data: Any, source: str = "<dict>") -> RetokConfig:
         raise RetokError(_format_validation(e, source)) from None
 
 
+def _refuse_duplicate_keys(node: Any, path: Path) -> None:
+    """YAML lets a key appear twice and keeps the last; in a config that silently drops the first value."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise RetokError(
+                        f"config {path}: key {key_node.value!r} appears twice (lines {seen[key_node.value]} and "
+                        f"{line}); keep one"
+                    )
+                seen[key_node.value] = line
+            _refuse_duplicate_keys(value_node, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, path)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise RetokError(f"config file {p} not found; `retok init-config {p}` writes a commented one")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        _refuse_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), p)
+        data = yaml.safe_load(text)
     except UnicodeDecodeError as e:
         raise RetokError(f"config {p}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
@@ -519,20 +648,3 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def to_yaml(cfg: RetokConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-
-
-# Which sections each stage's output depends on (its own and everything upstream).
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "tokenizer": ("model", "data", "tokenizer"),
-    "model-init": ("model", "data", "tokenizer", "init"),
-    "model-trained": ("model", "data", "tokenizer", "init", "train", "seed"),
-    "eval": ("model", "data", "tokenizer", "init", "train", "seed", "eval"),
-    "export": ("model", "data", "tokenizer", "init", "train", "seed", "export"),
-}
-
-
-def fingerprint(cfg: RetokConfig, stage: str) -> str:
-    """Hash of the parts of the resolved config that a stage's output depends on."""
-    dump = cfg.model_dump(mode="json")
-    part = {k: dump[k] for k in STAGE_SECTIONS[stage]}
-    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]

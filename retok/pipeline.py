@@ -1,52 +1,23 @@
-"""Stage dispatch: which function makes which folder, in what order, and when a stage can be skipped."""
+"""``retok run`` and the single-stage commands: run a stage into its folder, or every stage in order,
+skipping those whose folder was made by the same config (the stage table is retok.stages)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from retok.config import STAGES, RetokConfig
+from retok.config import RetokConfig
 from retok.errors import RetokError
-from retok.stage import stage_output, stage_status
-
-COMMANDS = {
-    "tokenizer": "build-tokenizer",
-    "model-init": "init-embeddings",
-    "model-trained": "train-io",
-    "eval": "eval-speed",
-    "export": "export",
-}
-
-
-def _stage_fn(stage: str):
-    if stage == "tokenizer":
-        from retok.tokenizer.build import build_tokenizer
-
-        return build_tokenizer
-    if stage == "model-init":
-        from retok.embeddings.surgery import init_embeddings
-
-        return init_embeddings
-    if stage == "model-trained":
-        from retok.train import train_io
-
-        return train_io
-    if stage == "eval":
-        from retok.evaluate import eval_speed
-
-        return eval_speed
-    if stage == "export":
-        from retok.export import export_model
-
-        return export_model
-    raise AssertionError(stage)
+from retok.stages import ORDER, entry_function, stage, stage_dir, stage_output, stage_status
 
 
 def preflight(cfg: RetokConfig) -> list[str]:
-    """Cheap checks that need no model loading: input paths exist. Returns notes for the user."""
+    """Cheap checks that need no model loading: input paths exist, a local model folder is one.
+    Returns notes for the user."""
     from retok.data import source_files
+    from retok.sources import check_local_model_path
 
-    notes = []
+    notes = [check_local_model_path(cfg.model)]
     for section, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         for i, src in enumerate(sources):
             if src.path is not None:
@@ -61,36 +32,36 @@ def preflight(cfg: RetokConfig) -> list[str]:
     return notes
 
 
-def run_stage(cfg: RetokConfig, stage: str, *, overwrite: bool = False, **kwargs) -> Path:
+def run_stage(cfg: RetokConfig, key: str, *, overwrite: bool = False, **options) -> Path:
     """Run one stage into its folder under output_dir (atomically)."""
     start = time.time()
-    with stage_output(cfg, stage, overwrite=overwrite) as tmp:
-        _stage_fn(stage)(cfg, tmp, **kwargs)
-    print(f"retok: {COMMANDS[stage]} took {time.time() - start:.1f}s", flush=True)
-    return cfg.stage_dir(stage)
+    with stage_output(cfg, key, overwrite=overwrite) as tmp:
+        entry_function(key)(cfg, tmp, **options)
+    print(f"retok: {stage(key).command} took {time.time() - start:.1f}s", flush=True)
+    return stage_dir(cfg, key)
 
 
 def run_all(cfg: RetokConfig, *, force: bool = False, only: list[str] | None = None) -> None:
     """Every stage in order, skipping those whose output was made by the same config."""
-    stages = list(STAGES)
+    keys = list(ORDER)
     if only:
-        unknown = [s for s in only if s not in STAGES]
+        unknown = [s for s in only if s not in ORDER]
         if unknown:
-            raise RetokError(f"--stages: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
-        stages = [s for s in STAGES if s in only]
+            raise RetokError(f"--stages: unknown stage {unknown[0]!r}; choose from {', '.join(ORDER)}")
+        keys = [s for s in ORDER if s in only]
     redo = force
-    for stage in stages:
-        status = stage_status(cfg, stage)
+    for key in keys:
+        status = stage_status(cfg, key)
         if status == "same" and not redo:
-            print(f"retok: {stage}/ is up to date, skipped (--force redoes it)", flush=True)
+            print(f"retok: {key}/ is up to date, skipped (--force redoes it)", flush=True)
             continue
         if status == "different" and not redo:
             raise RetokError(
-                f"{cfg.stage_dir(stage)} was made by a different config; pass --force to redo it "
+                f"{stage_dir(cfg, key)} was made by a different config; pass --force to redo it "
                 "(and the stages after it), or set output_dir to a new folder"
             )
-        print(f"retok: ---- {COMMANDS[stage]} -> {cfg.stage_dir(stage)}", flush=True)
-        run_stage(cfg, stage, overwrite=True)
+        print(f"retok: ---- {stage(key).command} -> {stage_dir(cfg, key)}", flush=True)
+        run_stage(cfg, key, overwrite=True)
         redo = True  # everything downstream of a redone stage is redone too
     from retok.summary import print_summary
 

@@ -47,6 +47,24 @@ def resolve_model(model: ModelConfig | str, cache: Path | None = None) -> Path:
     raise RetokError(f"model.path: {raw} not found (not a folder, a .gguf file, or a hub id like org/name)")
 
 
+def check_local_model_path(model: ModelConfig) -> str:
+    """What ``model.path`` names, checked without converting or downloading anything (for `retok validate`)."""
+    raw = expand(model.path)
+    p = Path(raw)
+    if raw.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise RetokError(f"model.path: GGUF file {p} not found; check the path")
+        return f"model.path: GGUF file {p} ({p.stat().st_size / 1e6:.0f} MB)"
+    if p.exists():
+        if not p.is_dir():
+            raise RetokError(f"model.path: {p} is neither a model folder nor a .gguf file")
+        check_model_folder(p, allow_pickle=model.allow_pickle)
+        return f"model.path: model folder {p}"
+    if _looks_like_hub_id(raw):
+        return f"model.path: hub id {raw} (downloaded when a stage first needs it)"
+    raise RetokError(f"model.path: {raw} not found (not a folder, a .gguf file, or a hub id like org/name)")
+
+
 def _looks_like_hub_id(s: str) -> bool:
     parts = s.split("/")
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
@@ -79,13 +97,31 @@ def _hub_snapshot(repo_id: str, cfg: ModelConfig) -> Path:
         patterns += ["*.bin"]
     try:
         path = Path(snapshot_download(repo_id, revision=cfg.revision, allow_patterns=patterns))
-    except Exception as e:  # network errors, gated repos, offline mode
-        raise RetokError(
-            f"model.path {repo_id}: could not get it from the Hugging Face Hub ({e.__class__.__name__}); "
-            "check the id and your network, or give a local folder / .gguf file"
-        ) from None
+    except Exception as e:  # network errors, gated or missing repos, offline mode
+        raise RetokError(f"model.path {repo_id}: {hub_error(e, repo_id)}") from None
     check_model_folder(path, allow_pickle=cfg.allow_pickle)
     return path
+
+
+def hub_error(e: Exception, repo_id: str) -> str:
+    """What went wrong fetching from the hub, and what to do: gated, not found and offline read differently."""
+    name = type(e).__name__
+    first = " ".join(str(e).split())[:160]
+    if name == "GatedRepoError":
+        return (
+            "the repository is gated; accept its licence on huggingface.co and log in (`hf auth login`), "
+            f"or give a local folder ({first})"
+        )
+    if name == "RepositoryNotFoundError":
+        return f"no such repository on the hub (check the spelling; a private one needs `hf auth login`) ({first})"
+    if name == "RevisionNotFoundError":
+        return f"model.revision does not exist in {repo_id} ({first})"
+    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or "offline" in first.lower():
+        return (
+            "the hub cannot be reached (offline, or HF_HUB_OFFLINE is set) and the model is not in the local "
+            f"cache; give a local folder or a .gguf file ({name})"
+        )
+    return f"could not get it from the Hugging Face Hub ({name}: {first}); check the id and your network"
 
 
 # --------------------------------------------------------------------------------------------- GGUF
@@ -362,3 +398,22 @@ def set_threads(threads: int | None) -> None:
 
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def require_causal_lm(folder: Path, who: str) -> None:
+    """RetokError unless ``folder`` holds a causal LM: its model type has an AutoModelForCausalLM class and the
+    architecture it was saved as is one of them (a BertModel folder is not, although BertLMHeadModel exists)."""
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise RetokError(f"{who}: {folder} has no config.json; give a Hugging Face model folder")
+    try:
+        conf = AutoConfig.from_pretrained(str(folder))
+    except Exception as e:
+        msg = " ".join(str(e).split())[:160]
+        raise RetokError(
+            f"{who}: {folder}/config.json cannot be read ({e.__class__.__name__}: {msg})"
+        ) from None
+    problem = not_causal_lm(conf)
+    if problem:
+        raise RetokError(f"{who}: {folder} is {problem}; give a decoder LM folder")

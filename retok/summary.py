@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from retok.config import RetokConfig
+from retok.stages import ORDER, stage, stage_dir
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -22,10 +23,10 @@ def _f(x: Any, fmt: str = ".3f") -> str:
 
 def collect(cfg: RetokConfig) -> dict[str, Any]:
     """Per-domain figures gathered from every stage report that exists."""
-    comp = _load(cfg.stage_dir("tokenizer") / "compression.json").get("domains", {})
-    init = _load(cfg.stage_dir("model-init") / "init_report.json").get("bpb", {})
-    train = _load(cfg.stage_dir("model-trained") / "train_report.json").get("bpb", {})
-    report = _load(cfg.stage_dir("eval") / "report.json")
+    comp = _report(cfg, "tokenizer").get("domains", {})
+    init = _report(cfg, "model-init").get("bpb", {})
+    train = _report(cfg, "model-trained").get("bpb", {})
+    report = _report(cfg, "eval")
     ev = report.get("domains", {})
     # BPB columns on one slice of text: init-embeddings and eval-speed both score eval.max_bytes per domain
     # (train-io's own evals use the smaller train.eval_max_bytes), so prefer them when eval-speed measured
@@ -49,13 +50,11 @@ def collect(cfg: RetokConfig) -> dict[str, Any]:
             "new_bytes_per_s": e.get("new", {}).get("bytes_per_s"),
             "speedup_bytes_per_s": e.get("speedup_bytes_per_s"),
         }
-    return {"domains": rows, "outputs": {s: str(cfg.stage_dir(s)) for s in _existing(cfg)}}
+    return {"domains": rows, "outputs": {k: str(stage_dir(cfg, k)) for k in ORDER if stage_dir(cfg, k).is_dir()}}
 
 
-def _existing(cfg: RetokConfig) -> list[str]:
-    from retok.config import STAGES
-
-    return [s for s in STAGES if cfg.stage_dir(s).is_dir()]
+def _report(cfg: RetokConfig, key: str) -> dict[str, Any]:
+    return _load(stage_dir(cfg, key) / (stage(key).report or ""))
 
 
 def markdown_table(summary: dict[str, Any]) -> str:
@@ -111,8 +110,8 @@ def print_summary(cfg: RetokConfig) -> dict[str, Any]:
     if not console.is_terminal:  # a log file or a pipe: rich would wrap the table at 80 columns
         console = Console(width=120)
     console.print(table)
-    for stage, path in summary["outputs"].items():
-        console.print(f"  {stage:>14}: {path}")
+    for key, path in summary["outputs"].items():
+        console.print(f"  {key:>14}: {path}")
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (cfg.out / "summary.md").write_text(f"# retok summary\n\n{markdown_table(summary)}")

@@ -9,7 +9,7 @@ body layers, written shard by shard (the full model is never built in RAM), a sy
 build-tokenizer does). Each variant runs in its own subprocess, which reports its own peak RSS
 (``ru_maxrss``); medians of ``--repeats`` runs:
 
-- retok: ``retok.embeddings.surgery.init_embeddings`` (reads/writes safetensors shards tensor by tensor).
+- retok: ``retok.embeddings.stage.init_embeddings`` (reads/writes safetensors shards tensor by tensor).
 - naive: ``from_pretrained`` the whole model, ``resize_token_embeddings``, assign the new rows (same TokenMap,
   so both compute the same rows), ``save_pretrained``.
 
@@ -246,7 +246,6 @@ def prepare(work: Path, layers: int, old_vocab: int, new_vocab: int, hidden: int
                 }
             )
         )
-        (tok_stage / "retok_stage.json").write_text(json.dumps({"stage": "tokenizer"}))
         (base / "ready").write_text("ok")
         print(
             f"bench: prepared synthetic inputs in {time.time() - t:.0f}s under {base}",
@@ -264,11 +263,13 @@ def worker(variant: str, model: Path, run: Path, out: Path) -> dict:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from retok.config import RetokConfig
+    from retok.stages import mark_stage
 
     cfg = RetokConfig(output_dir=str(run), model={"path": str(model)}, init={"eval_bpb": False})
+    mark_stage(run / "tokenizer", cfg, "tokenizer")  # the synthetic tokenizer folder stands for build-tokenizer's
     t = time.perf_counter()
     if variant == "retok":
-        from retok.embeddings.surgery import init_embeddings
+        from retok.embeddings.stage import init_embeddings
 
         out.mkdir(parents=True)
         report = init_embeddings(cfg, out)
@@ -277,7 +278,7 @@ def worker(variant: str, model: Path, run: Path, out: Path) -> dict:
         from transformers import AutoModelForCausalLM
 
         from retok.embeddings.mapping import build_token_map
-        from retok.embeddings.surgery import Plan, build_matrix
+        from retok.embeddings.rows import Plan, build_matrix
         from retok.sources import load_tokenizer
 
         old_tok, new_tok = load_tokenizer(model), load_tokenizer(run / "tokenizer")

@@ -1,5 +1,5 @@
 """Benchmark `retok train-io` against what a user would otherwise write: a transformers Trainer with the body's
-requires_grad set to False. Same model, same packed blocks (retok.packing, same seed), same batch, sequence
+requires_grad set to False. Same model, same packed blocks (retok.train.packing, same seed), same batch, sequence
 length, optimizer settings; each run in its own subprocess so its peak RSS is its own.
 
     python scripts/bench_train_io.py                       # SmolLM2-135M (converted GGUF), seq 256, batch 4
@@ -63,27 +63,25 @@ def config(work: Path, model: Path, a: argparse.Namespace):
 
 def prepare(work: Path, model: Path, a: argparse.Namespace) -> None:
     """output_dir/tokenizer and output_dir/model-init as links to the model folder's files."""
-    from retok.config import fingerprint
+    from retok.stages import mark_stage, stage_dir
 
     cfg = config(work, model, a)
     for stage in ("tokenizer", "model-init"):
-        d = cfg.stage_dir(stage)
+        d = stage_dir(cfg, stage)
         d.mkdir(parents=True, exist_ok=True)
         for f in model.iterdir():
             if f.is_file() and not f.name.startswith("retok_"):
                 (d / f.name).symlink_to(f.resolve())
-        (d / "retok_stage.json").write_text(
-            json.dumps({"stage": stage, "fingerprint": fingerprint(cfg, stage)})
-        )
+        mark_stage(d, cfg, stage)
 
 
 def child_retok(work: Path, model: Path, a: argparse.Namespace) -> dict:
-    import retok.train
+    import retok.train.loop
     from retok.pipeline import run_stage
 
     cfg = config(work, model, a)
     marks = [time.process_time()]
-    retok.train._on_step = lambda step: marks.append(time.process_time())  # CPU time at the end of each step
+    retok.train.loop._on_step = lambda step: marks.append(time.process_time())  # CPU time at the end of each step
     out = run_stage(cfg, "model-trained", overwrite=True)
     steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     secs = [r["step_seconds"] for r in steps if "loss" in r][a.warmup :]
@@ -98,8 +96,8 @@ def child_trainer(work: Path, model_dir: Path, a: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from retok.packing import train_batches
     from retok.sources import load_tokenizer
+    from retok.train.packing import train_batches
 
     cfg = config(work, model_dir, a)
     tok = load_tokenizer(model_dir)

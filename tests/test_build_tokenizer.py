@@ -22,8 +22,8 @@ from transformers import AutoTokenizer
 from retok.config import validate_dict
 from retok.errors import RetokError
 from retok.pipeline import run_stage
-from retok.tokenizer.build import training_text
 from retok.tokenizer.extend import TrainingText, extend_tokenizer, repeat_counts, splits_digits_individually
+from retok.tokenizer.stage import training_text
 from retok.tokens import detect_family, token_to_bytes
 from tests.tiny import (
     SAMPLE_TEXT,
@@ -429,7 +429,7 @@ def test_train_mode_keeps_the_pipeline(built, model_dirs, family):
 
 
 def test_training_text_budget_domains_and_weights(tmp_path, corpus, model_dirs):
-    d = _cfg_dict(tmp_path, model_dirs["byte_level"], corpus, max_train_bytes=20_000)
+    d = _cfg_dict(tmp_path, model_dirs["byte_level"], corpus, max_bytes=20_000)
     d["data"]["train"].append({"name": "en", "path": str(corpus["en_eval"]), "weight": 2.5})
     texts = training_text(validate_dict(d))
     assert [t.name for t in texts] == ["zh", "en"]

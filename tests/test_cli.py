@@ -48,14 +48,19 @@ def test_help_lists_every_command():
 
 
 def test_validate_ok_and_bad(tmp_path):
-    cfg = write_cfg(tmp_path)
+    cfg = write_cfg(tmp_path, model={"path": "org/name"})  # a hub id: validate does not download it
     p = retok("validate", str(cfg))
     assert p.returncode == 0, p.stderr
-    assert "config ok" in p.stdout
+    assert "config ok" in p.stdout and "model.path: hub id org/name" in p.stdout
+    # a local model path is resolved: a missing folder, or a folder that is not a model, fails up front
+    assert_one_line_error(retok("validate", str(write_cfg(tmp_path))), "no-such-model not found")
+    (tmp_path / "empty").mkdir()
+    empty = write_cfg(tmp_path, model={"path": str(tmp_path / "empty")})
+    assert_one_line_error(retok("validate", str(empty)), "has no config.json")
     assert_one_line_error(retok("validate", str(cfg), "--set", "train.max_stepz=3"), "train.max_stepz: unknown key")
     assert_one_line_error(retok("validate", str(cfg), "--set", "train.max_steps=abc"), "train.max_steps:")
     assert_one_line_error(retok("validate", str(tmp_path / "nope.yaml")), "not found")
-    bad = write_cfg(tmp_path, data={"train": [{"name": "en", "path": str(tmp_path / "missing.txt")}]})
+    bad = write_cfg(tmp_path, model={"path": "org/name"}, data={"train": [{"name": "en", "path": str(tmp_path / "missing.txt")}]})
     assert_one_line_error(retok("validate", str(bad)), "missing.txt not found")
 
 

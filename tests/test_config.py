@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from retok.config import apply_overrides, fingerprint, load_config, validate_dict
+from retok.config import apply_overrides, load_config, validate_dict
 from retok.config_doc import commented_yaml, markdown_reference
 from retok.errors import RetokError
+from retok.stages import fingerprint, stage_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def test_minimal_config_gets_defaults():
     assert cfg.init.method == "mean"
     assert cfg.model.trust_remote_code is False
     assert cfg.model.allow_pickle is False
-    assert cfg.stage_dir("model-init") == Path("runs/x/model-init")
+    assert stage_dir(cfg, "model-init") == Path("runs/x/model-init")
 
 
 @pytest.mark.parametrize(

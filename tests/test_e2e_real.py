@@ -29,7 +29,8 @@ def run_dir(tmp_path_factory) -> Path:
     corp = ASSETS / "corpora"
     cfg = {
         "output_dir": str(out / "run"),
-        "model": {"path": str(gguf), "device": "cpu", "dtype": "float32"},
+        "model": {"path": str(gguf)},
+        "compute": {"device": "cpu", "dtype": "float32", "threads": 2},
         "data": {
             "train": [
                 {"name": "zh", "path": str(corp / "zh" / "train.jsonl"), "max_bytes": 400_000},
@@ -43,7 +44,7 @@ def run_dir(tmp_path_factory) -> Path:
         "tokenizer": {"mode": "extend", "new_tokens": 1000, "domains": ["zh"]},
         "init": {"method": "mean"},
         "train": {"max_steps": 3, "seq_len": 64, "batch_size": 2, "eval_every": 3, "save_every": 3, "eval_max_bytes": 600, "warmup_steps": 1},
-        "eval": {"max_bytes": 1500, "window": 128, "stride": 96, "prompt_bytes": 300, "continuation_bytes": 60, "repeats": 1, "warmup": 0, "device": "cpu", "threads": 2},
+        "eval": {"max_bytes": 1500, "window": 128, "stride": 96, "prompt_bytes": 300, "continuation_bytes": 60, "repeats": 1, "warmup": 0},
         "export": {"max_shard_size": "200MB"},
     }
     path = out / "cfg.yaml"

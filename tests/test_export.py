@@ -17,21 +17,18 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from retok.config import validate_dict
+from retok.config import parse_size, validate_dict
 from retok.errors import RetokError
-from retok.export import check_folder, parse_size, plan_shards, weight_files
-from retok.llamacpp import CHKTXT, KNOWN_HASHES, chkhsh, gguf_advice, mapping_line
+from retok.evaluate.report import markdown_table
+from retok.export.check import check_folder
+from retok.export.llamacpp import CHKTXT, KNOWN_HASHES, chkhsh, gguf_advice, mapping_line
+from retok.export.shards import plan_shards, weight_files
 from retok.pipeline import run_stage
 from retok.safetensors_io import read_header
+from retok.stages import mark_stage, stage_dir
 from tests.tiny import SAMPLE_TEXT, byte_level_tokenizer, save_model_folder, tiny_llama
 
 ZH_EXTRA = "机器学习是人工智能的一个分支。语言模型把文本切分成词元，再预测下一个词元。" * 8
-
-
-def _stage_folder(path: Path, stage: str) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "retok_stage.json").write_text(json.dumps({"stage": stage, "fingerprint": "test"}))
-    return path
 
 
 def _config(root: Path, **export) -> object:
@@ -54,7 +51,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     init = save_model_folder(
         tiny_llama(new, tied=True, seed=1), new, root / "out" / "model-init", max_shard_size="30KB"
     )
-    _stage_folder(init, "model-init")
+    mark_stage(init, _config(root), "model-init")
     return root
 
 
@@ -128,10 +125,14 @@ def test_export_writes_consistent_ids_card_and_chkhsh(project: Path, exported: P
 
 def test_model_card_embeds_eval_table(project: Path, tmp_path: Path):
     root = Path(shutil.copytree(project, tmp_path / "p", ignore=shutil.ignore_patterns("export")))
-    ev = _stage_folder(root / "out" / "eval", "eval")
+    cfg = _config(root, dtype="bfloat16")
+    mark_stage(stage_dir(cfg, "model-init"), cfg, "model-init")  # made for this copy's model.path
+    ev = stage_dir(cfg, "eval")
+    ev.mkdir()
     side = {"bytes_per_token": 2.0, "bpb": 1.5, "tokens_per_s": 10.0, "bytes_per_s": 20.0, "prefill_ms": 5.0}
     report = {
         "environment": {"device": "cpu", "dtype": "float32", "threads": 2},
+        "candidate": {"folder": str(stage_dir(cfg, "model-init"))},
         "domains": {
             "zh": {
                 "old": side,
@@ -143,7 +144,9 @@ def test_model_card_embeds_eval_table(project: Path, tmp_path: Path):
         },
     }
     (ev / "report.json").write_text(json.dumps(report))
-    out = run_stage(_config(root, dtype="bfloat16"), "export")
+    (ev / "table.md").write_text(markdown_table(report))
+    mark_stage(ev, cfg, "eval")
+    out = run_stage(cfg, "export")
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "| zh | 2.00 | 4.00 | 2.00x |" in card and "| 1.85x | 0.93 |" in card
     # dtype cast: every float tensor is bfloat16 and config.json says so
@@ -176,6 +179,7 @@ def test_exported_folder_loads_without_retok(exported: Path, tmp_path: Path):
 
 def test_export_fails_when_the_result_does_not_pass_check(project: Path, tmp_path: Path):
     root = Path(shutil.copytree(project, tmp_path / "p", ignore=shutil.ignore_patterns("export")))
+    mark_stage(root / "out" / "model-init", _config(root), "model-init")  # made for this copy's model.path
     _edit(root / "out" / "model-init" / "config.json", lambda c: c.update(vocab_size=500))
     with pytest.raises(RetokError, match="fails `retok check`.*vocab size"):
         run_stage(_config(root), "export")
@@ -184,8 +188,10 @@ def test_export_fails_when_the_result_does_not_pass_check(project: Path, tmp_pat
 
 def test_parse_size_and_plan():
     assert parse_size("2GB") == 2 * 10**9 and parse_size("1GiB") == 2**30 and parse_size("20KB") == 20_000
-    with pytest.raises(RetokError, match="export.max_shard_size"):
+    with pytest.raises(ValueError, match="not a size"):
         parse_size("big")
+    with pytest.raises(RetokError, match="export.max_shard_size: .*not a size"):
+        _config(Path("x"), max_shard_size="big")
 
 
 def test_plan_shards_counts_cast_bytes(exported: Path):
@@ -377,7 +383,7 @@ def test_gguf_advice_cases():
 
 def test_sample_text_round_trip_is_what_check_uses():
     # The check's round-trip string must contain text outside SAMPLE_TEXT's scripts so byte fallback is exercised.
-    from retok.export import ROUND_TRIP_TEXT
+    from retok.export.check import ROUND_TRIP_TEXT
 
     assert any(ch not in SAMPLE_TEXT for ch in ROUND_TRIP_TEXT)
 

@@ -17,11 +17,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from retok.config import RetokConfig
+from retok.config import RetokConfig, validate_dict
 from retok.embeddings import methods
-from retok.embeddings.surgery import init_embeddings
+from retok.embeddings.stage import init_embeddings
 from retok.errors import RetokError
 from retok.safetensors_io import read_checkpoint, read_header
+from retok.stages import mark_stage, stage_dir
 from retok.tokens import BYTE_TO_UNICODE, SPIECE_SPACE, detect_family, token_to_bytes
 
 WORDS = ["机器学习", "人工智能", "词元", "分词器", " tokenizer", " embeddings", "龘龘"]
@@ -95,10 +96,11 @@ def extend_tokenizer(
 
 
 def make_tokenizer_stage(
-    out_dir: Path, new_tok: PreTrainedTokenizerFast, old_len: int, family: str, mode: str = "extend"
+    cfg: RetokConfig, new_tok: PreTrainedTokenizerFast, old_len: int, family: str, mode: str = "extend"
 ) -> Path:
-    """output_dir/tokenizer/ as build-tokenizer leaves it (HF files + retok_tokenizer.json + retok_stage.json)."""
-    folder = out_dir / "tokenizer"
+    """output_dir/tokenizer/ as build-tokenizer leaves it (HF files + retok_tokenizer.json, marked as made by
+    ``cfg``)."""
+    folder = stage_dir(cfg, "tokenizer")
     folder.mkdir(parents=True, exist_ok=True)
     new_tok.save_pretrained(folder)
     new_ids = list(range(old_len, len(new_tok)))
@@ -111,7 +113,7 @@ def make_tokenizer_stage(
         "new_ids": new_ids,
     }
     (folder / "retok_tokenizer.json").write_text(json.dumps(meta))
-    (folder / "retok_stage.json").write_text(json.dumps({"stage": "tokenizer"}))
+    mark_stage(folder, cfg, "tokenizer")
     return folder
 
 
@@ -126,7 +128,7 @@ def run_init(
     old = AutoTokenizer.from_pretrained(model_dir)
     new = tok if tok is not None else extend_tokenizer(old, tmp / "ext", new_special=new_special)
     cfg = make_cfg(tmp, model_dir, **init)
-    make_tokenizer_stage(cfg.out, new, len(old), detect_family(old.backend_tokenizer))
+    make_tokenizer_stage(cfg, new, len(old), detect_family(old.backend_tokenizer))
     out = tmp / "model-init"
     report = init_embeddings(cfg, out)
     return out, report, cfg
@@ -271,7 +273,7 @@ def test_trained_tokenizer_with_shuffled_ids_maps_by_bytes(tmp_path, make_model_
     (tmp_path / "ext" / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
     shuffled = AutoTokenizer.from_pretrained(tmp_path / "ext")
     cfg = make_cfg(tmp_path, model_dir)
-    make_tokenizer_stage(cfg.out, shuffled, len(old), "byte_level", mode="train")
+    make_tokenizer_stage(cfg, shuffled, len(old), "byte_level", mode="train")
     report = init_embeddings(cfg, tmp_path / "out")
     old_emb, old_head = emb_head(model_dir)
     emb, head = emb_head(tmp_path / "out")
@@ -399,14 +401,14 @@ def test_bad_inputs(tmp_path, make_model_dir, bl_tokenizer):
 
     # Not from build-tokenizer: no retok_tokenizer.json.
     cfg = make_cfg(tmp_path / "a", model_dir)
-    make_tokenizer_stage(cfg.out, new, len(old), "byte_level")
+    make_tokenizer_stage(cfg, new, len(old), "byte_level")
     (cfg.out / "tokenizer" / "retok_tokenizer.json").unlink()
     with pytest.raises(RetokError, match="build-tokenizer"):
         init_embeddings(cfg, tmp_path / "a-out")
 
     # Built for another model: recorded old vocabulary size differs.
     cfg = make_cfg(tmp_path / "b", model_dir)
-    make_tokenizer_stage(cfg.out, new, len(old) + 5, "byte_level")
+    make_tokenizer_stage(cfg, new, len(old) + 5, "byte_level")
     with pytest.raises(RetokError, match="rebuild it"):
         init_embeddings(cfg, tmp_path / "b-out")
 
@@ -415,7 +417,7 @@ def test_bad_inputs(tmp_path, make_model_dir, bl_tokenizer):
     shutil.copytree(model_dir, small)
     new.save_pretrained(small)  # a bigger tokenizer than the 2-row-short embedding
     cfg = make_cfg(tmp_path / "c", small)
-    make_tokenizer_stage(cfg.out, new, len(new), "byte_level", mode="train")
+    make_tokenizer_stage(cfg, new, len(new), "byte_level", mode="train")
     with pytest.raises(RetokError, match="rows"):
         init_embeddings(cfg, tmp_path / "c-out")
 
@@ -428,14 +430,14 @@ def test_bad_inputs(tmp_path, make_model_dir, bl_tokenizer):
     t["weird.table"] = t.pop("model.embed_tokens.weight")
     save_file(t, str(odd / "model.safetensors"), metadata={"format": "pt"})
     cfg = make_cfg(tmp_path / "d", odd)
-    make_tokenizer_stage(cfg.out, new, len(old), "byte_level")
+    make_tokenizer_stage(cfg, new, len(old), "byte_level")
     with pytest.raises(RetokError, match="LlamaForCausalLM.*Qwen2ForCausalLM"):
         init_embeddings(cfg, tmp_path / "d-out")
 
     # head_method on a tied model without untie_head is refused (head rows ARE input rows).
     tied = make_model_dir("llama_tied", "byte_level")
     cfg = make_cfg(tmp_path / "e", tied, head_method="first")
-    make_tokenizer_stage(cfg.out, new, len(old), "byte_level")
+    make_tokenizer_stage(cfg, new, len(old), "byte_level")
     with pytest.raises(RetokError, match="untie_head"):
         init_embeddings(cfg, tmp_path / "e-out")
 
@@ -460,7 +462,7 @@ def test_cli_one_line_errors_and_existing_output(tmp_path, make_model_dir):
     res = retok("init-embeddings", "--config", str(config))
     assert res.returncode == 2 and "init-embeddings needs" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-    make_tokenizer_stage(cfg.out, new, len(old), "byte_level")
+    make_tokenizer_stage(cfg, new, len(old), "byte_level")
     from retok.pipeline import run_stage  # what the command runs, in-process (a third CLI start costs ~10 s)
 
     run_stage(cfg, "model-init")
@@ -516,7 +518,7 @@ def test_bpb_report_compare_and_head_shift(tmp_path):
         },
         eval={"window": 64, "stride": 32, "max_bytes": 800},
     )
-    make_tokenizer_stage(cfg.out, new, len(old), "byte_level")
+    make_tokenizer_stage(cfg, new, len(old), "byte_level")
     out = tmp_path / "out"
     report = init_embeddings(cfg, out)
     assert set(report["bpb"]["mix"]) == {"original", "init"}
@@ -569,17 +571,14 @@ def test_head_shift_outside_target_domains(tmp_path):
         tokenizer={"domains": ["zh"]},
         eval={"window": 64, "stride": 32},
     )
-    make_tokenizer_stage(cfg.out, new, len(old), "byte_level")
+    make_tokenizer_stage(cfg, new, len(old), "byte_level")
     drop = init_embeddings(cfg, tmp_path / "out")["calibration"]["logit_drop_nats"]
     assert drop["en"] > 3.0 and drop["zh"] < 1.0, drop
 
-    # Without tokenizer.domains there is nothing to tell inside from outside: a one-line error.
-    cfg = RetokConfig(
-        output_dir=str(tmp_path / "run2"), model={"path": str(model_dir)}, data={"train": train}, init=init
-    )
-    make_tokenizer_stage(cfg.out, new, len(old), "byte_level")
-    with pytest.raises(RetokError, match="tokenizer.domains"):
-        init_embeddings(cfg, tmp_path / "out2")
+    # Without tokenizer.domains there is nothing to tell inside from outside: the config is refused up front.
+    bad = {"output_dir": str(tmp_path / "run2"), "model": {"path": str(model_dir)}, "data": {"train": train}}
+    with pytest.raises(RetokError, match="init.head_shift_outside needs tokenizer.domains"):
+        validate_dict({**bad, "init": init})
 
 
 # ------------------------------------------------------------------------------------------ pure math

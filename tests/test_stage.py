@@ -8,7 +8,7 @@ import pytest
 
 from retok.config import apply_overrides, validate_dict
 from retok.errors import RetokError
-from retok.stage import require_stage, stage_output, stage_status
+from retok.stages import require_stage, stage_dir, stage_output, stage_status
 
 
 def cfg(tmp_path, *sets):
@@ -20,10 +20,10 @@ def test_success_renames_and_documents(tmp_path):
     c = cfg(tmp_path)
     assert stage_status(c, "tokenizer") == "missing"
     with stage_output(c, "tokenizer") as tmp:
-        assert tmp != c.stage_dir("tokenizer") and tmp.parent == c.out
+        assert tmp != stage_dir(c, "tokenizer") and tmp.parent == c.out
         (tmp / "tokenizer.json").write_text("{}")
-        assert not c.stage_dir("tokenizer").exists()
-    folder = c.stage_dir("tokenizer")
+        assert not stage_dir(c, "tokenizer").exists()
+    folder = stage_dir(c, "tokenizer")
     assert (folder / "tokenizer.json").read_text() == "{}"
     meta = json.loads((folder / "retok_stage.json").read_text())
     assert meta["stage"] == "tokenizer"
@@ -41,14 +41,14 @@ def test_failure_leaves_nothing_and_keeps_old_output(tmp_path):
     with pytest.raises(ValueError), stage_output(c, "eval", overwrite=True) as tmp:
         (tmp / "report.json").write_text("half")
         raise ValueError("boom")
-    assert (c.stage_dir("eval") / "report.json").read_text() == "old"
+    assert (stage_dir(c, "eval") / "report.json").read_text() == "old"
     assert sorted(p.name for p in c.out.iterdir()) == ["eval"]
     with pytest.raises(RetokError, match="already exists; pass --overwrite"):
         with stage_output(c, "eval"):
             pass
     with stage_output(c, "eval", overwrite=True) as tmp:
         (tmp / "report.json").write_text("new")
-    assert (c.stage_dir("eval") / "report.json").read_text() == "new"
+    assert (stage_dir(c, "eval") / "report.json").read_text() == "new"
     assert sorted(p.name for p in c.out.iterdir()) == ["eval"]
 
 
@@ -56,6 +56,6 @@ def test_require_stage_errors(tmp_path):
     c = cfg(tmp_path)
     with pytest.raises(RetokError, match="run `retok build-tokenizer`"):
         require_stage(c, "tokenizer", "init-embeddings")
-    c.stage_dir("tokenizer").mkdir(parents=True)
+    stage_dir(c, "tokenizer").mkdir(parents=True)
     with pytest.raises(RetokError, match="was not made by retok"):
         require_stage(c, "tokenizer", "init-embeddings")

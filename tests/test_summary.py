@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from retok.config import validate_dict
+from retok.stages import stage_dir
 from retok.summary import collect, markdown_table
 
 
@@ -26,15 +27,15 @@ def _config(out: Path):
 
 def test_bpb_columns_come_from_one_slice(tmp_path: Path):
     cfg = _config(tmp_path)
-    _write(cfg.stage_dir("tokenizer") / "compression.json", {"domains": {"zh": {"old_bytes_per_token": 2.0, "new_bytes_per_token": 4.0, "ratio": 2.0}}})
+    _write(stage_dir(cfg, "tokenizer") / "compression.json", {"domains": {"zh": {"old_bytes_per_token": 2.0, "new_bytes_per_token": 4.0, "ratio": 2.0}}})
     # init-embeddings and eval-speed score eval.max_bytes; train-io's figures come from a smaller slice
-    _write(cfg.stage_dir("model-init") / "init_report.json", {"bpb": {"zh": {"original": 1.80, "init": 2.40}}})
-    _write(cfg.stage_dir("model-trained") / "train_report.json", {"bpb": {"zh": {"original": 1.70, "init": 2.50, "final": 2.35}}})
+    _write(stage_dir(cfg, "model-init") / "init_report.json", {"bpb": {"zh": {"original": 1.80, "init": 2.40}}})
+    _write(stage_dir(cfg, "model-trained") / "train_report.json", {"bpb": {"zh": {"original": 1.70, "init": 2.50, "final": 2.35}}})
     ev = {
-        "candidate": {"folder": str(cfg.stage_dir("model-trained"))},
+        "candidate": {"folder": str(stage_dir(cfg, "model-trained"))},
         "domains": {"zh": {"old": {"bpb": 1.80, "bytes_per_s": 30.0}, "new": {"bpb": 2.25, "bytes_per_s": 75.0}, "speedup_bytes_per_s": 2.5}},
     }
-    _write(cfg.stage_dir("eval") / "report.json", ev)
+    _write(stage_dir(cfg, "eval") / "report.json", ev)
     row = collect(cfg)["domains"]["zh"]
     assert (row["bpb_original"], row["bpb_init"], row["bpb_trained"]) == (1.80, 2.40, 2.25)
     assert row["speedup_bytes_per_s"] == 2.5 and row["compression_ratio"] == 2.0
@@ -42,5 +43,5 @@ def test_bpb_columns_come_from_one_slice(tmp_path: Path):
 
     # eval-speed measured some other model: the trained BPB comes from train-io's report
     ev["candidate"]["folder"] = str(tmp_path / "peer-tool-output")
-    _write(cfg.stage_dir("eval") / "report.json", ev)
+    _write(stage_dir(cfg, "eval") / "report.json", ev)
     assert collect(cfg)["domains"]["zh"]["bpb_trained"] == 2.35

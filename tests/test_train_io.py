@@ -20,11 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import retok.train as train_mod
-from retok.config import fingerprint, to_yaml, validate_dict
+import retok.train.loop as loop_mod
+import retok.train.params as params_mod
+from retok.config import to_yaml, validate_dict
 from retok.errors import RetokError
 from retok.pipeline import run_stage
-from retok.train import chunked_lm_loss
+from retok.stages import mark_stage, stage_dir
+from retok.train.loss import chunked_lm_loss
 from tests.tiny import SAMPLE_TEXT, byte_level_tokenizer, save_model_folder, tiny_llama
 
 PAD_ROWS = 24  # model-init rows past len(tokenizer), as init-embeddings' pad_to_multiple_of makes
@@ -106,23 +108,19 @@ def make_project(
             "eval": {"window": 64, "stride": 32},
         }
     )
-    tok_dir = cfg.stage_dir("tokenizer")
+    tok_dir = stage_dir(cfg, "tokenizer")
     tok_dir.mkdir(parents=True, exist_ok=True)
     new.save_pretrained(tok_dir)
     (tok_dir / "retok_tokenizer.json").write_text(json.dumps({"new_ids": list(range(len(old), len(new)))}))
-    (tok_dir / "retok_stage.json").write_text(
-        json.dumps({"stage": "tokenizer", "fingerprint": fingerprint(cfg, "tokenizer")})
-    )
+    mark_stage(tok_dir, cfg, "tokenizer")
     model = tiny_llama(new, tied=tied, seed=1)
     model.resize_token_embeddings(rows or len(new) + PAD_ROWS)
     with torch.no_grad():  # make padded rows recognisable, and distinct from anything training would write
         model.get_input_embeddings().weight[len(new) :] = 0.5
         if not tied:
             model.get_output_embeddings().weight[len(new) :] = -0.5
-    init = save_model_folder(model, new, cfg.stage_dir("model-init"))
-    (init / "retok_stage.json").write_text(
-        json.dumps({"stage": "model-init", "fingerprint": fingerprint(cfg, "model-init")})
-    )
+    init = save_model_folder(model, new, stage_dir(cfg, "model-init"))
+    mark_stage(init, cfg, "model-init")
     return cfg
 
 
@@ -175,12 +173,12 @@ def test_separate_learning_rates_for_embedding_and_head(tokenizers):
     cfg = validate_dict(
         {"output_dir": "x", "model": {"path": "x"}, "train": {"lr": 1e-3, "embed_lr": 2e-3, "head_lr": 5e-4}}
     )
-    io = train_mod.io_params(model, len(new), None)
-    opt = train_mod._optimizer(model, io, cfg, "io")
+    io = params_mod.io_params(model, len(new), None)
+    opt = params_mod.make_optimizer(model, io, cfg, "io")
     lrs = {g["name"]: (g["lr"], g["params"]) for g in opt.param_groups}
     assert lrs["embed"][0] == 2e-3 and lrs["embed"][1][0] is model.get_input_embeddings().weight
     assert lrs["head"][0] == 5e-4 and lrs["head"][1][0] is model.get_output_embeddings().weight
-    assert train_mod.count_params([p for g in opt.param_groups for p in g["params"]]) == 2 * len(new) * 32
+    assert params_mod.count_params([p for g in opt.param_groups for p in g["params"]]) == 2 * len(new) * 32
 
 
 # --------------------------------------------------------------------------------------- a whole run
@@ -193,7 +191,7 @@ def test_train_io_tied_body_frozen_padding_inert_report(tmp_path, tokenizers, ca
     printed = capsys.readouterr().out
     assert f"trainable parameters {(len(new) + PAD_ROWS) * 32:,}" in printed
 
-    before, after = _tensors(cfg.stage_dir("model-init")), _tensors(out)
+    before, after = _tensors(stage_dir(cfg, "model-init")), _tensors(out)
     assert set(before) == set(after) and HEAD not in after  # tied: the head is not stored separately
     for name, t in before.items():
         if name != EMBED:
@@ -246,7 +244,7 @@ def test_io_new_rows_untied_old_rows_bit_identical(tmp_path, tokenizers):
         },
     )
     out = run_stage(cfg, "model-trained")
-    before, after = _tensors(cfg.stage_dir("model-init")), _tensors(out)
+    before, after = _tensors(stage_dir(cfg, "model-init")), _tensors(out)
     for name in (EMBED, HEAD):
         assert torch.equal(before[name][: len(old)], after[name][: len(old)]), f"old rows of {name} moved"
         assert torch.equal(before[name][len(new) :], after[name][len(new) :]), f"padded rows of {name} moved"
@@ -268,7 +266,7 @@ def test_full_stage_unfreezes_the_body_after_io(tmp_path, tokenizers):
         tmp_path, tokenizers, train={"max_steps": 3, "grad_accum": 2, "full": {"steps": 3, "lr": 1e-3}}
     )
     out = run_stage(cfg, "model-trained")
-    before, after = _tensors(cfg.stage_dir("model-init")), _tensors(out)
+    before, after = _tensors(stage_dir(cfg, "model-init")), _tensors(out)
     assert not torch.equal(
         before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
     )
@@ -291,15 +289,15 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, tokenizers,
         if step == 4:
             os.kill(os.getpid(), signal.SIGINT)  # the handler flags it; the loop stops after the next step
 
-    monkeypatch.setattr(train_mod, "_on_step", ctrl_c)
+    monkeypatch.setattr(loop_mod, "_on_step", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         run_stage(cfg, "model-trained")
-    monkeypatch.setattr(train_mod, "_on_step", None)
+    monkeypatch.setattr(loop_mod, "_on_step", None)
     state_dir = cfg.out / "train-state"
     assert (
         json.loads((state_dir / "checkpoint" / "state.json").read_text())["step"] == 5
     )  # not a save_every multiple
-    assert not cfg.stage_dir("model-trained").exists()
+    assert not stage_dir(cfg, "model-trained").exists()
 
     with pytest.raises(RetokError, match="unfinished run .* --resume"):
         run_stage(cfg, "model-trained")
@@ -328,7 +326,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, tokeni
     assert "\n" not in str(e.value)
     state = json.loads((cfg.out / "train-state" / "checkpoint" / "state.json").read_text())
     assert 1 <= state["step"] and f"step {state['step']}" in str(e.value)
-    assert not cfg.stage_dir("model-trained").exists()
+    assert not stage_dir(cfg, "model-trained").exists()
 
 
 def test_trackers_are_opt_in_through_accelerate(tmp_path, tokenizers):
@@ -356,22 +354,25 @@ def _cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     return e.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["too_little_text", "vocab_mismatch", "unknown_trainable"])
+@pytest.mark.parametrize("case", ["too_little_text", "stale_tokenizer", "vocab_mismatch", "unknown_trainable"])
 def test_bad_input_one_line_exit_2_nothing_lost(case, tmp_path, tokenizers, monkeypatch, capsys):
     _, new = tokenizers
     cfg = make_project(tmp_path, tokenizers, rows=len(new) - 5 if case == "vocab_mismatch" else None)
     data = cfg.model_dump(mode="json")
-    if case == "too_little_text":
+    if case in ("too_little_text", "stale_tokenizer"):
         tiny = tmp_path / "tiny.jsonl"
         tiny.write_text(json.dumps({"text": "hi"}) + "\n")
         data["data"]["train"][1]["path"] = str(tiny)
+    if case == "too_little_text":  # stage folders made with this data (stale_tokenizer: made with the old data)
+        for stage in ("tokenizer", "model-init"):
+            mark_stage(stage_dir(cfg, stage), validate_dict(data), stage)
     if case == "unknown_trainable":
         data["train"]["trainable"] = "everything"
     path = tmp_path / "cfg.yaml"
     import yaml
 
     path.write_text(yaml.safe_dump(data))
-    init = cfg.stage_dir("model-init")
+    init = stage_dir(cfg, "model-init")
     snapshot = {f.name: f.read_bytes() for f in init.iterdir()}
     code, err = _cli(["train-io", "--config", str(path)], monkeypatch, capsys)
     assert code == 2
@@ -379,13 +380,14 @@ def test_bad_input_one_line_exit_2_nothing_lost(case, tmp_path, tokenizers, monk
     assert len(lines) == 1 and "Traceback" not in err
     want = {
         "too_little_text": "data.train.1 (zh): only",
+        "stale_tokenizer": "tokenizer was made by a different config (data.train changed); run `retok build-tokenizer --overwrite`",
         "vocab_mismatch": "embedding rows",
         "unknown_trainable": "train.trainable",
     }[case]
     assert want in lines[0]
     assert {f.name: f.read_bytes() for f in init.iterdir()} == snapshot
     assert (
-        not cfg.stage_dir("model-trained").exists() and not (cfg.out / "train-state" / "checkpoint").exists()
+        not stage_dir(cfg, "model-trained").exists() and not (cfg.out / "train-state" / "checkpoint").exists()
     )
 
 
@@ -430,10 +432,10 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tokenizers):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    out = cfg.stage_dir("model-trained")
+    out = stage_dir(cfg, "model-trained")
     rep = json.loads((out / "train_report.json").read_text())
     assert rep["processes"] == 2 and rep["steps"] == 4 and rep["tokens_seen"] == 4 * 2 * BATCH * SEQ
-    before, after = _tensors(cfg.stage_dir("model-init")), _tensors(out)
+    before, after = _tensors(stage_dir(cfg, "model-init")), _tensors(out)
     for name, t in before.items():
         if name != EMBED:
             assert torch.equal(t, after[name])
@@ -486,7 +488,7 @@ def test_real_smollm2_short_run(tmp_path):
     old, tok = load_tokenizer(src), load_tokenizer(src)
     words = [w for w in ZH_WORDS if len(old.encode(w, add_special_tokens=False)) > 1]
     tok.add_tokens(words)
-    tok_dir, init_dir = cfg.stage_dir("tokenizer"), cfg.stage_dir("model-init")
+    tok_dir, init_dir = stage_dir(cfg, "tokenizer"), stage_dir(cfg, "model-init")
     tok.save_pretrained(tok_dir)
     (tok_dir / "retok_tokenizer.json").write_text(json.dumps({"new_ids": list(range(len(old), len(tok)))}))
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -500,9 +502,7 @@ def test_real_smollm2_short_run(tmp_path):
     model.save_pretrained(init_dir)
     tok.save_pretrained(init_dir)
     for stage, d in (("tokenizer", tok_dir), ("model-init", init_dir)):
-        (d / "retok_stage.json").write_text(
-            json.dumps({"stage": stage, "fingerprint": fingerprint(cfg, stage)})
-        )
+        mark_stage(d, cfg, stage)
 
     out = run_stage(cfg, "model-trained")
     before, after = _tensors(init_dir), _tensors(out)
@@ -521,7 +521,7 @@ def test_real_smollm2_short_run(tmp_path):
 
 
 def test_heap_trimmer_trims_only_when_the_heap_crept_up(monkeypatch):
-    from retok.train import _HeapTrimmer
+    from retok.train.loop import HeapTrimmer as _HeapTrimmer
 
     trimmer = _HeapTrimmer(slack_bytes=100)
     calls: list[int] = []

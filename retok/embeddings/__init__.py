@@ -1,7 +1,11 @@
 """init-embeddings: rebuild the input embedding and LM head for a new tokenizer.
 
-mapping.py  which old rows each new token comes from (by raw bytes; specials by role/content)
-methods.py  the embedding math (pure tensor functions)
-surgery.py  safetensors shards in, shards out, tensor by tensor; the stage entry ``init_embeddings``
-report.py   init_report.json / .md / pieces_histogram.png, held-out BPB of the original and new model
+stage.py       the stage entry ``init_embeddings(cfg, out)``
+mapping.py     which old rows each new token comes from (by raw bytes; specials by role/content)
+methods.py     the embedding math (pure tensor functions)
+rows.py        the new matrices chunk by chunk (a TokenMap + a method)
+checkpoint.py  safetensors shards in, shards out, tensor by tensor (find the embedding and head, write)
+folder.py      config.json / generation_config.json / tokenizer files of the new folder, and their check
+headshift.py   the optional head-shift calibration on the original model's hidden states
+report.py      init_report.json / .md / pieces_histogram.png, held-out BPB of the original and new model
 """

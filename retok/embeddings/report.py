@@ -202,15 +202,15 @@ def measure_bpb(
     import torch
 
     from retok.data import load_domains
-    from retok.embeddings.surgery import build_matrix
+    from retok.embeddings.rows import build_matrix
     from retok.metrics import bits_per_byte
     from retok.sources import load_model
 
-    docs = load_domains(cfg.data.eval, "data.eval", cfg.eval.max_bytes, only=cfg.eval.domains)
+    docs = load_domains(cfg.data.eval, "data.eval", cfg.init.eval_max_bytes)
     kw = {"window": cfg.eval.window, "stride": cfg.eval.stride}
     load = {
-        "dtype": cfg.model.dtype,
-        "device": cfg.model.device,
+        "dtype": cfg.compute.dtype,
+        "device": cfg.compute.device,
         "trust_remote_code": cfg.model.trust_remote_code,
     }
 
@@ -231,7 +231,7 @@ def measure_bpb(
     result: dict[str, Any] = {
         "bpb": {d: {"original": orig[d], "init": init[d]} for d in docs},
         "eval_settings": {
-            "max_bytes": cfg.eval.max_bytes,
+            "max_bytes": cfg.init.eval_max_bytes,
             "window": cfg.eval.window,
             "stride": cfg.eval.stride,
         },

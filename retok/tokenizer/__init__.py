@@ -3,5 +3,5 @@
 extend.py  continued BPE on the OLD tokenizer's segmentation, appended after every old id (the default)
 train.py   a new BPE trained from scratch with the old pipeline (normaliser, pre-tokenizer, specials)
 report.py  compression.json / .md / .png: bytes per token old vs new, round trip, reachability, digits
-build.py   the stage entry ``build_tokenizer(cfg, out)``: text in, HF tokenizer folder + reports out
+stage.py   the stage entry ``build_tokenizer(cfg, out)``: text in, HF tokenizer folder + reports out
 """

@@ -1,31 +1,22 @@
-"""export and check: the final Hugging Face folder, and a checker for any model folder.
+"""``retok check``: a model folder checked the way its users will meet it.
 
-    retok export --config configs/demo.yaml
-    retok check runs/demo/export
-
-``export`` streams the weights of the latest model stage (safetensors in, safetensors out, one output shard
-in memory at a time, optional dtype cast), writes config.json, generation_config.json and the tokenizer with
-every special-token id agreeing, a model card (README.md) with the resolved config, the eval table and the
-llama.cpp conversion line, then runs ``check`` on its own output and fails if anything is wrong.
-
-``check`` needs nothing from retok to pass: it loads the folder with plain transformers and asks what a user
-or a server would run into (head rows, tied flag, special tokens, chat template, round trip, greedy decoding).
+It needs nothing from retok to pass: it loads the folder with plain transformers and asks what a user or a
+server would run into (head rows, tied flag, special tokens, chat template, round trip, greedy decoding).
+Every check runs; a failure says what to fix. A folder whose files cannot be read fails the check that reads
+them; a bug in retok is never reported as a fault of the folder.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retok.config import RetokConfig, to_yaml
 from retok.errors import RetokError
-from retok.safetensors_io import DTYPE_BYTES, INDEX_FILE, TensorInfo, tensor_table
-
-REPORT_JSON = "retok_export.json"
+from retok.safetensors_io import TensorInfo, tensor_table
+from retok.sources import require_causal_lm
 
 # A string that exercises every script family retok users care about, whitespace runs and digits.
 ROUND_TRIP_TEXT = (
@@ -36,338 +27,11 @@ ROUND_TRIP_TEXT = (
 )
 
 
-# ----------------------------------------------------------------------------------------- safetensors
-
-
-def parse_size(value: str | int, key: str = "export.max_shard_size") -> int:
-    """'2GB' -> 2e9, '500MB', '1GiB' -> 2**30, an int stays an int (bytes)."""
-    if isinstance(value, int):
-        if value <= 0:
-            raise RetokError(f"{key}: must be positive, got {value}")
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(value), flags=re.IGNORECASE)
-    if not m:
-        raise RetokError(f"{key}: {value!r} is not a size; write e.g. 500MB, 2GB or 1GiB")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}.get(unit) or {
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }.get(unit)
-    if scale is None:
-        raise RetokError(f"{key}: unknown unit in {value!r}; use KB, MB, GB (or KiB, MiB, GiB)")
-    size = int(float(m.group(1)) * scale)
-    if size <= 0:
-        raise RetokError(f"{key}: must be positive, got {value!r}")
-    return size
-
-
-_ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
-
-def weight_files(folder: Path) -> dict[str, Path]:
-    """tensor name -> the safetensors file that holds it (sharded with an index, or single files)."""
-    return {name: info.file for name, info in tensor_table(folder).items()}
-
-
-def plan_shards(folder: Path, max_bytes: int, dtype: str = "keep") -> list[list[tuple[str, Path, int]]]:
-    """Group tensors, in name order, into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
-    table = tensor_table(folder)
-    if not table:
-        raise RetokError(f"{folder} holds no *.safetensors weights to export")
-    shards: list[list[tuple[str, Path, int]]] = [[]]
-    used = 0
-    for name in sorted(table):
-        info = table[name]
-        size = info.end - info.start
-        if dtype in _ST_DTYPE and _is_float(info.dtype):
-            size = size // DTYPE_BYTES[info.dtype] * DTYPE_BYTES[_ST_DTYPE[dtype]]
-        if shards[-1] and used + size > max_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append((name, info.file, size))
-        used += size
-    return shards
-
-
-def _is_float(st_dtype: str) -> bool:
-    return st_dtype in ("F64", "F32", "F16", "BF16")
-
-
-def stream_weights(src: Path, out: Path, max_bytes: int, dtype: str = "keep") -> dict[str, Any]:
-    """Copy every tensor of ``src`` into shards in ``out``, one output shard in memory at a time."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    shards = plan_shards(src, max_bytes, dtype)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map: dict[str, str] = {}
-    total = 0
-    handles: dict[Path, Any] = {}
-    try:
-        for shard, fname in tqdm(list(zip(shards, names, strict=True)), desc="export shards", unit="shard"):
-            tensors = {}
-            for name, path, _ in shard:
-                if path not in handles:
-                    handles[path] = safe_open(str(path), framework="pt")
-                t = handles[path].get_tensor(name)
-                if target is not None and t.is_floating_point():
-                    t = t.to(target)
-                tensors[name] = t.contiguous()
-                total += t.numel() * t.element_size()
-                weight_map[name] = fname
-            save_file(tensors, str(out / fname), metadata={"format": "pt"})
-            del tensors
-    finally:
-        handles.clear()
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return {"files": names, "tensors": len(weight_map), "total_bytes": total}
-
-
-# --------------------------------------------------------------------------------------------- export
-
-
-def export_source(cfg: RetokConfig) -> Path:
-    """The stage folder to export: export.source, or (auto) model-trained, else model-init."""
-    from retok.stage import require_stage
-
-    if cfg.export.source != "auto":
-        return require_stage(cfg, cfg.export.source, "export")
-    for stage in ("model-trained", "model-init"):
-        if cfg.stage_dir(stage).is_dir():
-            return require_stage(cfg, stage, "export")
-    raise RetokError(
-        f"export needs a model: neither {cfg.stage_dir('model-trained')} nor {cfg.stage_dir('model-init')} exists; "
-        "run `retok init-embeddings` (and `retok train-io`) first"
-    )
-
-
-def _ids(value: Any) -> list[int]:
+def ids_list(value: Any) -> list[int]:
+    """A token-id field of a config (an int, a list of ints, or None) as a list."""
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
-
-
-def sync_special_ids(conf: dict[str, Any], tok: Any, where: str) -> list[str]:
-    """Make bos/eos/pad ids of a config dict agree with the tokenizer's roles; returns what changed.
-
-    The tokenizer is the truth (its roles name tokens by content). An eos LIST is kept when it contains the
-    tokenizer's eos and every id in it is a special token (Gemma lists <eos> and <end_of_turn>).
-    """
-    changes = []
-    special_ids = set(tok.all_special_ids)
-    for role in ("bos", "eos", "pad"):
-        key = f"{role}_token_id"
-        want = getattr(tok, key)
-        have = conf.get(key)
-        if want is None or have is None:
-            continue
-        have_ids = _ids(have)
-        if role == "eos" and isinstance(have, list) and want in have_ids and set(have_ids) <= special_ids:
-            continue
-        if have_ids != [want]:
-            conf[key] = want
-            changes.append(f"{where} {key}: {have} -> {want}")
-    return changes
-
-
-def _model_name(cfg: RetokConfig) -> str:
-    if cfg.export.model_name:
-        return cfg.export.model_name
-    stem = Path(cfg.model.path.rstrip("/")).name
-    stem = re.sub(r"\.gguf$", "", stem, flags=re.IGNORECASE)
-    return f"{stem}-retok"
-
-
-def _old_pre_name(cfg: RetokConfig) -> str | None:
-    from retok.config import expand
-    from retok.sources import read_gguf_metadata
-
-    if cfg.export.gguf_pre:
-        return cfg.export.gguf_pre
-    path = Path(expand(cfg.model.path))
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        pre = read_gguf_metadata(path).get("tokenizer.ggml.pre")
-        return str(pre) if pre else None
-    return None
-
-
-def _llamacpp(cfg: RetokConfig, new_tok: Any) -> dict[str, Any]:
-    from retok.llamacpp import gguf_advice
-    from retok.sources import load_tokenizer, resolve_model
-    from retok.tokens import detect_family
-
-    old_tok = load_tokenizer(
-        resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
-    )
-    try:
-        family: str | None = detect_family(new_tok.backend_tokenizer)
-    except RetokError:
-        family = None
-    advice = gguf_advice(old_tok, new_tok, _old_pre_name(cfg), family)
-    advice["old_tokenizer_len"] = len(old_tok)
-    return advice
-
-
-def _looks_like_hub_id(s: str) -> bool:
-    parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~")) and not s.endswith(".gguf")
-
-
-def _model_card(
-    cfg: RetokConfig,
-    src: Path,
-    name: str,
-    tok: Any,
-    conf: dict[str, Any],
-    llama: dict[str, Any],
-    checks: list[Check],
-) -> str:
-    from retok.evaluate import markdown_table
-
-    head = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- retok",
-        "- tokenizer-extension",
-    ]
-    if _looks_like_hub_id(cfg.model.path):
-        head.append(f"base_model: {cfg.model.path}")
-    head.append("---")
-    old_len = llama.get("old_tokenizer_len")
-    parts = [
-        *head,
-        "",
-        f"# {name}",
-        "",
-        f"`{cfg.model.path}` with its tokenizer replaced by [retok](https://arxiv.org/abs/2410.04335) (ReTok): "
-        f"{old_len} -> {len(tok)} tokens, embedding and LM head re-initialised (`init.method: {cfg.init.method}`) "
-        + (
-            f"and trained with the body frozen (`train.max_steps: {cfg.train.max_steps}`). "
-            if src.name == "model-trained"
-            else "and not trained (exported from model-init). "
-        )
-        + f"tie_word_embeddings: {conf.get('tie_word_embeddings')}, vocab_size (rows): {conf.get('vocab_size')}.",
-        "",
-        "## Evaluation",
-        "",
-    ]
-    report = cfg.stage_dir("eval") / "report.json"
-    if report.is_file():
-        try:
-            ev = json.loads(report.read_text(encoding="utf-8"))
-            env = ev.get("environment", {})
-            parts += [
-                "Old vs new model on the same held-out text (`retok eval-speed`): bytes per token, bits per byte, "
-                "and decoding bytes/s on the same reference continuation "
-                f"({env.get('device')}, {env.get('dtype')}, {env.get('threads')} threads; new = "
-                f"`{ev.get('candidate', {}).get('path')}`).",
-                "",
-                markdown_table(ev),
-            ]
-        except (ValueError, KeyError, TypeError) as e:
-            parts.append(f"(eval/report.json could not be read: {e.__class__.__name__})")
-    else:
-        parts.append("Not measured: run `retok eval-speed` before `retok export` to embed the table here.")
-    parts += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'tok = AutoTokenizer.from_pretrained("PATH")',
-        'model = AutoModelForCausalLM.from_pretrained("PATH")',
-        "```",
-        "",
-        "## llama.cpp / GGUF",
-        "",
-        f"- chkhsh of the old tokenizer: `{llama['old_chkhsh']}`"
-        + (f" (llama.cpp name `{llama['pre_name']}`)" if llama.get("pre_name") else ""),
-        f"- chkhsh of the new tokenizer: `{llama['new_chkhsh']}`",
-        f"- normalizer and pre-tokenizer unchanged: {llama['pre_tokenizer_unchanged']}",
-        "",
-        llama["explanation"],
-    ]
-    if llama.get("mapping_line"):
-        parts += ["", "```python", llama["mapping_line"], "```"]
-    parts += ["", "## Checks (`retok check`)", ""]
-    parts += [f"- {'PASS' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in checks]
-    parts += ["", "## retok config", "", "```yaml", to_yaml(cfg).rstrip(), "```", ""]
-    return "\n".join(parts)
-
-
-def export_model(cfg: RetokConfig, out: Path) -> dict[str, Any]:
-    """Write the final folder into ``out`` and check it; RetokError if the check fails."""
-    from retok.sources import load_tokenizer
-
-    src = export_source(cfg)
-    max_bytes = parse_size(cfg.export.max_shard_size)
-    if not (src / "config.json").is_file():
-        raise RetokError(f"{src} has no config.json; rerun the stage that made it")
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"retok: export {src} -> {out}", flush=True)
-
-    weights = stream_weights(src, out, max_bytes, cfg.export.dtype)
-
-    changes: list[str] = []
-    tok = load_tokenizer(src, trust_remote_code=cfg.model.trust_remote_code)
-    conf = json.loads((src / "config.json").read_text())
-    if cfg.export.dtype != "keep":
-        for key in ("dtype", "torch_dtype"):
-            if key in conf or key == "dtype":
-                conf[key] = cfg.export.dtype
-    changes += sync_special_ids(conf, tok, "config.json")
-    gen_path = src / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {"_from_model_config": True}
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if gen.get(key) is None and conf.get(key) is not None:
-            gen[key] = conf[key]
-    changes += sync_special_ids(gen, tok, "generation_config.json")
-    (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
-    tok.save_pretrained(str(out))
-    for line in changes:
-        print(f"retok: export: {line}", flush=True)
-
-    llama = _llamacpp(cfg, tok)
-    checks = check_folder(out)
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        print_checks(checks)
-        raise RetokError(
-            "export: the exported folder fails `retok check`: "
-            + "; ".join(f"{c.name}: {c.detail}" for c in failed)
-        )
-    name = _model_name(cfg)
-    (out / "README.md").write_text(_model_card(cfg, src, name, tok, conf, llama, checks), encoding="utf-8")
-    report = {
-        "source": str(src),
-        "model_name": name,
-        "weights": weights,
-        "dtype": cfg.export.dtype,
-        "max_shard_size": cfg.export.max_shard_size,
-        "id_changes": changes,
-        "llama_cpp": llama,
-        "checks": [asdict(c) for c in checks],
-    }
-    (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    print_checks(checks)
-    return report
-
-
-# ---------------------------------------------------------------------------------------------- check
 
 
 @dataclass
@@ -377,6 +41,7 @@ class Check:
     name: str
     ok: bool
     detail: str
+    internal: bool = False  # the check itself crashed: a retok bug, not a verdict on the folder
 
 
 class _Ctx:
@@ -384,14 +49,32 @@ class _Ctx:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.config = json.loads((folder / "config.json").read_text())
-        gen = folder / "generation_config.json"
-        self.gen = json.loads(gen.read_text()) if gen.is_file() else None
-        tj = folder / "tokenizer.json"
-        self.tokenizer_json = json.loads(tj.read_text(encoding="utf-8")) if tj.is_file() else None
-        self.table: dict[str, TensorInfo] = tensor_table(folder)
+        self.unreadable: list[str] = []  # files that exist but cannot be read: each fails the "files" check
+        self.config = self._json("config.json") or {}
+        self.gen = self._json("generation_config.json")
+        self.tokenizer_json = self._json("tokenizer.json")
+        self.export_meta = self._json("retok_export.json")  # present in folders written by `retok export`
+        try:
+            self.table: dict[str, TensorInfo] = tensor_table(folder)
+        except RetokError as e:
+            self.table = {}
+            self.unreadable.append(str(e))
         self.tok: Any = None
         self.model: Any = None
+
+    def _json(self, name: str) -> Any:
+        path = self.folder / name
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            self.unreadable.append(f"{name} is not valid JSON ({e.__class__.__name__})")
+            return None
+        if not isinstance(data, dict):
+            self.unreadable.append(f"{name} is not a JSON object")
+            return None
+        return data
 
     def rows(self, name: str | None) -> int | None:
         info = self.table.get(name) if name else None
@@ -436,14 +119,14 @@ def _embedding_keys(ctx: _Ctx) -> tuple[str | None, str | None]:
 
 
 def _check_files(ctx: _Ctx) -> Check:
-    problems = []
-    if not ctx.table:
+    problems = list(ctx.unreadable)
+    if not ctx.table and not ctx.unreadable:
         problems.append("no *.safetensors weights")
-    if ctx.tokenizer_json is None:
+    if ctx.tokenizer_json is None and (ctx.folder / "tokenizer.json").is_file() is False:
         problems.append("no tokenizer.json (fast tokenizer)")
     if "auto_map" in ctx.config:
         problems.append("config.json has auto_map: loading needs trust_remote_code")
-    if ctx.gen is None:
+    if ctx.gen is None and not (ctx.folder / "generation_config.json").is_file():
         problems.append("no generation_config.json")
     pickles = [p.name for p in ctx.folder.glob("*.bin")]
     if pickles and not ctx.table:
@@ -633,7 +316,7 @@ def _check_special_tokens(ctx: _Ctx) -> Check:
     for fname, conf in sources:
         for role in ("bos", "eos", "pad"):
             key = f"{role}_token_id"
-            ids = _ids(conf.get(key))
+            ids = ids_list(conf.get(key))
             want = getattr(tok, key)
             for i in ids:
                 if i < 0 or (rows and i >= rows):
@@ -676,6 +359,13 @@ def _check_special_tokens(ctx: _Ctx) -> Check:
 def _check_chat_template(ctx: _Ctx) -> Check:
     tok = ctx.tok
     if not getattr(tok, "chat_template", None):
+        if (ctx.export_meta or {}).get("chat_template"):
+            return Check(
+                "chat template",
+                False,
+                "retok export wrote a chat template (retok_export.json) but the folder has none now; restore "
+                "chat_template.jinja or export again",
+            )
         return Check("chat template", True, "no chat template (a base model)")
     messages = [
         {"role": "user", "content": "What is 2+2? 用中文回答。"},
@@ -757,7 +447,8 @@ def _check_generation(ctx: _Ctx) -> Check:
 
 
 def _gate(ctx: _Ctx, need: str, name: str, fn: Callable[[_Ctx], Check]) -> Check:
-    """Run ``fn`` unless what it needs did not load; an unexpected error becomes a failed check."""
+    """Run ``fn`` unless what it needs did not load. A check that crashes is reported as retok's own
+    error (``internal``), never as a fault of the folder."""
     if need == "tok" and ctx.tok is None or need == "model" and (ctx.model is None or ctx.tok is None):
         return Check(
             name,
@@ -767,28 +458,13 @@ def _gate(ctx: _Ctx, need: str, name: str, fn: Callable[[_Ctx], Check]) -> Check
     try:
         return fn(ctx)
     except Exception as e:
-        return Check(name, False, f"{e.__class__.__name__}: {' '.join(str(e).split())[:240]}")
-
-
-def require_causal_lm(folder: Path, who: str) -> None:
-    """RetokError unless ``folder`` holds a causal LM: its model type has an AutoModelForCausalLM class and the
-    architecture it was saved as is one of them (a BertModel folder is not, although BertLMHeadModel exists)."""
-    from transformers import AutoConfig
-
-    from retok.sources import not_causal_lm
-
-    if not (folder / "config.json").is_file():
-        raise RetokError(f"{who}: {folder} has no config.json; give a Hugging Face model folder")
-    try:
-        conf = AutoConfig.from_pretrained(str(folder))
-    except Exception as e:
-        msg = " ".join(str(e).split())[:160]
-        raise RetokError(
-            f"{who}: {folder}/config.json cannot be read ({e.__class__.__name__}: {msg})"
-        ) from None
-    problem = not_causal_lm(conf)
-    if problem:
-        raise RetokError(f"{who}: {folder} is {problem}; give a decoder LM folder")
+        return Check(
+            name,
+            False,
+            f"internal error in retok's check ({e.__class__.__name__}: {' '.join(str(e).split())[:200]}); "
+            "this is a bug in retok, not a verdict on the folder: please report it",
+            internal=True,
+        )
 
 
 def check_folder(path: str | Path) -> list[Check]:
@@ -823,7 +499,8 @@ def print_checks(results: list[Check]) -> None:
     table.add_column("result")
     table.add_column("detail", overflow="fold")
     for r in results:
-        table.add_row(r.name, "[green]PASS[/green]" if r.ok else "[red]FAIL[/red]", r.detail)
+        verdict = "[green]PASS[/green]" if r.ok else "[magenta]ERROR[/magenta]" if r.internal else "[red]FAIL[/red]"
+        table.add_row(r.name, verdict, r.detail)
     console = Console()
     console.print(table)
     failed = sum(not r.ok for r in results)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from retok.config import RetokConfig
+from retok.train.state import TrainState
 
 CURVE = "train_curve.png"
 
@@ -103,12 +104,12 @@ def _plot(path: Path, losses: list[dict], evals: list[dict], bpb: dict[str, dict
 
 
 def write_report(
-    out: Path, cfg: RetokConfig, state: dict, final: dict[str, float], world: int, device: str, precision: str
+    out: Path, cfg: RetokConfig, state: TrainState, final: dict[str, float], world: int, device: str, precision: str
 ) -> dict:
     """Write train_report.json/.md and train_curve.png into ``out``; returns the JSON report."""
     losses, evals = read_metrics(out / "metrics.jsonl")
-    original, init = state.get("original") or {}, state.get("init") or {}
-    tps = state["tokens_seen"] / state["train_seconds"] if state["train_seconds"] else 0.0
+    original, init = state.original or {}, state.init or {}
+    tps = state.tokens_seen / state.train_seconds if state.train_seconds else 0.0
     bpb = {
         d: {"original": original.get(d), "init": init.get(d), "final": final.get(d)} for d in init or final
     }
@@ -122,14 +123,14 @@ def write_report(
     report = {
         "bpb": bpb,
         "tokens_per_second": tps,
-        "steps": state["step"],
-        "steps_io": min(state["step"], t.max_steps),
-        "steps_all": max(0, state["step"] - t.max_steps),
-        "tokens_seen": state["tokens_seen"],
-        "minutes": state["wall_seconds"] / 60,
-        "train_minutes": state["train_seconds"] / 60,
-        "trainable_params": state["trainable_params"],
-        "learning_values": state["learning_values"],
+        "steps": state.step,
+        "steps_io": min(state.step, t.max_steps),
+        "steps_all": max(0, state.step - t.max_steps),
+        "tokens_seen": state.tokens_seen,
+        "minutes": state.wall_seconds / 60,
+        "train_minutes": state.train_seconds / 60,
+        "trainable_params": state.trainable_params,
+        "learning_values": state.learning_values,
         "trainable": t.trainable,
         # one step's loss is one batch of one domain: average a tenth of the run (at least 1, at most 50 steps)
         "loss_first": _mean_loss(losses[:window]) if losses else None,

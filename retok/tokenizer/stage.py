@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from retok.config import RetokConfig
 from retok.data import iter_source, load_domains
 from retok.errors import RetokError
+from retok.stages import TOKENIZER_META
 from retok.tokenizer.extend import TrainingText, extend_tokenizer
 from retok.tokenizer.report import (
     check_roundtrip,
@@ -33,23 +35,20 @@ from retok.tokenizer.report import (
 )
 from retok.tokens import detect_family
 
-META_FILE = "retok_tokenizer.json"
-
-
 # -------------------------------------------------------------------------------------------- input text
 
 
 def training_text(cfg: RetokConfig) -> list[TrainingText]:
     """The data.train sources the tokenizer learns from (tokenizer.domains, or all), within their budgets.
 
-    ``tokenizer.max_train_bytes`` is split evenly over the sources; what a source does not use goes to the
+    ``tokenizer.max_bytes`` is split evenly over the sources; what a source does not use goes to the
     sources after it. Each source's own ``max_bytes`` applies too, and its ``weight`` scales its word counts.
     """
     t = cfg.tokenizer
     if not cfg.data.train:
         raise RetokError("data.train is empty; build-tokenizer learns the new tokens from it: add a source")
     chosen = [(i, s) for i, s in enumerate(cfg.data.train) if t.domains is None or s.name in t.domains]
-    left = t.max_train_bytes
+    left = t.max_bytes
     out: list[TrainingText] = []
     for k, (i, src) in enumerate(chosen):
         budget = None if left is None else max(1, left // (len(chosen) - k))
@@ -169,6 +168,99 @@ def _warn(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------- the stage
 
 
+@dataclass
+class Learned:
+    """The new backend tokenizer and what learning it found."""
+
+    backend: Any
+    new_ids: list[int]
+    digits_individual: bool
+    counts: dict[str, Any]
+    warnings: list[str]
+
+
+def learn(cfg: RetokConfig, old_hf: Any, sources: list[TrainingText], progress: bool) -> Learned:
+    """tokenizer.mode extend (extend.py) or train (train.py)."""
+    t = cfg.tokenizer
+    old = old_hf.backend_tokenizer
+    counts: dict[str, Any] = {"old_vocab_size": len(old_hf)}
+    if t.mode == "extend":
+        ext = extend_tokenizer(
+            old,
+            sources,
+            new_tokens=t.new_tokens,
+            min_frequency=t.min_frequency,
+            max_token_length=t.max_token_length,
+            keep_digit_split=t.keep_digit_split,
+            progress=progress,
+        )
+        counts.update(
+            new_tokens=len(ext.new_ids),
+            first_new_id=ext.first_new_id,
+            char_tokens=ext.char_tokens,
+            merges_added=ext.merges_added,
+            merges_to_existing=ext.merges_to_existing,
+            dropped_unreachable=ext.dropped_unreachable,
+        )
+        return Learned(ext.tokenizer, ext.new_ids, ext.digits_individual, counts, list(ext.warnings))
+
+    from retok.tokenizer.train import train_tokenizer
+
+    tr = train_tokenizer(
+        old,
+        sources,
+        vocab_size=t.vocab_size or len(old_hf) + t.new_tokens,
+        min_frequency=t.min_frequency,
+        max_token_length=t.max_token_length,
+        keep_digit_split=t.keep_digit_split,
+        progress=progress,
+    )
+    old_vocab = old.get_vocab(with_added_tokens=True)
+    new_ids = sorted(
+        i for s, i in tr.tokenizer.get_vocab(with_added_tokens=True).items() if s not in old_vocab
+    )
+    shared = tr.tokenizer.get_vocab_size(with_added_tokens=True) - len(new_ids)
+    counts.update(new_tokens=len(new_ids), first_new_id=None, shared_tokens=shared)
+    return Learned(tr.tokenizer, new_ids, tr.digits_individual, counts, list(tr.warnings))
+
+
+def save_and_check(old_hf: Any, backend: Any, out: Path, mode: str) -> tuple[Any, dict[str, Any]]:
+    """Save through transformers, load it back the way users will, and check specials, roles, template."""
+    from retok.sources import load_tokenizer
+
+    wrap(old_hf, backend).save_pretrained(str(out))
+    saved = load_tokenizer(out, trust_remote_code=False)
+    checks, problems = special_checks(old_hf, saved, mode)
+    if problems:
+        raise RetokError(
+            f"the new tokenizer failed a check: {problems[0]} ({len(problems)} problem(s)); this is a bug in retok"
+        )
+    return saved, checks
+
+
+def measure(
+    old: Any, new: Any, new_ids: list[int], eval_docs: dict[str, list[str]], mode: str
+) -> tuple[dict[str, Any], dict[str, Any], float, list[str]]:
+    """Held-out compression per domain, reachability of the new tokens, digits. Returns (domains, digits,
+    reachable share, warnings)."""
+    warnings: list[str] = []
+    share, bad = reachable_share(new, new_ids)
+    if mode == "extend" and share < 1.0:
+        raise RetokError(f"{len(bad)} new tokens are unreachable (first: {bad[0]!r}); this is a bug in retok")
+    domains = {name: domain_compression(old, new, docs) for name, docs in eval_docs.items()}
+    warnings += check_roundtrip(domains, eval_docs)
+    digits = digit_check(old, new, eval_docs)
+    if not digits["same"]:
+        ex = digits["examples"][0]
+        warnings.append(
+            f"the new tokenizer splits numbers differently from the old one ({digits['differences']} of "
+            f"{digits['probes']} probes, e.g. {ex['text']!r}: {ex['old']} -> {ex['new']}); arithmetic may suffer"
+        )
+    if not eval_docs:
+        warnings.append("data.eval is empty: no held-out compression was measured")
+    return domains, digits, share, warnings
+
+
 def build_tokenizer(cfg: RetokConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Build the new tokenizer into ``out`` (an empty folder) and write its reports; returns compression.json."""
     from retok.sources import load_tokenizer, resolve_model
@@ -182,93 +274,22 @@ def build_tokenizer(cfg: RetokConfig, out: Path, *, progress: bool = True) -> di
     eval_docs = load_domains(cfg.data.eval, "data.eval", t.report_max_bytes)
     model_dir = resolve_model(cfg.model, cfg.cache)
     old_hf = load_tokenizer(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    old = old_hf.backend_tokenizer
-    family = detect_family(old)
-    warnings: list[str] = []
+    family = detect_family(old_hf.backend_tokenizer)
     n_train = sum(s.n_bytes for s in sources)
-    print(
-        f"retok: build-tokenizer ({t.mode}, {family}) on {n_train:,} bytes of {', '.join(dict.fromkeys(s.name for s in sources))}",
-        flush=True,
-    )
-
+    names = ", ".join(dict.fromkeys(s.name for s in sources))
+    print(f"retok: build-tokenizer ({t.mode}, {family}) on {n_train:,} bytes of {names}", flush=True)
     timings = {"read": time.time() - start}
 
-    # ---- The new backend tokenizer.
-    counts: dict[str, Any] = {"old_vocab_size": len(old_hf)}
-    if t.mode == "extend":
-        ext = extend_tokenizer(
-            old,
-            sources,
-            new_tokens=t.new_tokens,
-            min_frequency=t.min_frequency,
-            max_token_length=t.max_token_length,
-            keep_digit_split=t.keep_digit_split,
-            progress=progress,
-        )
-        backend, new_ids, warnings = ext.tokenizer, ext.new_ids, warnings + ext.warnings
-        digits_individual = ext.digits_individual
-        counts.update(
-            new_tokens=len(new_ids),
-            first_new_id=ext.first_new_id,
-            char_tokens=ext.char_tokens,
-            merges_added=ext.merges_added,
-            merges_to_existing=ext.merges_to_existing,
-            dropped_unreachable=ext.dropped_unreachable,
-        )
-    else:
-        from retok.tokenizer.train import train_tokenizer
-
-        size = t.vocab_size or len(old_hf) + t.new_tokens
-        tr = train_tokenizer(
-            old,
-            sources,
-            vocab_size=size,
-            min_frequency=t.min_frequency,
-            max_token_length=t.max_token_length,
-            keep_digit_split=t.keep_digit_split,
-            progress=progress,
-        )
-        backend, warnings = tr.tokenizer, warnings + tr.warnings
-        digits_individual = tr.digits_individual
-        old_vocab = old.get_vocab(with_added_tokens=True)
-        new_ids = sorted(
-            i for s, i in backend.get_vocab(with_added_tokens=True).items() if s not in old_vocab
-        )
-        shared = backend.get_vocab_size(with_added_tokens=True) - len(new_ids)
-        counts.update(new_tokens=len(new_ids), first_new_id=None, shared_tokens=shared)
-
+    learned = learn(cfg, old_hf, sources, progress)
     timings["learn"] = time.time() - start - sum(timings.values())
-
-    # ---- Save through transformers, load it back the way users will, and check it.
-    new_hf = wrap(old_hf, backend)
-    new_hf.save_pretrained(str(out))
-    saved = load_tokenizer(out, trust_remote_code=False)
-    checks, problems = special_checks(old_hf, saved, t.mode)
-    if problems:
-        raise RetokError(
-            f"the new tokenizer failed a check: {problems[0]} ({len(problems)} problem(s)); this is a bug in retok"
-        )
-    new = saved.backend_tokenizer
-    counts["new_vocab_size"] = len(saved)
-
+    saved, checks = save_and_check(old_hf, learned.backend, out, t.mode)
+    learned.counts["new_vocab_size"] = len(saved)
+    learned.counts["reachable_checked"] = len(learned.new_ids)
     timings["save_and_check"] = time.time() - start - sum(timings.values())
-
-    # ---- Measure.
-    share, bad = reachable_share(new, new_ids)
-    counts["reachable_checked"] = len(new_ids)
-    if t.mode == "extend" and share < 1.0:
-        raise RetokError(f"{len(bad)} new tokens are unreachable (first: {bad[0]!r}); this is a bug in retok")
-    domains = {name: domain_compression(old, new, docs) for name, docs in eval_docs.items()}
-    warnings += check_roundtrip(domains, eval_docs)
-    digits = digit_check(old, new, eval_docs)
-    if not digits["same"]:
-        ex = digits["examples"][0]
-        warnings.append(
-            f"the new tokenizer splits numbers differently from the old one ({digits['differences']} of "
-            f"{digits['probes']} probes, e.g. {ex['text']!r}: {ex['old']} -> {ex['new']}); arithmetic may suffer"
-        )
-    if not eval_docs:
-        warnings.append("data.eval is empty: no held-out compression was measured")
+    domains, digits, share, more = measure(
+        old_hf.backend_tokenizer, saved.backend_tokenizer, learned.new_ids, eval_docs, t.mode
+    )
+    warnings = learned.warnings + more
 
     report = {
         "mode": t.mode,
@@ -276,8 +297,8 @@ def build_tokenizer(cfg: RetokConfig, out: Path, *, progress: bool = True) -> di
         "old_model": cfg.model.path,
         "domains": domains,
         "reachable_share": share,
-        "counts": counts,
-        "digits": {**digits, "individual_digits": digits_individual},
+        "counts": learned.counts,
+        "digits": {**digits, "individual_digits": learned.digits_individual},
         "checks": checks,
         "training": {
             "bytes": n_train,
@@ -295,11 +316,11 @@ def build_tokenizer(cfg: RetokConfig, out: Path, *, progress: bool = True) -> di
         "mode": t.mode,
         "old_vocab_size": len(old_hf),
         "new_vocab_size": len(saved),
-        "num_new_tokens": len(new_ids),
-        "first_new_id": counts.get("first_new_id"),
-        "new_ids": new_ids,
+        "num_new_tokens": len(learned.new_ids),
+        "first_new_id": learned.counts.get("first_new_id"),
+        "new_ids": learned.new_ids,
     }
-    (out / META_FILE).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+    (out / TOKENIZER_META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
     write_reports(out, report)
     for w in warnings:
         _warn(w)

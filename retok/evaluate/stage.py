@@ -4,7 +4,7 @@
 
 Per ``data.eval`` domain: bytes per token, bits per byte (sliding window) and long-text decoding speed.
 The headline speed figure is the time each model needs to emit the same reference continuation (see
-retok/speed.py for how the text is cut and fed); free greedy generation is a second figure when
+speed.py for how the text is cut and fed); free greedy generation is a second figure when
 ``eval.generate_bytes`` > 0. Writes ``report.json`` (contract below), ``report.md`` and two PNG charts.
 
     {"domains": {"<name>": {"old": {"bytes_per_token", "bpb", "tokens_per_s", "bytes_per_s", "prefill_ms",
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,8 @@ from retok.config import ModelConfig, RetokConfig
 from retok.data import domains as domain_names
 from retok.data import iter_domain, load_domains
 from retok.errors import RetokError
+from retok.evaluate.report import charts, clean, compare, device_name, fmt, render_markdown
+from retok.stages import latest_model_stage, require_stage, stage_dir
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -44,18 +44,17 @@ def _model_cfg(cfg: RetokConfig, path: str) -> ModelConfig:
 
 def pick_models(cfg: RetokConfig) -> tuple[ModelConfig, ModelConfig]:
     """(baseline, candidate) model configs: eval.baseline_model / eval.candidate_model or their defaults."""
-    from retok.stage import require_stage
-
     base = _model_cfg(cfg, cfg.eval.baseline_model) if cfg.eval.baseline_model else cfg.model
     if cfg.eval.candidate_model:
         return base, _model_cfg(cfg, cfg.eval.candidate_model)
-    for stage in ("model-trained", "model-init"):
-        if cfg.stage_dir(stage).is_dir():
-            return base, _model_cfg(cfg, str(require_stage(cfg, stage, "eval-speed")))
-    raise RetokError(
-        f"eval-speed needs a new model: neither {cfg.stage_dir('model-trained')} nor {cfg.stage_dir('model-init')} "
-        "exists; run `retok init-embeddings` (and `retok train-io`) first, or set eval.candidate_model"
-    )
+    key = latest_model_stage(cfg)
+    if key is None:
+        raise RetokError(
+            f"eval-speed needs a new model: neither {stage_dir(cfg, 'model-trained')} nor "
+            f"{stage_dir(cfg, 'model-init')} exists; run `retok init-embeddings` (and `retok train-io`) first, "
+            "or set eval.candidate_model"
+        )
+    return base, _model_cfg(cfg, str(require_stage(cfg, key, "eval-speed")))
 
 
 def _pick_domains(wanted: list[str] | None, available: list[str], key: str) -> list[str]:
@@ -69,7 +68,7 @@ def _pick_domains(wanted: list[str] | None, available: list[str], key: str) -> l
 
 def speed_text(cfg: RetokConfig, domain: str) -> str:
     """A held-out text of ``domain`` long enough for prompt + continuation (fails with the key to change)."""
-    from retok.speed import MARGIN_BYTES, long_text
+    from retok.evaluate.speed import MARGIN_BYTES, long_text
 
     need = cfg.eval.prompt_bytes + cfg.eval.continuation_bytes
     text, found = long_text(iter_domain(cfg.data.eval, domain, "data.eval"), need + MARGIN_BYTES)
@@ -113,14 +112,13 @@ class _Loaded:
     def __init__(self, cfg: RetokConfig, role: str, mcfg: ModelConfig) -> None:
         from retok.sources import load_model, load_tokenizer, resolve_model
 
-        ev = cfg.eval
         self.role = role
         folder = resolve_model(mcfg, cfg.cache)
         self.tok = load_tokenizer(folder, trust_remote_code=mcfg.trust_remote_code)
         self.model = load_model(
             folder,
-            dtype=ev.dtype,
-            device=ev.device,
+            dtype=cfg.compute.dtype,
+            device=cfg.compute.device,
             trust_remote_code=mcfg.trust_remote_code,
             allow_pickle=mcfg.allow_pickle,
         )
@@ -178,11 +176,11 @@ def _speed(
     models: list[_Loaded], cfg: RetokConfig, speed_texts: dict[str, str]
 ) -> dict[str, dict[str, dict]]:
     """Reference-continuation (and greedy) timings of the given models: the reference steps of both models
-    interleaved within each run (retok.speed.reference_run), greedy runs alternated round by round.
+    interleaved within each run (speed.reference_run), greedy runs alternated round by round.
 
     Returns {role: {domain: figures}}.
     """
-    from retok.speed import (
+    from retok.evaluate.speed import (
         cut_text,
         default_max_tokens,
         greedy_run,
@@ -269,7 +267,8 @@ def _interleave(cfg: RetokConfig, folders: list[Path], device: str) -> bool:
     import torch
 
     need = sum(_folder_bytes(f) for f in folders)
-    if cfg.eval.dtype in ("bfloat16", "float16") or (cfg.eval.dtype == "auto" and device.startswith("cuda")):
+    dtype = cfg.compute.dtype
+    if dtype in ("bfloat16", "float16") or (dtype == "auto" and device.startswith("cuda")):
         need = (
             need // 2 if need else need
         )  # a float32 checkpoint loaded in 16 bits (an upper bound otherwise)
@@ -280,190 +279,6 @@ def _interleave(cfg: RetokConfig, folders: list[Path], device: str) -> bool:
     return need * 2 < free
 
 
-# ------------------------------------------------------------------------------------------ report
-
-
-def _ratio(new: Any, old: Any) -> float | None:
-    if not isinstance(new, int | float) or not isinstance(old, int | float) or not old:
-        return None
-    return new / old
-
-
-def _compare(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    comp = _ratio(new["bytes_per_token"], old["bytes_per_token"])
-    speed = _ratio(new.get("bytes_per_s"), old.get("bytes_per_s"))
-    row: dict[str, Any] = {
-        "old": old,
-        "new": new,
-        "compression_ratio": comp,
-        "bpb_delta": new["bpb"] - old["bpb"],
-        "bpb_ratio": _ratio(new["bpb"], old["bpb"]),
-        "speedup_bytes_per_s": speed,
-        "speedup_tokens_per_s": _ratio(new.get("tokens_per_s"), old.get("tokens_per_s")),
-        "ms_per_token_ratio": _ratio(new.get("ms_per_token"), old.get("ms_per_token")),
-        # How much of the compression gain decoding turned into speed (1.0 = all of it).
-        "speedup_vs_compression": _ratio(speed, comp),
-    }
-    if "speed" in old and "speed" in new:
-        # Compression on exactly the text fed for timing; speed-up / this = old ms/token / new ms/token.
-        o, n = old["speed"], new["speed"]
-        row["continuation_compression_ratio"] = _ratio(
-            _ratio(n["continuation_bytes"], n["continuation_tokens"]),
-            _ratio(o["continuation_bytes"], o["continuation_tokens"]),
-        )
-    if "greedy" in old and "greedy" in new:
-        row["greedy_speedup_bytes_per_s"] = _ratio(new["greedy"]["bytes_per_s"], old["greedy"]["bytes_per_s"])
-    return row
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _clean(obj: Any) -> Any:
-    """JSON without NaN/inf (they are not JSON): None instead."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _f(x: Any, spec: str = ".3f") -> str:
-    return (
-        "–"
-        if not isinstance(x, int | float) or (isinstance(x, float) and not math.isfinite(x))
-        else format(x, spec)
-    )
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    """The per-domain comparison table (also embedded in the exported model card)."""
-    lines = [
-        "| domain | bytes/token old | new | ratio | BPB old | new | bytes/s old | new | speed-up | speed-up / ratio "
-        "| ms/token old | new | prefill ms old | new |",
-        "|---|" + "---:|" * 13,
-    ]
-    for name, d in report["domains"].items():
-        o, n = d["old"], d["new"]
-        lines.append(
-            f"| {name} | {_f(o['bytes_per_token'], '.2f')} | {_f(n['bytes_per_token'], '.2f')} | "
-            f"{_f(d['compression_ratio'], '.2f')}x | {_f(o['bpb'])} | {_f(n['bpb'])} | "
-            f"{_f(o.get('bytes_per_s'), '.1f')} | {_f(n.get('bytes_per_s'), '.1f')} | "
-            f"{_f(d.get('speedup_bytes_per_s'), '.2f')}x | {_f(d.get('speedup_vs_compression'), '.2f')} | "
-            f"{_f(o.get('ms_per_token'), '.1f')} | {_f(n.get('ms_per_token'), '.1f')} | "
-            f"{_f(o.get('prefill_ms'), '.0f')} | {_f(n.get('prefill_ms'), '.0f')} |"
-        )
-    return "\n".join(lines)
-
-
-def _greedy_table(report: dict[str, Any]) -> str | None:
-    rows = [(k, d) for k, d in report["domains"].items() if "greedy" in d["old"] and "greedy" in d["new"]]
-    if not rows:
-        return None
-    lines = [
-        "| domain | tokens old | new | bytes old | new | bytes/s old | new | speed-up | ms/token old | new |",
-        "|---|" + "---:|" * 9,
-    ]
-    for name, d in rows:
-        o, n = d["old"]["greedy"], d["new"]["greedy"]
-        lines.append(
-            f"| {name} | {o['generated_tokens']} | {n['generated_tokens']} | {o['generated_bytes']} | "
-            f"{n['generated_bytes']} | {_f(o['bytes_per_s'], '.1f')} | {_f(n['bytes_per_s'], '.1f')} | "
-            f"{_f(d.get('greedy_speedup_bytes_per_s'), '.2f')}x | {_f(o['ms_per_token'], '.1f')} | "
-            f"{_f(n['ms_per_token'], '.1f')} |"
-        )
-    return "\n".join(lines)
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    s = report["settings"]
-    env = report["environment"]
-    parts = [
-        "# retok eval-speed",
-        "",
-        f"- old (baseline): `{report['baseline']['path']}` ({report['baseline']['tokenizer_len']} tokens, "
-        f"{report['baseline']['embedding_rows']} embedding rows)",
-        f"- new (candidate): `{report['candidate']['path']}` ({report['candidate']['tokenizer_len']} tokens, "
-        f"{report['candidate']['embedding_rows']} embedding rows)",
-        f"- device {env['device']} ({env['device_name']}), dtype {env['dtype']}, {env['threads']} threads, "
-        f"torch {env['torch']}, transformers {env['transformers']}",
-        f"- BPB: up to {s['max_bytes']} bytes per domain, window {s['window']}, stride {s['stride']}",
-        f"- speed: prompt ~{s['prompt_bytes']} bytes, reference continuation ~{s['continuation_bytes']} bytes fed "
-        f"token by token through the KV cache; {s['warmup']} warm-up + {s['repeats']} timed runs, medians",
-        "",
-        markdown_table(report),
-        "",
-        "*ratio* = new/old bytes per token (higher compresses better); *speed-up* = new/old bytes per second on "
-        "the same reference continuation; *speed-up / ratio* = how much of the compression gain decoding turned "
-        "into speed (the LM head of a bigger vocabulary costs a little per token).",
-    ]
-    greedy = _greedy_table(report)
-    if greedy:
-        parts += [
-            "",
-            f"## Free greedy generation (~{s['generate_bytes']} bytes from the same prompt)",
-            "",
-            greedy,
-            "",
-            "First 64 generated tokens (greedy decoding of an untrained or weak model can loop):",
-            "",
-        ]
-        for name, d in report["domains"].items():
-            for side in ("old", "new"):
-                g = d[side].get("greedy")
-                if g:
-                    sample = g["sample"].replace("`", "'").replace("\n", "⏎")[:160]
-                    parts.append(f"- {name} {side}: `{sample}`")
-    parts += ["", "Charts: `bytes_per_token.png`, `bytes_per_s.png`.", ""]
-    return "\n".join(parts)
-
-
-def _charts(report: dict[str, Any], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["domains"])
-    written = []
-    for key, title, fname in (
-        ("bytes_per_token", "Bytes per token (higher = better compression)", "bytes_per_token.png"),
-        ("bytes_per_s", "Decoding speed on the same continuation (bytes/s)", "bytes_per_s.png"),
-    ):
-        old = [report["domains"][n]["old"].get(key) or 0.0 for n in names]
-        new = [report["domains"][n]["new"].get(key) or 0.0 for n in names]
-        if not any(old) and not any(new):
-            continue
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2), 3.6))
-        xs = range(len(names))
-        w = 0.38
-        b1 = ax.bar([x - w / 2 for x in xs], old, w, label="old", color="#8c8c8c")
-        b2 = ax.bar([x + w / 2 for x in xs], new, w, label="new", color="#2b7bba")
-        ax.bar_label(b1, fmt="%.2f" if key == "bytes_per_token" else "%.0f", fontsize=8)
-        ax.bar_label(b2, fmt="%.2f" if key == "bytes_per_token" else "%.0f", fontsize=8)
-        ax.set_xticks(list(xs), names)
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
-        written.append(fname)
-    return written
-
-
 # -------------------------------------------------------------------------------------------- stage
 
 
@@ -472,12 +287,11 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     import torch
     import transformers
 
-    from retok.export import require_causal_lm
-    from retok.sources import pick_device, pick_dtype, resolve_model, set_threads
+    from retok.sources import pick_device, pick_dtype, require_causal_lm, resolve_model, set_threads
 
     ev = cfg.eval
-    device = pick_device(ev.device)  # an unknown device fails here, before anything is loaded
-    set_threads(ev.threads)
+    device = pick_device(cfg.compute.device)  # an unknown device fails here, before anything is loaded
+    set_threads(cfg.compute.threads)
     if not cfg.data.eval:
         raise RetokError("eval-speed needs held-out text: add data.eval sources (name + path) to the config")
     chosen = _pick_domains(ev.domains, domain_names(cfg.data.eval), "eval.domains")
@@ -518,25 +332,25 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
         "candidate": cand_info,
         "environment": {
             "device": device,
-            "device_name": _device_name(device),
-            "dtype": str(pick_dtype(ev.dtype, device)).removeprefix("torch."),
+            "device_name": device_name(device),
+            "dtype": str(pick_dtype(cfg.compute.dtype, device)).removeprefix("torch."),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "interleaved": interleaved,
         },
         "settings": ev.model_dump(mode="json"),
-        "domains": {name: _compare(old[name], new[name]) for name in chosen},
+        "domains": {name: compare(old[name], new[name]) for name in chosen},
     }
-    report = _clean(report)
+    report = clean(report)
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / REPORT_MD).write_text(_markdown(report), encoding="utf-8")
-    report["charts"] = _charts(report, out)
+    (out / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
+    report["charts"] = charts(report, out)
     for name, d in report["domains"].items():
         print(
-            f"retok: {name}: bytes/token x{_f(d['compression_ratio'], '.2f')}, BPB {_f(d['old']['bpb'])} -> "
-            f"{_f(d['new']['bpb'])}, bytes/s x{_f(d.get('speedup_bytes_per_s'), '.2f')}",
+            f"retok: {name}: bytes/token x{fmt(d['compression_ratio'], '.2f')}, BPB {fmt(d['old']['bpb'])} -> "
+            f"{fmt(d['new']['bpb'])}, bytes/s x{fmt(d.get('speedup_bytes_per_s'), '.2f')}",
             flush=True,
         )
     return report

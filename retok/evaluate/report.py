@@ -1,0 +1,190 @@
+"""eval-speed's report: the old/new comparison per domain, report.md, table.md (embedded by export in the
+model card) and the charts."""
+
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def _ratio(new: Any, old: Any) -> float | None:
+    if not isinstance(new, int | float) or not isinstance(old, int | float) or not old:
+        return None
+    return new / old
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    comp = _ratio(new["bytes_per_token"], old["bytes_per_token"])
+    speed = _ratio(new.get("bytes_per_s"), old.get("bytes_per_s"))
+    row: dict[str, Any] = {
+        "old": old,
+        "new": new,
+        "compression_ratio": comp,
+        "bpb_delta": new["bpb"] - old["bpb"],
+        "bpb_ratio": _ratio(new["bpb"], old["bpb"]),
+        "speedup_bytes_per_s": speed,
+        "speedup_tokens_per_s": _ratio(new.get("tokens_per_s"), old.get("tokens_per_s")),
+        "ms_per_token_ratio": _ratio(new.get("ms_per_token"), old.get("ms_per_token")),
+        # How much of the compression gain decoding turned into speed (1.0 = all of it).
+        "speedup_vs_compression": _ratio(speed, comp),
+    }
+    if "speed" in old and "speed" in new:
+        # Compression on exactly the text fed for timing; speed-up / this = old ms/token / new ms/token.
+        o, n = old["speed"], new["speed"]
+        row["continuation_compression_ratio"] = _ratio(
+            _ratio(n["continuation_bytes"], n["continuation_tokens"]),
+            _ratio(o["continuation_bytes"], o["continuation_tokens"]),
+        )
+    if "greedy" in old and "greedy" in new:
+        row["greedy_speedup_bytes_per_s"] = _ratio(new["greedy"]["bytes_per_s"], old["greedy"]["bytes_per_s"])
+    return row
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def clean(obj: Any) -> Any:
+    """JSON without NaN/inf (they are not JSON): None instead."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [clean(v) for v in obj]
+    return obj
+
+
+def fmt(x: Any, spec: str = ".3f") -> str:
+    return (
+        "–"
+        if not isinstance(x, int | float) or (isinstance(x, float) and not math.isfinite(x))
+        else format(x, spec)
+    )
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The per-domain comparison table (also embedded in the exported model card)."""
+    lines = [
+        "| domain | bytes/token old | new | ratio | BPB old | new | bytes/s old | new | speed-up | speed-up / ratio "
+        "| ms/token old | new | prefill ms old | new |",
+        "|---|" + "---:|" * 13,
+    ]
+    for name, d in report["domains"].items():
+        o, n = d["old"], d["new"]
+        lines.append(
+            f"| {name} | {fmt(o['bytes_per_token'], '.2f')} | {fmt(n['bytes_per_token'], '.2f')} | "
+            f"{fmt(d['compression_ratio'], '.2f')}x | {fmt(o['bpb'])} | {fmt(n['bpb'])} | "
+            f"{fmt(o.get('bytes_per_s'), '.1f')} | {fmt(n.get('bytes_per_s'), '.1f')} | "
+            f"{fmt(d.get('speedup_bytes_per_s'), '.2f')}x | {fmt(d.get('speedup_vs_compression'), '.2f')} | "
+            f"{fmt(o.get('ms_per_token'), '.1f')} | {fmt(n.get('ms_per_token'), '.1f')} | "
+            f"{fmt(o.get('prefill_ms'), '.0f')} | {fmt(n.get('prefill_ms'), '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _greedy_table(report: dict[str, Any]) -> str | None:
+    rows = [(k, d) for k, d in report["domains"].items() if "greedy" in d["old"] and "greedy" in d["new"]]
+    if not rows:
+        return None
+    lines = [
+        "| domain | tokens old | new | bytes old | new | bytes/s old | new | speed-up | ms/token old | new |",
+        "|---|" + "---:|" * 9,
+    ]
+    for name, d in rows:
+        o, n = d["old"]["greedy"], d["new"]["greedy"]
+        lines.append(
+            f"| {name} | {o['generated_tokens']} | {n['generated_tokens']} | {o['generated_bytes']} | "
+            f"{n['generated_bytes']} | {fmt(o['bytes_per_s'], '.1f')} | {fmt(n['bytes_per_s'], '.1f')} | "
+            f"{fmt(d.get('greedy_speedup_bytes_per_s'), '.2f')}x | {fmt(o['ms_per_token'], '.1f')} | "
+            f"{fmt(n['ms_per_token'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    env = report["environment"]
+    parts = [
+        "# retok eval-speed",
+        "",
+        f"- old (baseline): `{report['baseline']['path']}` ({report['baseline']['tokenizer_len']} tokens, "
+        f"{report['baseline']['embedding_rows']} embedding rows)",
+        f"- new (candidate): `{report['candidate']['path']}` ({report['candidate']['tokenizer_len']} tokens, "
+        f"{report['candidate']['embedding_rows']} embedding rows)",
+        f"- device {env['device']} ({env['device_name']}), dtype {env['dtype']}, {env['threads']} threads, "
+        f"torch {env['torch']}, transformers {env['transformers']}",
+        f"- BPB: up to {s['max_bytes']} bytes per domain, window {s['window']}, stride {s['stride']}",
+        f"- speed: prompt ~{s['prompt_bytes']} bytes, reference continuation ~{s['continuation_bytes']} bytes fed "
+        f"token by token through the KV cache; {s['warmup']} warm-up + {s['repeats']} timed runs, medians",
+        "",
+        markdown_table(report),
+        "",
+        "*ratio* = new/old bytes per token (higher compresses better); *speed-up* = new/old bytes per second on "
+        "the same reference continuation; *speed-up / ratio* = how much of the compression gain decoding turned "
+        "into speed (the LM head of a bigger vocabulary costs a little per token).",
+    ]
+    greedy = _greedy_table(report)
+    if greedy:
+        parts += [
+            "",
+            f"## Free greedy generation (~{s['generate_bytes']} bytes from the same prompt)",
+            "",
+            greedy,
+            "",
+            "First 64 generated tokens (greedy decoding of an untrained or weak model can loop):",
+            "",
+        ]
+        for name, d in report["domains"].items():
+            for side in ("old", "new"):
+                g = d[side].get("greedy")
+                if g:
+                    sample = g["sample"].replace("`", "'").replace("\n", "⏎")[:160]
+                    parts.append(f"- {name} {side}: `{sample}`")
+    parts += ["", "Charts: `bytes_per_token.png`, `bytes_per_s.png`.", ""]
+    return "\n".join(parts)
+
+
+def charts(report: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["domains"])
+    written = []
+    for key, title, fname in (
+        ("bytes_per_token", "Bytes per token (higher = better compression)", "bytes_per_token.png"),
+        ("bytes_per_s", "Decoding speed on the same continuation (bytes/s)", "bytes_per_s.png"),
+    ):
+        old = [report["domains"][n]["old"].get(key) or 0.0 for n in names]
+        new = [report["domains"][n]["new"].get(key) or 0.0 for n in names]
+        if not any(old) and not any(new):
+            continue
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2), 3.6))
+        xs = range(len(names))
+        w = 0.38
+        b1 = ax.bar([x - w / 2 for x in xs], old, w, label="old", color="#8c8c8c")
+        b2 = ax.bar([x + w / 2 for x in xs], new, w, label="new", color="#2b7bba")
+        ax.bar_label(b1, fmt="%.2f" if key == "bytes_per_token" else "%.0f", fontsize=8)
+        ax.bar_label(b2, fmt="%.2f" if key == "bytes_per_token" else "%.0f", fontsize=8)
+        ax.set_xticks(list(xs), names)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        written.append(fname)
+    return written

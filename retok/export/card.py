@@ -1,0 +1,91 @@
+"""The model card (README.md) of the exported folder: what was done, the eval table, how to use it, the
+llama.cpp note, the checks and the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from retok.config import RetokConfig, to_yaml
+from retok.export.check import Check
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~")) and not s.endswith(".gguf")
+
+
+def model_card(
+    cfg: RetokConfig,
+    src: Path,
+    name: str,
+    tok: Any,
+    conf: dict[str, Any],
+    llama: dict[str, Any],
+    checks: list[Check],
+    eval_table: str | None,
+) -> str:
+    """The card's Markdown. ``eval_table``: eval-speed's table.md for this model, or None when not measured."""
+    head = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- retok",
+        "- tokenizer-extension",
+    ]
+    if _looks_like_hub_id(cfg.model.path):
+        head.append(f"base_model: {cfg.model.path}")
+    head.append("---")
+    old_len = llama.get("old_tokenizer_len")
+    parts = [
+        *head,
+        "",
+        f"# {name}",
+        "",
+        f"`{cfg.model.path}` with its tokenizer replaced by [retok](https://arxiv.org/abs/2410.04335) (ReTok): "
+        f"{old_len} -> {len(tok)} tokens, embedding and LM head re-initialised (`init.method: {cfg.init.method}`) "
+        + (
+            f"and trained with the body frozen (`train.max_steps: {cfg.train.max_steps}`). "
+            if src.name == "model-trained"
+            else "and not trained (exported from model-init). "
+        )
+        + f"tie_word_embeddings: {conf.get('tie_word_embeddings')}, vocab_size (rows): {conf.get('vocab_size')}.",
+        "",
+        "## Evaluation",
+        "",
+    ]
+    if eval_table:
+        parts += [
+            "Old vs new model on the same held-out text (`retok eval-speed`): bytes per token, bits per byte, "
+            "and decoding bytes/s on the same reference continuations.",
+            "",
+            eval_table.rstrip(),
+        ]
+    else:
+        parts.append("Not measured: run `retok eval-speed` before `retok export` to embed the table here.")
+    parts += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tok = AutoTokenizer.from_pretrained("PATH")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        "```",
+        "",
+        "## llama.cpp / GGUF",
+        "",
+        f"- chkhsh of the old tokenizer: `{llama['old_chkhsh']}`"
+        + (f" (llama.cpp name `{llama['pre_name']}`)" if llama.get("pre_name") else ""),
+        f"- chkhsh of the new tokenizer: `{llama['new_chkhsh']}`",
+        f"- normalizer and pre-tokenizer unchanged: {llama['pre_tokenizer_unchanged']}",
+        "",
+        llama["explanation"],
+    ]
+    if llama.get("mapping_line"):
+        parts += ["", "```python", llama["mapping_line"], "```"]
+    parts += ["", "## Checks (`retok check`)", ""]
+    parts += [f"- {'PASS' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in checks]
+    parts += ["", "## retok config", "", "```yaml", to_yaml(cfg).rstrip(), "```", ""]
+    return "\n".join(parts)

@@ -1,0 +1,184 @@
+"""export: the final Hugging Face folder of the latest model stage.
+
+    retok export --config configs/demo.yaml
+
+Streams the weights (safetensors in, safetensors out, shards.py), writes config.json, generation_config.json
+and the tokenizer with every special-token id agreeing, a model card (card.py) with the resolved config, the
+eval table and the llama.cpp conversion line, then runs ``retok check`` (check.py) on its own output and
+fails if anything is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from retok.config import RetokConfig, parse_size
+from retok.errors import RetokError
+from retok.export.card import model_card
+from retok.export.check import check_folder, ids_list, print_checks
+from retok.export.shards import stream_weights
+from retok.stages import latest_model_stage, require_stage, stage_dir, stage_status
+
+REPORT_JSON = "retok_export.json"
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def export_source(cfg: RetokConfig) -> Path:
+    """The stage folder to export: export.source, or (auto) model-trained, else model-init; checked to be made
+    by this config."""
+    key = cfg.export.source if cfg.export.source != "auto" else latest_model_stage(cfg)
+    if key is None:
+        raise RetokError(
+            f"export needs a model: neither {stage_dir(cfg, 'model-trained')} nor {stage_dir(cfg, 'model-init')} "
+            "exists; run `retok init-embeddings` (and `retok train-io`) first"
+        )
+    return require_stage(cfg, key, "export")
+
+
+def eval_table(cfg: RetokConfig, src: Path) -> str | None:
+    """eval-speed's table for the model being exported, or None (with a note) when there is none that fits."""
+    folder = stage_dir(cfg, "eval")
+    if not folder.is_dir():
+        return None
+    if stage_status(cfg, "eval") != "same":
+        print(f"retok: export: {folder} was made by another config; the model card leaves its table out", flush=True)
+        return None
+    try:
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        measured = Path(report["candidate"]["folder"]).resolve()
+        table = (folder / "table.md").read_text(encoding="utf-8")
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"retok: export: {folder} has no readable report.json/table.md; the card leaves the table out", flush=True)
+        return None
+    if measured != src.resolve():
+        print(f"retok: export: eval-speed measured {measured}, not {src}; the card leaves its table out", flush=True)
+        return None
+    return table
+
+
+def sync_special_ids(conf: dict[str, Any], tok: Any, where: str) -> list[str]:
+    """Make bos/eos/pad ids of a config dict agree with the tokenizer's roles; returns what changed.
+
+    The tokenizer is the truth (its roles name tokens by content). An eos LIST is kept when it contains the
+    tokenizer's eos and every id in it is a special token (Gemma lists <eos> and <end_of_turn>).
+    """
+    changes = []
+    special_ids = set(tok.all_special_ids)
+    for role in ("bos", "eos", "pad"):
+        key = f"{role}_token_id"
+        want = getattr(tok, key)
+        have = conf.get(key)
+        if want is None or have is None:
+            continue
+        have_ids = ids_list(have)
+        if role == "eos" and isinstance(have, list) and want in have_ids and set(have_ids) <= special_ids:
+            continue
+        if have_ids != [want]:
+            conf[key] = want
+            changes.append(f"{where} {key}: {have} -> {want}")
+    return changes
+
+
+def _model_name(cfg: RetokConfig) -> str:
+    if cfg.export.model_name:
+        return cfg.export.model_name
+    stem = Path(cfg.model.path.rstrip("/")).name
+    stem = re.sub(r"\.gguf$", "", stem, flags=re.IGNORECASE)
+    return f"{stem}-retok"
+
+
+def _old_pre_name(cfg: RetokConfig) -> str | None:
+    from retok.config import expand
+    from retok.sources import read_gguf_metadata
+
+    if cfg.export.gguf_pre:
+        return cfg.export.gguf_pre
+    path = Path(expand(cfg.model.path))
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        pre = read_gguf_metadata(path).get("tokenizer.ggml.pre")
+        return str(pre) if pre else None
+    return None
+
+
+def _llamacpp(cfg: RetokConfig, new_tok: Any) -> dict[str, Any]:
+    from retok.export.llamacpp import gguf_advice
+    from retok.sources import load_tokenizer, resolve_model
+    from retok.tokens import detect_family
+
+    old_tok = load_tokenizer(
+        resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
+    )
+    try:
+        family: str | None = detect_family(new_tok.backend_tokenizer)
+    except RetokError:
+        family = None
+    advice = gguf_advice(old_tok, new_tok, _old_pre_name(cfg), family)
+    advice["old_tokenizer_len"] = len(old_tok)
+    return advice
+
+
+def export_model(cfg: RetokConfig, out: Path) -> dict[str, Any]:
+    """Write the final folder into ``out`` and check it; RetokError if the check fails."""
+    from retok.sources import load_tokenizer
+
+    src = export_source(cfg)
+    max_bytes = parse_size(cfg.export.max_shard_size)
+    if not (src / "config.json").is_file():
+        raise RetokError(f"{src} has no config.json; rerun the stage that made it")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"retok: export {src} -> {out}", flush=True)
+
+    weights = stream_weights(src, out, max_bytes, cfg.export.dtype)
+
+    changes: list[str] = []
+    tok = load_tokenizer(src, trust_remote_code=cfg.model.trust_remote_code)
+    conf = json.loads((src / "config.json").read_text())
+    if cfg.export.dtype != "keep":
+        for key in ("dtype", "torch_dtype"):
+            if key in conf or key == "dtype":
+                conf[key] = cfg.export.dtype
+    changes += sync_special_ids(conf, tok, "config.json")
+    gen_path = src / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if gen.get(key) is None and conf.get(key) is not None:
+            gen[key] = conf[key]
+    changes += sync_special_ids(gen, tok, "generation_config.json")
+    (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    tok.save_pretrained(str(out))
+    for line in changes:
+        print(f"retok: export: {line}", flush=True)
+
+    llama = _llamacpp(cfg, tok)
+    checks = check_folder(out)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        print_checks(checks)
+        raise RetokError(
+            "export: the exported folder fails `retok check`: "
+            + "; ".join(f"{c.name}: {c.detail}" for c in failed)
+        )
+    name = _model_name(cfg)
+    (out / "README.md").write_text(model_card(cfg, src, name, tok, conf, llama, checks, eval_table(cfg, src)), encoding="utf-8")
+    report = {
+        "source": str(src),
+        "model_name": name,
+        "weights": weights,
+        "dtype": cfg.export.dtype,
+        "max_shard_size": cfg.export.max_shard_size,
+        "id_changes": changes,
+        # `retok check` fails a folder whose chat template went missing after export.
+        "chat_template": bool(getattr(tok, "chat_template", None)),
+        "llama_cpp": llama,
+        "checks": [asdict(c) for c in checks],
+    }
+    (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print_checks(checks)
+    return report

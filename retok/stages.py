@@ -1,0 +1,400 @@
+"""The stage contract, in one place: what each stage is, what it reads, what it leaves, and how its inputs
+are checked.
+
+A stage turns the config (and the folders of the stages before it) into one folder under ``output_dir``:
+
+    key            command           folder under output_dir    inputs
+    tokenizer      build-tokenizer   tokenizer/                 -
+    model-init     init-embeddings   model-init/                tokenizer
+    model-trained  train-io          model-trained/             tokenizer, model-init
+    eval           eval-speed        eval/                      model-trained (or model-init)
+    export         export            export/                    model-trained (or model-init), eval
+
+The key is the folder's name and the stage's one name in code and reports; the command is what users type.
+Every stage folder holds ``retok_config.yaml`` (the resolved config that made it) and ``retok_stage.json``
+(written by :func:`mark_stage`: key, fingerprint, the fingerprints of the inputs it read, retok version,
+time, command). The fingerprint hashes the config fields the stage reads (``Stage.reads``) and the
+fingerprints of its inputs, so a change upstream reaches every stage after it. A stage that reads another
+stage's folder checks it with :func:`require_stage`: a folder made by another config is refused with the
+key that differs and the command that remakes it. ``tests/test_stage_contract.py`` runs every stage with a
+config that records every field it reads and fails when one is missing from ``Stage.reads``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from retok import __version__
+from retok.config import RetokConfig, to_yaml
+from retok.errors import RetokError
+
+STAGE_FILE = "retok_stage.json"
+CONFIG_FILE = "retok_config.yaml"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline."""
+
+    key: str  # its folder under output_dir, and its name in code, reports and `retok run --stages`
+    command: str  # the CLI command that runs it
+    entry: str  # "module:function" called as function(cfg, out_folder, **options)
+    inputs: tuple[str, ...]  # stages whose folders it may read (their fingerprints are part of its own)
+    reads: tuple[str, ...]  # config fields (dotted prefixes) its output depends on
+    report: str | None  # its machine-readable report, in its folder
+
+
+STAGES: dict[str, Stage] = {
+    s.key: s
+    for s in (
+        Stage(
+            "tokenizer",
+            "build-tokenizer",
+            "retok.tokenizer.stage:build_tokenizer",
+            (),
+            ("model.path", "model.revision", "model.trust_remote_code", "data.train", "data.eval", "tokenizer"),
+            "compression.json",
+        ),
+        Stage(
+            "model-init",
+            "init-embeddings",
+            "retok.embeddings.stage:init_embeddings",
+            ("tokenizer",),
+            ("model", "compute.dtype", "data", "init", "seed", "eval.window", "eval.stride"),
+            "init_report.json",
+        ),
+        Stage(
+            "model-trained",
+            "train-io",
+            "retok.train.stage:train_io",
+            ("tokenizer", "model-init"),
+            ("model", "compute.dtype", "data", "train", "seed", "eval.window", "eval.stride"),
+            "train_report.json",
+        ),
+        Stage(
+            "eval",
+            "eval-speed",
+            "retok.evaluate.stage:eval_speed",
+            ("model-trained",),
+            ("model", "compute", "data.eval", "eval"),
+            "report.json",
+        ),
+        Stage(
+            "export",
+            "export",
+            "retok.export.stage:export_model",
+            ("model-trained", "eval"),
+            ("model", "export"),
+            "retok_export.json",
+        ),
+    )
+}
+ORDER = tuple(STAGES)
+
+# Fields a stage may read that do not change what it makes, with the reason.
+NOT_FINGERPRINTED = {
+    "output_dir": "where the folders go, not what is in them",
+    "cache_dir": "where converted models and assets are cached",
+    "compute.threads": "how fast, not what",
+    "compute.device": "where it runs (init-embeddings and train-io); eval-speed's timings do depend on it",
+    "train.log_with": "extra trackers of the same run",
+}
+
+# The Hugging Face files of a tokenizer folder, plus retok's own metadata of it. init-embeddings copies them
+# into model-init/, train-io into model-trained/.
+TOKENIZER_META = "retok_tokenizer.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    TOKENIZER_META,
+)
+
+
+def stage(key: str) -> Stage:
+    try:
+        return STAGES[key]
+    except KeyError:
+        raise AssertionError(f"unknown stage {key!r}") from None
+
+
+def stage_dir(cfg: RetokConfig, key: str) -> Path:
+    """``output_dir/<key>``."""
+    return cfg.out / stage(key).key
+
+
+# ------------------------------------------------------------------------------------------ fingerprints
+
+
+def _unwrap(cfg: Any) -> RetokConfig:
+    # A config wrapped to record what a stage reads (tests) hashes its underlying values.
+    return getattr(cfg, "__wrapped__", cfg)
+
+
+def field_value(dump: dict[str, Any], dotted: str) -> Any:
+    node: Any = dump
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def fingerprint(cfg: RetokConfig, key: str) -> str:
+    """Hash of the fields ``key`` reads and of the fingerprints of its inputs."""
+    dump = _unwrap(cfg).model_dump(mode="json")
+    st = stage(key)
+    part = {
+        "reads": {f: field_value(dump, f) for f in st.reads},
+        "inputs": {k: fingerprint(cfg, k) for k in st.inputs},
+    }
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def upstream_fields(key: str) -> list[str]:
+    """Every field that reaches ``key``'s fingerprint: those of its inputs (transitively), then its own."""
+    out: list[str] = []
+    for f in [f for k in stage(key).inputs for f in upstream_fields(k)] + list(stage(key).reads):
+        if f not in out:
+            out.append(f)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ metadata
+
+
+def mark_stage(folder: Path, cfg: RetokConfig, key: str) -> None:
+    """Write ``retok_config.yaml`` and ``retok_stage.json`` into ``folder``: this is what makes a folder a
+    stage output (stages, tests and benchmarks all mark their folders through here)."""
+    plain = _unwrap(cfg)
+    (folder / CONFIG_FILE).write_text(to_yaml(plain), encoding="utf-8")
+    meta = {
+        "stage": key,
+        "fingerprint": fingerprint(plain, key),
+        "inputs": {k: fingerprint(plain, k) for k in stage(key).inputs},
+        "retok_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
+    }
+    (folder / STAGE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_stage_meta(folder: Path) -> dict[str, Any]:
+    """The ``retok_stage.json`` of a folder made by retok, or a clear error if it is not one."""
+    meta = folder / STAGE_FILE
+    if not meta.is_file():
+        raise RetokError(
+            f"{folder} was not made by retok (no {STAGE_FILE}); run the stage that makes it first"
+        )
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("stage"), str):
+        raise RetokError(f"{meta} is damaged (not retok's JSON); remove {folder} and run the stage again")
+    return data
+
+
+def stage_status(cfg: RetokConfig, key: str) -> Literal["missing", "same", "different"]:
+    """Whether a stage's folder exists and was made by the same (relevant) config."""
+    folder = stage_dir(cfg, key)
+    if not folder.exists():
+        return "missing"
+    try:
+        made = read_stage_meta(folder)
+    except RetokError:
+        return "different"
+    return "same" if made.get("fingerprint") == fingerprint(cfg, key) else "different"
+
+
+def changed_fields(cfg: RetokConfig, folder: Path, key: str) -> list[str]:
+    """The fields reaching ``key``'s fingerprint whose value in ``folder``'s retok_config.yaml differs from
+    ``cfg`` (best effort: [] when the saved config cannot be read)."""
+    try:
+        saved = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    now = _unwrap(cfg).model_dump(mode="json")
+    out = []
+    for f in upstream_fields(key):
+        try:
+            before = field_value(saved, f)
+        except (KeyError, TypeError):
+            before = None
+        if before != field_value(now, f):
+            out.append(f)
+    # "model" and "model.path" both reach some fingerprints: name the most specific key that changed
+    return [f for f in out if not any(o.startswith(f + ".") for o in out)]
+
+
+def require_stage(cfg: RetokConfig, key: str, needed_by: str) -> Path:
+    """The folder of stage ``key``, checked: made by retok, by this config (and so by these inputs)."""
+    folder = stage_dir(cfg, key)
+    cmd = stage(key).command
+    if not folder.is_dir():
+        raise RetokError(f"{needed_by} needs {folder}; run `retok {cmd}` with this config first")
+    made = read_stage_meta(folder)
+    if made["stage"] != key:
+        raise RetokError(f"{folder} holds a {made['stage']!r} stage, not {key!r}; remove it and run `retok {cmd}`")
+    if made.get("fingerprint") != fingerprint(cfg, key):
+        diff = changed_fields(cfg, folder, key)
+        what = f" ({', '.join(diff[:4])}{' ...' if len(diff) > 4 else ''} changed)" if diff else ""
+        raise RetokError(
+            f"{needed_by}: {folder} was made by a different config{what}; run `retok {cmd} --overwrite` "
+            "(or `retok run`) to remake it, or set output_dir to a new folder"
+        )
+    return folder
+
+
+def latest_model_stage(cfg: RetokConfig) -> str | None:
+    """model-trained if its folder exists, else model-init if it does, else None."""
+    for key in ("model-trained", "model-init"):
+        if stage_dir(cfg, key).is_dir():
+            return key
+    return None
+
+
+# ------------------------------------------------------------------------------------- tokenizer meta
+
+
+def read_tokenizer_meta(tok_dir: Path) -> dict[str, Any]:
+    """``retok_tokenizer.json`` of a tokenizer folder: old model, family, mode, vocabulary sizes, new ids."""
+    path = tok_dir / TOKENIZER_META
+    if not path.is_file():
+        raise RetokError(
+            f"{tok_dir} has no {TOKENIZER_META}, so it was not made by `retok build-tokenizer`; run it with this config"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise RetokError(f"{path} is not a JSON object; rebuild the tokenizer with `retok build-tokenizer`")
+    return meta
+
+
+def new_token_ids(tok_dir: Path, n_tokens: int) -> list[int]:
+    """The ids build-tokenizer added (``new_ids``), checked against the tokenizer's length."""
+    meta = read_tokenizer_meta(tok_dir)
+    try:
+        ids = [int(i) for i in meta["new_ids"]]
+    except (KeyError, TypeError, ValueError):
+        raise RetokError(
+            f"{tok_dir / TOKENIZER_META} has no list of new_ids; rerun `retok build-tokenizer --overwrite`"
+        ) from None
+    bad = [i for i in ids if not 0 <= i < n_tokens]
+    if bad:
+        raise RetokError(
+            f"{tok_dir / TOKENIZER_META}: new_ids holds {bad[0]}, outside the tokenizer's {n_tokens} ids; "
+            "rerun `retok build-tokenizer --overwrite`"
+        )
+    return ids
+
+
+# ------------------------------------------------------------------------------------ the stage folder
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path, key: str) -> list[str]:
+    """Remove ``.<key>.tmp-<pid>-*`` / ``.<key>.old-<pid>-*`` folders left by a killed run of this stage
+    (their process is gone); a live run's folders are left alone."""
+    removed = []
+    if not out.is_dir():
+        return removed
+    for p in out.glob(f".{key}.*-*"):
+        parts = p.name[len(key) + 2 :].split("-", 2)  # "tmp", "<pid>", "<random>"
+        if len(parts) < 3 or parts[0] not in ("tmp", "old") or not parts[1].isdigit():
+            continue
+        if int(parts[1]) != os.getpid() and _pid_alive(int(parts[1])):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    return removed
+
+
+def _make_out(cfg: RetokConfig) -> Path:
+    out = cfg.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RetokError(f"output_dir {out} exists and is not a folder; set output_dir to a folder") from None
+    except OSError as e:
+        raise RetokError(
+            f"output_dir {out} cannot be created ({e.strerror or e.__class__.__name__}); "
+            "set output_dir to a writable folder"
+        ) from None
+    if not out.is_dir():
+        raise RetokError(f"output_dir {out} exists and is not a folder; set output_dir to a folder")
+    return out
+
+
+@contextmanager
+def stage_output(cfg: RetokConfig, key: str, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it is marked and becomes ``output_dir/<key>``, on failure
+    it is removed and the previous folder (if any) is left as it was."""
+    final = stage_dir(cfg, key)
+    if final.exists() and not final.is_dir():
+        raise RetokError(f"{final} exists and is not a folder; move it away first")
+    if final.exists() and not overwrite:
+        raise RetokError(
+            f"{final} already exists; pass --overwrite to replace it, or set output_dir to a new folder"
+        )
+    out = _make_out(cfg)
+    for name in remove_stale_temporaries(out, key):
+        print(f"retok: removed {out / name}, left by an interrupted run", flush=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{os.getpid()}-", dir=out))
+    except OSError as e:
+        raise RetokError(
+            f"output_dir {out}: cannot create a folder there ({e.strerror or e.__class__.__name__}); "
+            "set output_dir to a writable folder with a shorter path"
+        ) from None
+    tmp.chmod(0o755)  # mkdtemp makes 0700; the finished folder should read like any other
+    try:
+        yield tmp
+        mark_stage(tmp, cfg, key)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{key}.old-{os.getpid()}-", dir=out))
+            old.rmdir()
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def entry_function(key: str) -> Any:
+    """The function that makes stage ``key`` (imported when called: stage packages load torch)."""
+    import importlib
+
+    module, _, name = stage(key).entry.partition(":")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,327 @@
+"""The training loop of train-io: optimizer steps of each phase with held-out BPB, checkpoints, Ctrl-C and
+NaN checks, and the progress bar.
+
+    retok train-io --config run.yaml                          # CPU or one GPU (bf16 when it supports it)
+    accelerate launch --multi_gpu --num_processes 4 -m retok.cli train-io --config run.yaml    # many GPUs
+
+Under ``accelerate launch`` every process runs the loop on its own slice of the data; evaluation runs on the
+main process while the others wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from retok.config import RetokConfig
+from retok.errors import RetokError
+from retok.train.loss import IOLoss
+from retok.train.params import (
+    IOParams,
+    Phase,
+    apply_decay,
+    decay_masks,
+    freeze,
+    lr_factor,
+    make_optimizer,
+)
+from retok.train.state import METRICS, TrainState, load_optimizer, read_state, save_checkpoint
+
+# A seam for tests: called with the step number after every optimizer step (e.g. to send SIGINT).
+_on_step: Callable[[int], None] | None = None
+
+
+@dataclass
+class Run:
+    """What the loop needs, made once by :func:`train_io`."""
+
+    cfg: RetokConfig
+    acc: Any
+    tok: Any
+    model: nn.Module
+    io: IOParams
+    state_dir: Path
+    eval_docs: dict[str, list[str]]
+    tokens_per_step: int
+    wall_start: float = 0.0  # time.time() when this invocation started
+    stop: list[bool] = field(default_factory=lambda: [False])  # set by the Ctrl-C handler
+    shown: dict = field(default_factory=dict)  # latest loss / BPB / tokens/s for the progress bar
+
+
+# ---------------------------------------------------------------------------------- held-out BPB
+
+
+def _bpb(run: Run, model: nn.Module, tok: Any, label: str) -> dict[str, float]:
+    """BPB per data.eval domain (call on the main process)."""
+    from retok.metrics import bits_per_byte
+
+    out = {}
+    with run.acc.autocast():
+        for name, docs in run.eval_docs.items():
+            out[name] = bits_per_byte(
+                model,
+                tok,
+                docs,
+                window=run.cfg.eval.window,
+                stride=run.cfg.eval.stride,
+                device=run.acc.device,
+                desc=f"bpb {name} ({label})",
+            )["bpb"]
+    return out
+
+
+def evaluate(run: Run, model: nn.Module, label: str) -> dict[str, float]:
+    """BPB of the model being trained, on the main process; the others wait."""
+    out = _bpb(run, model, run.tok, label) if run.acc.is_main_process and run.eval_docs else {}
+    run.acc.wait_for_everyone()
+    return out
+
+
+def original_bpb(run: Run) -> dict[str, float]:
+    """BPB of the original model with its ORIGINAL tokenizer on the same held-out text (main process)."""
+    from retok.sources import load_model, load_tokenizer, resolve_model
+
+    out: dict[str, float] = {}
+    if run.acc.is_main_process and run.eval_docs:
+        m = run.cfg.model
+        folder = resolve_model(m, run.cfg.cache)
+        tok = load_tokenizer(folder, trust_remote_code=m.trust_remote_code)
+        model = load_model(
+            folder,
+            dtype="float32",
+            device="cpu" if run.acc.device.type == "cpu" else str(run.acc.device),
+            trust_remote_code=m.trust_remote_code,
+            allow_pickle=m.allow_pickle,
+        )
+        out = _bpb(run, model, tok, "original")
+        del model
+    run.acc.wait_for_everyone()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+class MetricsLog:
+    """metrics.jsonl in the state folder (copied into model-trained at the end), plus Accelerate's trackers."""
+
+    def __init__(self, run: Run, keep_until: int | None):
+        self.run = run
+        self.path = run.state_dir / METRICS
+        if run.acc.is_main_process:
+            kept = []
+            if keep_until is not None and self.path.is_file():
+                # Steps after the checkpoint are done again on resume: drop their lines.
+                kept = [
+                    ln
+                    for ln in self.path.read_text().splitlines()
+                    if ln and json.loads(ln)["step"] <= keep_until
+                ]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, rec: dict) -> None:
+        if not self.run.acc.is_main_process:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.run.cfg.train.log_with:
+            flat = {k: v for k, v in rec.items() if isinstance(v, int | float) and k != "step"}
+            flat.update({f"bpb/{d}": v for d, v in (rec.get("bpb") or {}).items()})
+            self.run.acc.log(flat, step=rec["step"])
+
+
+def sigint_handler(run: Run) -> Callable[[int, Any], None]:
+    def handler(signum: int, frame: Any) -> None:
+        if run.stop[0]:
+            raise KeyboardInterrupt  # a second Ctrl-C: leave now, without a checkpoint
+        run.stop[0] = True
+        print(
+            "\ntrain-io: interrupted; saving a checkpoint after this step (Ctrl-C again quits at once)",
+            flush=True,
+        )
+
+    return handler
+
+
+def phases(cfg: RetokConfig) -> list[tuple[Phase, int, int]]:
+    """(phase, first step, end step) of each phase; steps count on across phases."""
+    out = [("io", 0, cfg.train.max_steps)]
+    if cfg.train.full.steps:
+        out.append(("all", cfg.train.max_steps, cfg.train.max_steps + cfg.train.full.steps))
+    return out
+
+
+def _checkpoint(run: Run, model: nn.Module, opt: Any, state: TrainState, phase: Phase) -> None:
+    state.wall_seconds = state.wall_before + time.time() - run.wall_start
+    if run.acc.is_main_process:
+        state.phase = phase
+        save_checkpoint(run.state_dir, model, getattr(opt, "optimizer", opt), state)
+    run.acc.wait_for_everyone()
+
+
+def run_phase(
+    run: Run,
+    phase: Phase,
+    first: int,
+    end: int,
+    state: TrainState,
+    batches: Iterator[torch.Tensor],
+    log: MetricsLog,
+    bar: Any,
+    resume_optimizer: bool,
+) -> None:
+    """Optimizer steps state.step .. end of one phase, with evals, checkpoints, Ctrl-C and NaN checks."""
+    acc, t, model = run.acc, run.cfg.train, run.model
+    hooks = freeze(model, run.io, phase)
+    opt = make_optimizer(model, run.io, run.cfg, phase)
+    if resume_optimizer:
+        load_optimizer(run.state_dir, opt)
+    masks = decay_masks(run.io, phase)
+    warmup = t.warmup_steps if phase == "io" else min(t.warmup_steps, max(1, (end - first) // 10))
+    # DDP (under accelerate launch) is built here, after requires_grad is final for this phase.
+    loss_model, opt = acc.prepare(IOLoss(model, t.loss_chunk_tokens), opt)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trimmer = HeapTrimmer() if acc.device.type == "cpu" else None
+    model.train()
+    try:
+        while state.step < end:
+            step = state.step
+            factor = lr_factor(step - first, warmup, end - first, t.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+            t0 = time.perf_counter()
+            losses = []
+            for k in range(t.grad_accum):
+                x = next(batches).to(acc.device)
+                with acc.no_sync(loss_model) if k < t.grad_accum - 1 else nullcontext():
+                    loss = loss_model(x)
+                    acc.backward(loss / t.grad_accum if t.grad_accum > 1 else loss)
+                losses.append(loss.detach().float())
+            # One all-reduce carries the loss and whether any process got Ctrl-C, so all stop together.
+            flags = torch.stack(
+                [torch.stack(losses).mean(), torch.tensor(float(run.stop[0]), device=acc.device)]
+            )
+            flags = acc.reduce(flags, "sum")
+            loss_val = float(flags[0]) / acc.num_processes
+            if not math.isfinite(loss_val):
+                last = read_state(run.state_dir)
+                kept = (
+                    f"the last good checkpoint (step {last.step}) is kept in {run.state_dir}"
+                    if last
+                    else "no checkpoint was saved yet"
+                )
+                raise RetokError(
+                    f"train-io: the loss became {loss_val} at step {step + 1} (lr {opt.param_groups[0]['lr']:.2e}); "
+                    f"stopped without saving, {kept}; lower train.lr (embed_lr, head_lr, full.lr) and start over"
+                )
+            grad_norm = float(acc.clip_grad_norm_(trainable, t.max_grad_norm)) if t.max_grad_norm else None
+            apply_decay(opt, masks, t.weight_decay)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if trimmer is not None:
+                trimmer.after_step()
+            secs = time.perf_counter() - t0
+            state.step = step + 1
+            state.consumed += t.grad_accum * acc.num_processes
+            state.tokens_seen += run.tokens_per_step
+            state.train_seconds += secs
+            rec = {
+                "step": step + 1,
+                "phase": phase,
+                "loss": loss_val,
+                "lr": opt.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "tokens": state.tokens_seen,
+                "step_seconds": secs,
+                "tokens_per_second": run.tokens_per_step / secs,
+            }
+            log.write(rec)
+            run.shown.update(loss=loss_val, tps=rec["tokens_per_second"])
+            if (step + 1) % t.eval_every == 0 or step + 1 == end:
+                bpb = evaluate(run, acc.unwrap_model(loss_model).model, f"step {step + 1}")
+                if bpb:
+                    log.write({"step": step + 1, "phase": phase, "bpb": bpb, "tokens": state.tokens_seen})
+                    run.shown["bpb"] = bpb
+                model.train()
+            bar.set_postfix(_postfix(run.shown), refresh=False)
+            bar.update(1)
+            stopping = bool(flags[1] > 0)
+            if (step + 1) % t.save_every == 0 or step + 1 == end or stopping:
+                _checkpoint(run, model, opt, state, phase)
+            if _on_step is not None:
+                _on_step(step + 1)
+            if stopping:
+                if acc.is_main_process:
+                    print(
+                        f"train-io: checkpoint at step {step + 1} saved in {run.state_dir}; "
+                        "continue with `retok train-io --resume`",
+                        flush=True,
+                    )
+                raise KeyboardInterrupt
+    finally:
+        for h in hooks:
+            h.remove()
+        acc.free_memory()
+
+
+class HeapTrimmer:
+    """Give freed activations back to the OS when the heap has crept up (glibc only; CPU training).
+
+    glibc keeps freed heap memory mapped, so later steps' activations land on a fragmented heap and peak RSS
+    creeps up step after step (on SmolLM2-135M, seq 256, batch 4: ~230 MB over a few steps). malloc_trim
+    fixes that, but every trim costs ~0.2 s because the next step faults the pages back in. So: remember the
+    resident size after the first step, and trim only when a later step ends more than ``slack`` above it.
+    """
+
+    def __init__(self, slack_bytes: int = 64 << 20) -> None:
+        self.slack = slack_bytes
+        self.reference: int | None = None
+        self.trims = 0
+        self._trim: Any = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                self._trim = None
+
+    @staticmethod
+    def resident_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def after_step(self) -> None:
+        if self._trim is None:
+            return
+        rss = self.resident_bytes()
+        if self.reference is None:
+            self.reference = rss
+        elif rss > self.reference + self.slack:
+            self._trim(0)
+            self.trims += 1
+
+
+def _postfix(shown: dict) -> dict[str, str]:
+    post = {}
+    if "loss" in shown:
+        post["loss"] = f"{shown['loss']:.3f}"
+    if shown.get("bpb"):
+        post["bpb"] = " ".join(f"{k}={v:.3f}" for k, v in shown["bpb"].items())
+    if "tps" in shown:
+        post["tok/s"] = f"{shown['tps']:.0f}"
+    return post

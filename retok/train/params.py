@@ -1,0 +1,130 @@
+"""What learns in each phase of train-io, the optimizer and the learning-rate schedule.
+
+Phases: ``io`` (the embedding and head; the body frozen) and ``all`` (the optional joint phase, everything).
+Only the embedding and the head get gradients in the io phase: the body's parameters have
+``requires_grad=False``, so autograd computes no weight gradient for them and the optimizer never sees them
+(they are bit-identical after training).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from retok.config import RetokConfig
+
+Phase = Literal["io", "all"]
+ADAM_BETAS = (0.9, 0.95)  # the usual LLM-training betas; 0.999 reacts too slowly for a short run
+
+
+@dataclass
+class IOParams:
+    """The embedding and head of a model, and which of their rows may learn."""
+
+    embed: nn.Parameter
+    head: nn.Parameter | None  # None when tied (one matrix serves both)
+    head_bias: nn.Parameter | None
+    n_tokens: int  # len(tokenizer); rows at or past it are padding and stay inert
+    learn_rows: torch.Tensor  # bool (rows,): rows that may change in the io phase
+
+    @property
+    def matrices(self) -> list[nn.Parameter]:
+        return [self.embed] + ([self.head] if self.head is not None else [])
+
+
+def io_params(model: nn.Module, n_tokens: int, new_ids: list[int] | None) -> IOParams:
+    embed = model.get_input_embeddings().weight
+    head_mod = model.get_output_embeddings()
+    head = None if head_mod.weight is embed else head_mod.weight
+    rows = embed.shape[0]
+    if new_ids is None:
+        learn = torch.arange(rows) < n_tokens
+    else:
+        learn = torch.zeros(rows, dtype=torch.bool)
+        learn[torch.as_tensor(new_ids, dtype=torch.long)] = True
+    return IOParams(embed, head, getattr(head_mod, "bias", None), n_tokens, learn)
+
+
+def _mask_col(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return rows.to(device=like.device, dtype=like.dtype)[:, None]
+
+
+def freeze(model: nn.Module, io: IOParams, phase: Phase) -> list[Any]:
+    """requires_grad on exactly what learns in ``phase`` ("io" or "all"); returns the gradient-mask hooks.
+
+    Rows that must not move (padding always; old tokens in io_new_rows) get their gradient zeroed by a hook
+    before it reaches .grad. With a zero gradient from the first step, AdamW's moments stay 0 and its update
+    is exactly 0, so those rows stay bit-identical (weight decay is applied by :func:`apply_decay`, masked too).
+    """
+    for p in model.parameters():
+        p.requires_grad_(phase == "all")
+    for p in io.matrices + ([io.head_bias] if io.head_bias is not None else []):
+        p.requires_grad_(True)
+    rows = io.learn_rows if phase == "io" else torch.arange(io.embed.shape[0]) < io.n_tokens
+    hooks = []
+    if not bool(rows.all()):
+        for p in io.matrices:
+            col = _mask_col(rows, p)
+            hooks.append(p.register_hook(lambda g, col=col: g * col))
+    return hooks
+
+
+def decay_masks(io: IOParams, phase: Phase) -> dict[int, torch.Tensor]:
+    rows = io.learn_rows if phase == "io" else torch.arange(io.embed.shape[0]) < io.n_tokens
+    return {id(p): _mask_col(rows, p) for p in io.matrices}
+
+
+def count_params(params: list[nn.Parameter]) -> int:
+    return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+
+# ------------------------------------------------------------------------------ optimizer and schedule
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Multiplier of the base lr for the update made at ``step`` (0-based): linear warm-up, then cosine."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, io: IOParams, cfg: RetokConfig, phase: Phase) -> torch.optim.AdamW:
+    t = cfg.train
+    if phase == "io":
+        groups = [{"params": [io.embed], "lr": t.embed_lr or t.lr, "name": "embed"}]
+        if io.head is not None:
+            groups.append({"params": [io.head], "lr": t.head_lr or t.lr, "name": "head"})
+        if io.head_bias is not None:
+            groups.append({"params": [io.head_bias], "lr": t.head_lr or t.lr, "name": "head_bias"})
+        decay = 0.0  # applied row-masked by _decay
+    else:
+        io_ids = {id(p) for p in io.matrices}
+        body = [p for p in model.parameters() if id(p) not in io_ids]
+        groups = [
+            {"params": io.matrices, "lr": t.full.lr, "name": "io"},
+            {"params": body, "lr": t.full.lr, "name": "body"},
+        ]
+        decay = t.weight_decay
+    for g in groups:
+        g["base_lr"] = g["lr"]
+        g["weight_decay"] = decay if g["name"] == "body" else 0.0
+    # fused: one kernel per step, no vocabulary-sized temporaries (foreach makes several).
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=1e-8, fused=fused)
+
+
+@torch.no_grad()
+def apply_decay(opt: torch.optim.Optimizer, masks: dict[int, torch.Tensor], weight_decay: float) -> None:
+    """Decoupled weight decay (AdamW's p *= 1 - lr*wd) on the embedding/head rows that may learn only."""
+    if weight_decay <= 0:
+        return
+    for g in opt.param_groups:
+        for p in g["params"]:
+            m = masks.get(id(p))
+            if m is not None:
+                p.mul_(1.0 - g["lr"] * weight_decay * m)

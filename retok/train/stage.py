@@ -1,0 +1,361 @@
+"""train-io: train the input embedding and LM head of ``output_dir/model-init`` with the body frozen.
+
+    retok train-io --config run.yaml                          # CPU or one GPU (bf16 when it supports it)
+    accelerate launch --multi_gpu --num_processes 4 -m retok.cli train-io --config run.yaml    # many GPUs
+    CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 -m retok.cli train-io -c run.yaml
+                                                              # 2 CPU processes (gloo); `--cpu` alone
+                                                              # starts several only through mpirun
+    retok train-io --config run.yaml --resume                 # continue after Ctrl-C or a crash
+
+Reads ``output_dir/model-init`` (the re-initialised model) and ``output_dir/tokenizer`` (the new tokenizer),
+trains on ``data.train`` tokenized with the new tokenizer (packing.py), and writes ``output_dir/model-trained``:
+a Hugging Face folder (tied heads stay tied), ``metrics.jsonl`` and ``train_report.{json,md}`` +
+``train_curve.png`` (report.py). Resumable state (state.py) lives apart, in ``output_dir/train-state``.
+
+The modules: loss.py (the objective), params.py (what learns in each phase, optimizer, schedule), state.py
+(TrainState and checkpoints), loop.py (the steps of a phase), packing.py (training blocks), report.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from retok.config import RetokConfig
+from retok.errors import RetokError
+from retok.stages import TOKENIZER_FILES, fingerprint, new_token_ids, require_stage
+from retok.train.loop import (
+    HeapTrimmer,  # noqa: F401  (re-exported for tests)
+    MetricsLog,
+    Run,
+    evaluate,
+    original_bpb,
+    phases,
+    run_phase,
+    sigint_handler,
+)
+from retok.train.loss import check_loss_matches
+from retok.train.params import count_params, io_params
+from retok.train.state import CKPT, METRICS, STATE_DIR, TrainState, check_state, load_params, mark_finished
+
+# ------------------------------------------------------------------------------------------- set-up
+
+
+def _accelerator(cfg: RetokConfig, state_dir: Path) -> Any:
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available, is_wandb_available
+
+    from retok.sources import pick_device
+
+    t = cfg.train
+    # cpu=True also when no accelerator exists: that is what makes Accelerate set up gloo (MULTI_CPU) when
+    # several processes are launched.
+    cpu = pick_device(cfg.compute.device) == "cpu"
+    mp = t.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if (not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else "no"
+    for name in t.log_with:
+        if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[name]():
+            raise RetokError(f"train.log_with: {name} is not installed; `pip install {name}` or remove it")
+    # Evaluation runs on the main process only; the others wait at a barrier that must outlast it.
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mp,
+        log_with=list(t.log_with) or None,
+        project_dir=str(state_dir / "trackers"),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))],
+    )
+
+
+def _tokenizer(cfg: RetokConfig, tok_dir: Path, init_dir: Path) -> Any:
+    """The new tokenizer; model-init's copy (which ships with the model) must have the same vocabulary."""
+    from retok.sources import load_tokenizer
+
+    tok = load_tokenizer(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
+    if not (init_dir / "tokenizer.json").is_file():
+        return tok
+    shipped = load_tokenizer(init_dir, trust_remote_code=cfg.model.trust_remote_code)
+    if shipped.get_vocab() != tok.get_vocab():
+        raise RetokError(
+            f"{init_dir} holds a tokenizer with another vocabulary than {tok_dir} ({len(shipped)} vs "
+            f"{len(tok)} tokens); rerun `retok init-embeddings --overwrite` after build-tokenizer"
+        )
+    return shipped
+
+
+def _load_init_model(cfg: RetokConfig, init_dir: Path, n_tokens: int, device: Any) -> nn.Module:
+    from retok.sources import load_model
+
+    # fp32 master weights; mixed precision (bf16 on GPUs) is autocast on top.
+    model = load_model(
+        init_dir,
+        dtype="float32",
+        device="cpu",
+        trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle=cfg.model.allow_pickle,
+    )
+    rows = model.get_input_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    if rows < n_tokens:
+        raise RetokError(
+            f"{init_dir} has {rows} embedding rows but the new tokenizer has {n_tokens} tokens: it was made for "
+            "another tokenizer; rerun `retok init-embeddings --overwrite`"
+        )
+    if head is None or head.weight.shape[0] != rows:
+        raise RetokError(
+            f"{init_dir}: the LM head does not have the embedding's {rows} rows; rerun init-embeddings"
+        )
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def _saved_dtype(folder: Path) -> torch.dtype:
+    """The dtype model-init's floating weights are stored in; the trained model is saved in it too."""
+    from safetensors import safe_open
+
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():  # noqa: SIM118
+                if (dt := sf.get_slice(k).get_dtype()) in names:
+                    return names[dt]
+    return torch.float32
+
+
+# ------------------------------------------------------------------------------------- entry point
+
+
+def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
+    """Train embedding + head of output_dir/model-init on data.train; write model-trained into ``out``.
+
+    Returns the report (train_report.json) on the main process, {} on the others.
+    """
+    from retok.data import load_domains
+    from retok.train.packing import check_sources
+
+    wall0 = time.time()
+    t = cfg.train
+    tok_dir = require_stage(cfg, "tokenizer", "train-io")
+    init_dir = require_stage(cfg, "model-init", "train-io")
+    state_dir = cfg.out / STATE_DIR
+
+    # ---- checks that need no model: fail before anything is written
+    acc = _accelerator(cfg, state_dir)
+    state = check_state(state_dir, fingerprint(cfg, "model-trained"), resume)
+    tok = _tokenizer(cfg, tok_dir, init_dir)
+    new_ids = new_token_ids(tok_dir, len(tok)) if t.trainable == "io_new_rows" else None
+    first_block = check_sources(cfg.data.train, tok, t.seq_len, t.max_bytes_per_source)
+    eval_docs = load_domains(cfg.data.eval, "data.eval", t.eval_max_bytes) if cfg.data.eval else {}
+
+    # ---- the model
+    model = _load_init_model(cfg, init_dir, len(tok), acc.device)
+    io = io_params(model, len(tok), new_ids)
+    check_loss_matches(model, first_block[None].long(), t.loss_chunk_tokens)
+    if t.gradient_checkpointing:
+        _activation_checkpointing(model, True)
+    run = Run(
+        cfg=cfg,
+        acc=acc,
+        tok=tok,
+        model=model,
+        io=io,
+        state_dir=state_dir,
+        eval_docs=eval_docs,
+        tokens_per_step=t.grad_accum * t.batch_size * t.seq_len * acc.num_processes,
+        wall_start=wall0,
+    )
+    _announce(run)
+
+    old_handler = None
+    try:
+        old_handler = signal.signal(signal.SIGINT, sigint_handler(run))
+    except ValueError:  # not the main thread: Ctrl-C then stops without a checkpoint
+        pass
+    try:
+        state, log = _start_or_resume(run, state)
+        _train(run, state, log)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+        if t.log_with:
+            acc.end_training()
+
+    report = _finish(run, state, init_dir, out) if acc.is_main_process else {}
+    acc.wait_for_everyone()
+    _leave_if_not_main(acc)
+    return report
+
+
+def _announce(run: Run) -> None:
+    """The trainable-parameter count and the shape of the run, before the first step."""
+    io, acc, t = run.io, run.acc, run.cfg.train
+    n_train = count_params(io.matrices + ([io.head_bias] if io.head_bias is not None else []))
+    n_all = count_params(list(run.model.parameters()))
+    n_rows = int(io.learn_rows.sum())
+    total = t.max_steps + t.full.steps
+    if not acc.is_main_process:
+        return
+    tied = "tied: one matrix serves embedding and head" if io.head is None else "untied embedding and head"
+    print(
+        f"train-io: trainable parameters {n_train:,} of {n_all:,} ({100 * n_train / n_all:.1f}%; {tied}); "
+        f"{n_rows:,} of {io.embed.shape[0]:,} rows learn ({n_rows * io.embed.shape[1] * len(io.matrices):,} values); "
+        f"{total} steps of {run.tokens_per_step:,} tokens; {acc.num_processes} process(es) on {acc.device}, "
+        f"mixed precision {acc.mixed_precision}",
+        flush=True,
+    )
+    if io.head is None and t.head_lr is not None:
+        print("train-io: note: the head is tied to the embedding, so train.head_lr is unused (embed_lr is)")
+
+
+def _start_or_resume(run: Run, state: TrainState | None) -> tuple[TrainState, MetricsLog]:
+    """A checkpoint to continue from, or step 0 with the original and init BPB measured first."""
+    acc, io = run.acc, run.io
+    run.state_dir.mkdir(parents=True, exist_ok=True)
+    if state is not None:
+        load_params(run.state_dir, run.model)
+        log = MetricsLog(run, keep_until=state.step)
+        if acc.is_main_process:
+            total = run.cfg.train.max_steps + run.cfg.train.full.steps
+            print(f"train-io: resuming at step {state.step} of {total} from {run.state_dir}", flush=True)
+    else:
+        if acc.is_main_process:
+            shutil.rmtree(run.state_dir / CKPT, ignore_errors=True)  # a finished earlier run: start over
+        n_rows = int(io.learn_rows.sum())
+        state = TrainState(
+            fingerprint=fingerprint(run.cfg, "model-trained"),
+            trainable_params=count_params(io.matrices + ([io.head_bias] if io.head_bias is not None else [])),
+            learning_values=n_rows * io.embed.shape[1] * len(io.matrices),
+        )
+        log = MetricsLog(run, keep_until=None)
+        state.original = original_bpb(run)
+        state.init = evaluate(run, run.model, "init")
+        if state.init:
+            log.write({"step": 0, "phase": "io", "bpb": state.init, "tokens": 0})
+    run.shown["bpb"] = state.init or {}
+    state.wall_before = state.wall_seconds  # minutes add up across interrupted runs
+    return state, log
+
+
+def _train(run: Run, state: TrainState, log: MetricsLog) -> None:
+    """Every phase from where the state is, over one stream of training batches."""
+    from tqdm.auto import tqdm
+
+    from retok.train.packing import train_batches
+
+    cfg, acc, t = run.cfg, run.acc, run.cfg.train
+    batches = train_batches(
+        cfg.data.train,
+        run.tok,
+        seq_len=t.seq_len,
+        batch_size=t.batch_size,
+        seed=cfg.seed,
+        shuffle_buffer=t.shuffle_buffer,
+        max_bytes=t.max_bytes_per_source,
+        skip=state.consumed,
+        rank=acc.process_index,
+        world=acc.num_processes,
+    )
+    # Fill the shuffle buffer now, so that its one-off cost is not counted as the first step's time.
+    primed = next(batches)
+    batches = itertools.chain([primed], batches)
+    if t.log_with:
+        scalars = {k: v for k, v in t.model_dump().items() if isinstance(v, int | float | str | bool)}
+        acc.init_trackers("retok-train-io", config=scalars)
+    resumed_phase = state.phase  # the saved optimizer moments belong to this phase
+    total = t.max_steps + t.full.steps
+    with tqdm(
+        total=total, initial=state.step, desc="train-io", unit="step", disable=not acc.is_main_process
+    ) as bar:
+        for phase, first, end in phases(cfg):
+            if state.step < end:
+                run_phase(
+                    run, phase, first, end, state, batches, log, bar, resume_optimizer=resumed_phase == phase
+                )
+            resumed_phase = None
+
+
+def _finish(run: Run, state: TrainState, init_dir: Path, out: Path) -> dict:
+    """Main process: the trained model folder, the report, and the checkpoint marked finished."""
+    from retok.train.report import write_report
+
+    acc = run.acc
+    state.finished = True
+    state.wall_seconds = state.wall_before + time.time() - run.wall_start
+    _save_model(run.model, init_dir, out)
+    shutil.copy2(run.state_dir / METRICS, out / METRICS)
+    report = write_report(
+        out, run.cfg, state, _last_bpb(out / METRICS), acc.num_processes, str(acc.device), acc.mixed_precision
+    )
+    mark_finished(run.state_dir, state)
+    print(
+        "train-io: "
+        + "; ".join(
+            f"{d} bpb {f['init']:.4f} -> {f['final']:.4f} (original {_fmt(f['original'])})"
+            for d, f in report["bpb"].items()
+            if f["init"] is not None and f["final"] is not None
+        )
+        + f"; {report['tokens_seen']:,} tokens in {report['minutes']:.1f} min",
+        flush=True,
+    )
+    return report
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _last_bpb(metrics: Path) -> dict[str, float]:
+    last: dict[str, float] = {}
+    for ln in metrics.read_text().splitlines():
+        rec = json.loads(ln)
+        if "bpb" in rec:
+            last = rec["bpb"]
+    return last
+
+
+def _save_model(model: nn.Module, init_dir: Path, out: Path) -> None:
+    """The trained model as a plain HF folder, in model-init's dtype, with model-init's tokenizer files.
+
+    save_pretrained writes tie_word_embeddings from the config, so a tied model stays tied.
+    """
+    _activation_checkpointing(model, False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = True
+    model.to(device="cpu", dtype=_saved_dtype(init_dir)).eval()
+    model.save_pretrained(str(out), safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (init_dir / name).is_file():
+            shutil.copy2(init_dir / name, out / name)
+
+
+def _activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute each layer's activations in backward (non-reentrant: works with a frozen body)."""
+    if not on:
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+    elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _leave_if_not_main(acc: Any) -> None:
+    """Under `accelerate launch` every process runs the stage, but only the main one may publish the folder.
+
+    The others leave here: SystemExit(0) through the caller's stage_output discards their temporary folders
+    instead of racing the main process to rename them into place.
+    """
+    if not acc.is_main_process:
+        sys.stdout.flush()
+        raise SystemExit(0)
