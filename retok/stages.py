@@ -65,7 +65,7 @@ STAGES: dict[str, Stage] = {
             "build-tokenizer",
             "retok.tokenizer.stage:build_tokenizer",
             (),
-            ("model.path", "model.revision", "model.trust_remote_code", "data.train", "data.eval", "tokenizer"),
+            ("model", "data.train", "data.eval", "tokenizer"),
             "compression.json",
         ),
         Stage(
@@ -89,7 +89,7 @@ STAGES: dict[str, Stage] = {
             "eval-speed",
             "retok.evaluate.stage:eval_speed",
             ("model-trained",),
-            ("model", "compute", "data.eval", "eval"),
+            ("model", "compute.device", "compute.dtype", "data.eval", "eval"),
             "report.json",
         ),
         Stage(
@@ -224,24 +224,32 @@ def stage_status(cfg: RetokConfig, key: str) -> Literal["missing", "same", "diff
     return "same" if made.get("fingerprint") == fingerprint(cfg, key) else "different"
 
 
+def _diff(path: str, before: Any, after: Any) -> list[str]:
+    """Dotted keys under ``path`` whose values differ (lists compare whole)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = list(dict.fromkeys([*before, *after]))
+        return [d for k in keys for d in _diff(f"{path}.{k}", before.get(k), after.get(k))]
+    return [] if before == after else [path]
+
+
 def changed_fields(cfg: RetokConfig, folder: Path, key: str) -> list[str]:
-    """The fields reaching ``key``'s fingerprint whose value in ``folder``'s retok_config.yaml differs from
+    """The keys reaching ``key``'s fingerprint whose value in ``folder``'s retok_config.yaml differs from
     ``cfg`` (best effort: [] when the saved config cannot be read)."""
     try:
         saved = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return []
     now = _unwrap(cfg).model_dump(mode="json")
-    out = []
+    out: list[str] = []
     for f in upstream_fields(key):
         try:
             before = field_value(saved, f)
         except (KeyError, TypeError):
             before = None
-        if before != field_value(now, f):
-            out.append(f)
-    # "model" and "model.path" both reach some fingerprints: name the most specific key that changed
-    return [f for f in out if not any(o.startswith(f + ".") for o in out)]
+        for d in _diff(f, before, field_value(now, f)):
+            if d not in out:
+                out.append(d)
+    return out
 
 
 def require_stage(cfg: RetokConfig, key: str, needed_by: str) -> Path:
@@ -342,6 +350,7 @@ def _make_out(cfg: RetokConfig) -> Path:
     out = cfg.out
     try:
         out.mkdir(parents=True, exist_ok=True)
+        (out / ".retok-probe").exists()  # a path too long for the file system fails here, not mid-stage
     except FileExistsError:
         raise RetokError(f"output_dir {out} exists and is not a folder; set output_dir to a folder") from None
     except OSError as e:
@@ -359,13 +368,13 @@ def stage_output(cfg: RetokConfig, key: str, *, overwrite: bool = False) -> Iter
     """Yield an empty temporary folder; on success it is marked and becomes ``output_dir/<key>``, on failure
     it is removed and the previous folder (if any) is left as it was."""
     final = stage_dir(cfg, key)
+    out = _make_out(cfg)
     if final.exists() and not final.is_dir():
         raise RetokError(f"{final} exists and is not a folder; move it away first")
     if final.exists() and not overwrite:
         raise RetokError(
             f"{final} already exists; pass --overwrite to replace it, or set output_dir to a new folder"
         )
-    out = _make_out(cfg)
     for name in remove_stale_temporaries(out, key):
         print(f"retok: removed {out / name}, left by an interrupted run", flush=True)
     try:

@@ -44,6 +44,22 @@ def test_minimal_config_gets_defaults():
         ({"init": {"method": "omp"}}, "init.method:"),
         ({"bogus": 1}, "bogus: unknown key"),
         ({"data": {"train": [{"name": "zh"}]}}, "data.train.0: Value error"),
+        # rules that need only the config are checked before any stage runs
+        ({"export": {"max_shard_size": "big"}}, "export.max_shard_size: 'big' is not a size"),
+        ({"export": {"max_shard_size": "0MB"}}, "export.max_shard_size: must be positive"),
+        ({"init": {"head_shift_outside": 2.0}}, "init.head_shift_outside needs tokenizer.domains"),
+        ({"eval": {"domains": ["fr"]}}, "eval.domains names ['fr'], which no data.eval source has"),
+        ({"eval": {"speed_domains": ["fr"]}}, "eval.speed_domains names ['fr']"),
+        ({"compute": {"device": "tpu"}}, "compute.device: unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
+        ({"compute": {"device": "cuda:x"}}, "compute.device: unknown device 'cuda:x'"),
+        ({"init": {"pad_to_multiple_of": 20_000_000}}, "init.pad_to_multiple_of:"),
+        ({"seed": 2**64}, "seed:"),
+        ({"seed": -1}, "seed:"),
+        ({"tokenizer": {"new_tokens": 10**9}}, "tokenizer.new_tokens:"),
+        # keys that moved say where to
+        ({"model": {"path": "m/x", "device": "cpu"}}, "model.device: this key is now compute.device"),
+        ({"eval": {"threads": 2}}, "eval.threads: this key is now compute.threads"),
+        ({"train": {"max_train_bytes": 5}}, "train.max_train_bytes: this key is now train.max_bytes_per_source"),
     ],
 )
 def test_bad_keys_name_the_key(patch, needle):
@@ -120,6 +136,18 @@ def test_env_expansion(monkeypatch, tmp_path):
     cfg = validate_dict({**base(), "output_dir": "${NOPE_NOT_SET}/o"})
     with pytest.raises(RetokError, match=r"NOPE_NOT_SET"):
         _ = cfg.out
+
+
+def test_duplicate_yaml_keys_are_an_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("output_dir: a\nmodel:\n  path: m/x\noutput_dir: b\n")
+    with pytest.raises(RetokError, match=r"key 'output_dir' appears twice \(lines 1 and 4\); keep one"):
+        load_config(p)
+    p.write_text("output_dir: a\nmodel:\n  path: m/x\n  path: m/y\n")
+    with pytest.raises(RetokError, match=r"key 'path' appears twice \(lines 3 and 4\)"):
+        load_config(p)
+    p.write_text("output_dir: a\nmodel:\n  path: m/x\ndata:\n  train:\n    - {name: a, path: x}\n    - {name: a, path: y}\n")
+    assert [s.path for s in load_config(p).data.train] == ["x", "y"]  # the same key in two list items is fine
 
 
 def test_fingerprint_depends_only_on_upstream_sections():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +61,60 @@ def test_require_stage_errors(tmp_path):
     stage_dir(c, "tokenizer").mkdir(parents=True)
     with pytest.raises(RetokError, match="was not made by retok"):
         require_stage(c, "tokenizer", "init-embeddings")
+
+
+def test_damaged_stage_metadata_is_one_clear_error(tmp_path):
+    c = cfg(tmp_path)
+    with stage_output(c, "tokenizer") as tmp:
+        (tmp / "tokenizer.json").write_text("{}")
+    (stage_dir(c, "tokenizer") / "retok_stage.json").write_text("{not json")
+    with pytest.raises(RetokError, match=r"retok_stage.json is damaged .*remove .* and run the stage again"):
+        require_stage(c, "tokenizer", "init-embeddings")
+    assert stage_status(c, "tokenizer") == "different"
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
+    import subprocess
+
+    c = cfg(tmp_path)
+    c.out.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    stale = c.out / f".export.tmp-{dead.pid}-abc"
+    (stale / "sub").mkdir(parents=True)
+    live = c.out / f".export.tmp-{os.getppid()}-xyz"  # our parent is alive: its folder is left alone
+    live.mkdir()
+    other = c.out / f".eval.tmp-{dead.pid}-q"  # another stage's temporaries are not this stage's business
+    other.mkdir()
+    with stage_output(c, "export") as tmp:
+        (tmp / "x").write_text("x")
+    names = sorted(p.name for p in c.out.iterdir())
+    assert names == sorted(["export", live.name, other.name])
+
+
+@pytest.mark.parametrize("case", ["file", "unwritable"])
+def test_output_dir_that_cannot_be_used_is_one_clear_error(tmp_path, case):
+    if case == "file":
+        target = tmp_path / "a-file"
+        target.write_text("keep me")
+        want = "exists and is not a folder"
+    else:
+        if os.geteuid() == 0:
+            target = Path("/proc/retok-cannot-write-here")  # even root cannot create folders in /proc
+        else:
+            ro = tmp_path / "ro"
+            ro.mkdir()
+            ro.chmod(0o500)
+            target = ro / "out"
+        want = "cannot be created"
+    c = validate_dict({"output_dir": str(target), "model": {"path": "m/x"}})
+    with pytest.raises(RetokError, match=want), stage_output(c, "tokenizer"):
+        pass
+    if case == "file":
+        assert target.read_text() == "keep me"
+
+
+def test_a_too_long_output_dir_is_one_clear_error(tmp_path):
+    c = validate_dict({"output_dir": str(tmp_path / ("x" * 300)), "model": {"path": "m/x"}})
+    with pytest.raises(RetokError, match="output_dir .*(cannot be created|cannot create)"), stage_output(c, "tokenizer"):
+        pass

@@ -290,3 +290,77 @@ def save_model_folder(
     model.save_pretrained(path, **kwargs)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ------------------------------------------------------------------------------------ a whole project
+
+
+def tiny_project(root: Path, **sections: dict) -> dict:
+    """A config dict for a complete retok run that takes seconds: a tiny tied Llama with a byte-level tokenizer
+    (``root/model``), zh/en training and held-out JSON Lines shuffled from SAMPLE_TEXT (``root/data``), and
+    budgets small enough for every stage. ``sections`` are merged into the matching config sections."""
+    import random
+
+    data_dir = root / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lines = _lines(SAMPLE_TEXT)
+    zh = [ln for ln in lines if any("\u4e00" <= c <= "\u9fff" for c in ln)]
+    rnd = random.Random(0)
+
+    def write(name: str, pool: list[str], n: int, k: int) -> str:
+        path = data_dir / name
+        with open(path, "w", encoding="utf-8") as f:
+            for _ in range(n):
+                doc = "\n".join(rnd.sample(pool, min(k, len(pool))))
+                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+        return str(path)
+
+    model = root / "model"
+    if not (model / "config.json").is_file():
+        tok = byte_level_tokenizer()
+        save_model_folder(tiny_llama(tok, tied=True), tok, model)
+    cfg: dict = {
+        "output_dir": str(root / "out"),
+        "model": {"path": str(model)},
+        "compute": {"device": "cpu", "dtype": "float32", "threads": 1},
+        "data": {
+            "train": [
+                {"name": "zh", "path": write("zh_train.jsonl", zh, 60, 4)},
+                {"name": "en", "path": write("en_train.jsonl", lines, 40, 8)},
+            ],
+            "eval": [
+                {"name": "zh", "path": write("zh_eval.jsonl", zh * 3, 3, 12)},
+                {"name": "en", "path": write("en_eval.jsonl", lines, 3, 8)},
+            ],
+        },
+        "tokenizer": {"new_tokens": 40, "domains": ["zh"]},
+        "init": {"eval_max_bytes": 400},
+        "train": {
+            "max_steps": 4,
+            "seq_len": 32,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "warmup_steps": 1,
+            "eval_every": 2,
+            "save_every": 2,
+            "eval_max_bytes": 400,
+            "shuffle_buffer": 8,
+            "loss_chunk_tokens": 32,
+        },
+        "eval": {
+            "max_bytes": 600,
+            "window": 64,
+            "stride": 32,
+            "prompt_bytes": 120,
+            "continuation_bytes": 40,
+            "repeats": 1,
+            "warmup": 0,
+        },
+        "export": {"max_shard_size": "200KB"},
+    }
+    for name, values in sections.items():
+        if isinstance(cfg.get(name), dict) and isinstance(values, dict):
+            cfg[name] = {**cfg[name], **values}
+        else:
+            cfg[name] = values
+    return cfg

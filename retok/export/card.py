@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from retok.config import RetokConfig, to_yaml
+from retok.config import RetokConfig
 from retok.export.check import Check
+from retok.stages import CONFIG_FILE
 
 
 def _looks_like_hub_id(s: str) -> bool:
@@ -87,5 +88,7 @@ def model_card(
         parts += ["", "```python", llama["mapping_line"], "```"]
     parts += ["", "## Checks (`retok check`)", ""]
     parts += [f"- {'PASS' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in checks]
-    parts += ["", "## retok config", "", "```yaml", to_yaml(cfg).rstrip(), "```", ""]
+    # The config that made the exported model (its stage folder keeps it).
+    made_by = (src / CONFIG_FILE).read_text(encoding="utf-8").rstrip() if (src / CONFIG_FILE).is_file() else "(unknown)"
+    parts += ["", f"## retok config (the one that made `{src.name}`)", "", "```yaml", made_by, "```", ""]
     return "\n".join(parts)
