@@ -351,10 +351,20 @@ class EvalConfig(_Section):
     )
     stride: int = Field(512, ge=1, description="Tokens scored per window step (<= window), in every stage.")
     prompt_bytes: int = Field(
-        2000, ge=1, description="Bytes of held-out text given as the prompt for speed runs."
+        2000, ge=1, description="Bytes of held-out text before each timed continuation (the prompt)."
     )
     continuation_bytes: int = Field(
-        600, ge=1, description="Bytes of the reference continuation fed token by token."
+        600,
+        ge=1,
+        description="Bytes of reference continuation fed token by token per domain, split over speed_pieces "
+        "places of the held-out text.",
+    )
+    speed_pieces: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description="Places, evenly spread through each domain's held-out text, where a prompt + continuation "
+        "is timed (one snippet is not the domain: its compression can differ from the text's by a lot).",
     )
     generate_bytes: int = Field(
         0, ge=0, description="Free greedy generation: bytes to generate (0 = skip the second figure)."

@@ -417,3 +417,38 @@ def require_causal_lm(folder: Path, who: str) -> None:
     problem = not_causal_lm(conf)
     if problem:
         raise RetokError(f"{who}: {folder} is {problem}; give a decoder LM folder")
+
+
+def _max_id(tok: Any) -> int:
+    ids = list(tok.get_vocab().values()) + list(getattr(tok, "added_tokens_decoder", {}) or {})
+    return max(ids) if ids else -1
+
+
+def check_config_rows(folder: Path, tok: Any, who: str) -> None:
+    """RetokError when the tokenizer of ``folder`` has ids past the model's vocab_size (config.json), before
+    any weight is loaded: such ids would index past the embedding."""
+    try:
+        conf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # require_causal_lm reports unreadable configs
+    rows = (conf.get("text_config") or {}).get("vocab_size") or conf.get("vocab_size")
+    top = _max_id(tok)
+    if isinstance(rows, int) and top >= rows:
+        raise RetokError(
+            f"{who}: the tokenizer in {folder} has id {top} but the model has {rows} embedding rows; the tokenizer "
+            "was made for another model (rerun `retok init-embeddings`, or give the matching tokenizer)"
+        )
+
+
+def check_rows_cover_tokenizer(model: Any, tok: Any, who: str) -> None:
+    """RetokError unless the loaded model's embedding and head have a row for every token id."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    top = _max_id(tok)
+    if top >= rows:
+        raise RetokError(
+            f"{who}: the tokenizer has id {top} but the model has {rows} embedding rows; it was made for another "
+            "tokenizer (rerun `retok init-embeddings --overwrite`)"
+        )
+    if head is None or head.weight.shape[0] != rows:
+        raise RetokError(f"{who}: the LM head does not have the embedding's {rows} rows; rerun init-embeddings")

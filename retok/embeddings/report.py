@@ -203,7 +203,7 @@ def measure_bpb(
 
     from retok.data import load_domains
     from retok.embeddings.rows import build_matrix
-    from retok.metrics import bits_per_byte
+    from retok.metrics import bits_per_byte, score_starts
     from retok.sources import load_model
 
     docs = load_domains(cfg.data.eval, "data.eval", cfg.init.eval_max_bytes)
@@ -214,9 +214,12 @@ def measure_bpb(
         "trust_remote_code": cfg.model.trust_remote_code,
     }
 
+    # Both models score exactly the same bytes of each document.
+    starts = {d: score_starts([old_hf, new_hf], texts) for d, texts in docs.items()}
+
     def score(model: Any, tok: Any, label: str) -> dict[str, float]:
         return {
-            d: round(bits_per_byte(model, tok, texts, desc=f"bpb {label} {d}", **kw)["bpb"], 5)
+            d: round(bits_per_byte(model, tok, texts, desc=f"bpb {label} {d}", starts=starts[d], **kw)["bpb"], 5)
             for d, texts in docs.items()
         }
 

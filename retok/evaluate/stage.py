@@ -25,11 +25,12 @@ from retok.config import ModelConfig, RetokConfig
 from retok.data import domains as domain_names
 from retok.data import iter_domain, load_domains
 from retok.errors import RetokError
-from retok.evaluate.report import charts, clean, compare, device_name, fmt, render_markdown
+from retok.evaluate.report import charts, clean, compare, device_name, fmt, markdown_table, render_markdown
 from retok.stages import latest_model_stage, require_stage, stage_dir
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+TABLE_MD = "table.md"
 
 
 # ------------------------------------------------------------------------------------- which models
@@ -66,20 +67,34 @@ def _pick_domains(wanted: list[str] | None, available: list[str], key: str) -> l
     return [d for d in available if d in wanted]
 
 
-def speed_text(cfg: RetokConfig, domain: str) -> str:
-    """A held-out text of ``domain`` long enough for prompt + continuation (fails with the key to change)."""
-    from retok.evaluate.speed import MARGIN_BYTES, long_text
+SPEED_TEXT_CAP = 4_000_000  # bytes of a domain's held-out text the speed pieces are spread over
 
-    need = cfg.eval.prompt_bytes + cfg.eval.continuation_bytes
-    text, found = long_text(iter_domain(cfg.data.eval, domain, "data.eval"), need + MARGIN_BYTES)
-    if text is None:
-        text, found = long_text(iter_domain(cfg.data.eval, domain, "data.eval"), need)
-    if text is None:
+
+def speed_pieces(cfg: RetokConfig, domain: str) -> list[str]:
+    """``eval.speed_pieces`` pieces of ``domain``'s held-out text, evenly spread through it, each long enough
+    for a prompt and its share of the continuation (fails with the key to change)."""
+    from retok.evaluate.speed import nbytes, spread_segments
+
+    ev = cfg.eval
+    docs, total = [], 0
+    for doc in iter_domain(cfg.data.eval, domain, "data.eval"):
+        docs.append(doc)
+        total += nbytes(doc) + 2
+        if total >= SPEED_TEXT_CAP:
+            break
+    need = ev.prompt_bytes + piece_bytes(cfg)
+    pieces = spread_segments("\n\n".join(docs), ev.speed_pieces, need)
+    if not pieces:
         raise RetokError(
-            f"data.eval domain {domain!r} has only {found} bytes of text, but eval.prompt_bytes + "
-            f"eval.continuation_bytes = {need}; lower them or add longer held-out documents"
+            f"data.eval domain {domain!r} has only {total} bytes of text, but eval.prompt_bytes + "
+            f"eval.continuation_bytes / eval.speed_pieces = {need}; lower them or add held-out text"
         )
-    return text
+    return pieces
+
+
+def piece_bytes(cfg: RetokConfig) -> int:
+    """Continuation bytes of each speed piece."""
+    return max(1, -(-cfg.eval.continuation_bytes // cfg.eval.speed_pieces))
 
 
 # ------------------------------------------------------------------------------------- measurement
@@ -109,12 +124,11 @@ def _stop_ids(model: Any, tok: Any) -> set[int]:
 class _Loaded:
     """One model, its tokenizer and what the report says about it."""
 
-    def __init__(self, cfg: RetokConfig, role: str, mcfg: ModelConfig) -> None:
-        from retok.sources import load_model, load_tokenizer, resolve_model
+    def __init__(self, cfg: RetokConfig, role: str, mcfg: ModelConfig, folder: Path, tok: Any) -> None:
+        from retok.sources import check_rows_cover_tokenizer, load_model
 
         self.role = role
-        folder = resolve_model(mcfg, cfg.cache)
-        self.tok = load_tokenizer(folder, trust_remote_code=mcfg.trust_remote_code)
+        self.tok = tok
         self.model = load_model(
             folder,
             dtype=cfg.compute.dtype,
@@ -122,6 +136,7 @@ class _Loaded:
             trust_remote_code=mcfg.trust_remote_code,
             allow_pickle=mcfg.allow_pickle,
         )
+        check_rows_cover_tokenizer(self.model, tok, f"eval-speed: {folder}")
         self.device = next(self.model.parameters()).device
         self.info = {
             "path": mcfg.path,
@@ -141,8 +156,11 @@ class _Loaded:
             torch.cuda.empty_cache()
 
 
-def _quality(m: _Loaded, cfg: RetokConfig, docs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
-    """Bytes per token and sliding-window BPB of one model on every domain."""
+def _quality(
+    m: _Loaded, cfg: RetokConfig, docs: dict[str, list[str]], starts: dict[str, list[int]]
+) -> dict[str, dict[str, Any]]:
+    """Bytes per token and sliding-window BPB of one model on every domain (scoring from ``starts``, which
+    are the same for both models)."""
     from retok.metrics import bits_per_byte, bytes_per_token
 
     ev = cfg.eval
@@ -157,6 +175,7 @@ def _quality(m: _Loaded, cfg: RetokConfig, docs: dict[str, list[str]]) -> dict[s
             stride=ev.stride,
             device=m.device,
             desc=f"{m.role} {name} bpb",
+            starts=starts[name],
         )
         out[name] = {
             "bytes_per_token": bpt["bytes_per_token"],
@@ -164,6 +183,7 @@ def _quality(m: _Loaded, cfg: RetokConfig, docs: dict[str, list[str]]) -> dict[s
             "tokens": bpt["tokens"],
             "bytes": bpt["bytes"],
             "bpb_bytes": bpb["bytes"],
+            "bpb_bos": bpb["bos"],
         }
         print(
             f"retok: {m.role} {name}: {bpt['bytes_per_token']:.3f} bytes/token, BPB {bpb['bpb']:.4f}",
@@ -194,32 +214,40 @@ def _speed(
     ev = cfg.eval
     res: dict[str, dict[str, dict]] = {m.role: {} for m in models}
     nbytes_of = {m.role: _token_nbytes(m.tok) for m in models} if ev.generate_bytes else {}
-    for name, long in speed_texts.items():
-        text, boundary, end = cut_text(long, ev.prompt_bytes, ev.continuation_bytes)
-        texts = {}
-        for m in models:
-            st = split_tokens(m.tok, text, boundary, end)
-            if not st.prompt_ids or not st.continuation_ids:
-                raise RetokError(
-                    f"data.eval domain {name!r}: the {m.role} tokenizer gives no whole token within "
-                    f"eval.continuation_bytes={ev.continuation_bytes} bytes of continuation; raise it"
-                )
-            texts[m.role] = st
+    for name, pieces in speed_texts.items():
+        texts: dict[str, list] = {m.role: [] for m in models}
+        for piece in pieces:
+            text, boundary, end = cut_text(piece, ev.prompt_bytes, piece_bytes(cfg))
+            for m in models:
+                st = split_tokens(m.tok, text, boundary, end)
+                if not st.prompt_ids or not st.continuation_ids:
+                    raise RetokError(
+                        f"data.eval domain {name!r}: the {m.role} tokenizer gives no whole token within "
+                        f"{piece_bytes(cfg)} bytes of continuation; raise eval.continuation_bytes or lower "
+                        "eval.speed_pieces"
+                    )
+                texts[m.role].append(st)
         runs: dict[str, list[tuple[float, float]]] = {m.role: [] for m in models}
         for r in range(ev.warmup + ev.repeats):
             order = models if r % 2 == 0 else models[::-1]  # who prefills first alternates too
-            timings = reference_run([(m.model, texts[m.role], m.device) for m in order])
+            sums = {m.role: [0.0, 0.0] for m in models}
+            for j in range(len(pieces)):
+                timings = reference_run([(m.model, texts[m.role][j], m.device) for m in order])
+                for m, (pre, dec) in zip(order, timings, strict=True):
+                    sums[m.role][0] += pre
+                    sums[m.role][1] += dec
             if r >= ev.warmup:
-                for m, t in zip(order, timings, strict=True):
-                    runs[m.role].append(t)
+                for m in models:
+                    runs[m.role].append((sums[m.role][0], sums[m.role][1]))
         for m in models:
             ref = reference_stats(texts[m.role], runs[m.role])
             figures = {k: ref.pop(k) for k in ("tokens_per_s", "bytes_per_s", "prefill_ms", "ms_per_token")}
             res[m.role][name] = {**figures, "speed": ref}
             print(
-                f"retok: {m.role} {name}: prefill {figures['prefill_ms']:.0f} ms ({ref['prompt_tokens']} tokens), "
-                f"{figures['ms_per_token']:.1f} ms/token, {figures['tokens_per_s']:.1f} tokens/s, "
-                f"{figures['bytes_per_s']:.1f} bytes/s on {ref['continuation_bytes']} bytes",
+                f"retok: {m.role} {name}: {ref['pieces']} pieces, prefill {figures['prefill_ms']:.0f} ms "
+                f"({ref['prompt_tokens']} tokens), {figures['ms_per_token']:.1f} ms/token, "
+                f"{figures['tokens_per_s']:.1f} tokens/s, {figures['bytes_per_s']:.1f} bytes/s on "
+                f"{ref['continuation_bytes']} bytes",
                 flush=True,
             )
         if not ev.generate_bytes:
@@ -228,7 +256,7 @@ def _speed(
         gruns = run_rounds(
             {
                 m.role: (
-                    lambda m=m, st=texts[m.role], cap=cap: greedy_run(
+                    lambda m=m, st=texts[m.role][0], cap=cap: greedy_run(
                         m.model, st.prompt_ids, nbytes_of[m.role], ev.generate_bytes, cap, m.device
                     )
                 )
@@ -287,7 +315,16 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     import torch
     import transformers
 
-    from retok.sources import pick_device, pick_dtype, require_causal_lm, resolve_model, set_threads
+    from retok.metrics import score_starts
+    from retok.sources import (
+        check_config_rows,
+        load_tokenizer,
+        pick_device,
+        pick_dtype,
+        require_causal_lm,
+        resolve_model,
+        set_threads,
+    )
 
     ev = cfg.eval
     device = pick_device(cfg.compute.device)  # an unknown device fails here, before anything is loaded
@@ -298,25 +335,30 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     speed_names = _pick_domains(ev.speed_domains, chosen, "eval.speed_domains")
     base, cand = pick_models(cfg)
 
-    # All text first, so too-short text fails before minutes of model loading.
+    # All text and both tokenizers first, so bad input fails before minutes of model loading.
     docs = load_domains(cfg.data.eval, "data.eval", ev.max_bytes, only=chosen)
-    speed_texts = {name: speed_text(cfg, name) for name in speed_names}
-
+    speed_texts = {name: speed_pieces(cfg, name) for name in speed_names}
     folders = [resolve_model(base, cfg.cache), resolve_model(cand, cfg.cache)]
-    for folder, key in zip(folders, ("eval.baseline_model", "eval.candidate_model"), strict=True):
+    toks = []
+    for folder, key, mcfg in zip(folders, ("eval.baseline_model", "eval.candidate_model"), (base, cand), strict=True):
         require_causal_lm(folder, f"eval-speed ({key})")
+        tok = load_tokenizer(folder, trust_remote_code=mcfg.trust_remote_code)
+        check_config_rows(folder, tok, f"eval-speed ({key})")
+        toks.append(tok)
+    # Both models score exactly the same bytes of every document.
+    starts = {name: score_starts(toks, texts) for name, texts in docs.items()}
     both = _interleave(cfg, folders, device)
     print(
         f"retok: eval-speed: timing the models {'alternately' if both else 'one after the other'}", flush=True
     )
-    old_m = _Loaded(cfg, "old", base)
-    old = _quality(old_m, cfg, docs)
+    old_m = _Loaded(cfg, "old", base, folders[0], toks[0])
+    old = _quality(old_m, cfg, docs, starts)
     if not both:
         for name, figs in _speed([old_m], cfg, speed_texts)["old"].items():
             old[name].update(figs)
         old_m.free()
-    new_m = _Loaded(cfg, "new", cand)
-    new = _quality(new_m, cfg, docs)
+    new_m = _Loaded(cfg, "new", cand, folders[1], toks[1])
+    new = _quality(new_m, cfg, docs, starts)
     timed = _speed([old_m, new_m] if both else [new_m], cfg, speed_texts)
     for role, side in (("old", old), ("new", new)):
         for name, figs in timed.get(role, {}).items():
@@ -346,6 +388,7 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
+    (out / TABLE_MD).write_text(markdown_table(report) + "\n", encoding="utf-8")  # export embeds it
     report["charts"] = charts(report, out)
     for name, d in report["domains"].items():
         print(

@@ -53,6 +53,8 @@ class Run:
     io: IOParams
     state_dir: Path
     eval_docs: dict[str, list[str]]
+    eval_starts: dict[str, list[int]]  # where scoring starts in each eval document (same for both models)
+    old_tok: Any  # the original model's tokenizer
     tokens_per_step: int
     wall_start: float = 0.0  # time.time() when this invocation started
     stop: list[bool] = field(default_factory=lambda: [False])  # set by the Ctrl-C handler
@@ -73,6 +75,7 @@ def _bpb(run: Run, model: nn.Module, tok: Any, label: str) -> dict[str, float]:
                 model,
                 tok,
                 docs,
+                starts=run.eval_starts[name],
                 window=run.cfg.eval.window,
                 stride=run.cfg.eval.stride,
                 device=run.acc.device,
@@ -90,13 +93,12 @@ def evaluate(run: Run, model: nn.Module, label: str) -> dict[str, float]:
 
 def original_bpb(run: Run) -> dict[str, float]:
     """BPB of the original model with its ORIGINAL tokenizer on the same held-out text (main process)."""
-    from retok.sources import load_model, load_tokenizer, resolve_model
+    from retok.sources import load_model, resolve_model
 
     out: dict[str, float] = {}
     if run.acc.is_main_process and run.eval_docs:
         m = run.cfg.model
         folder = resolve_model(m, run.cfg.cache)
-        tok = load_tokenizer(folder, trust_remote_code=m.trust_remote_code)
         model = load_model(
             folder,
             dtype="float32",
@@ -104,7 +106,7 @@ def original_bpb(run: Run) -> dict[str, float]:
             trust_remote_code=m.trust_remote_code,
             allow_pickle=m.allow_pickle,
         )
-        out = _bpb(run, model, tok, "original")
+        out = _bpb(run, model, run.old_tok, "original")
         del model
     run.acc.wait_for_everyone()
     return out

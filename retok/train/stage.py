@@ -94,8 +94,8 @@ def _tokenizer(cfg: RetokConfig, tok_dir: Path, init_dir: Path) -> Any:
     return shipped
 
 
-def _load_init_model(cfg: RetokConfig, init_dir: Path, n_tokens: int, device: Any) -> nn.Module:
-    from retok.sources import load_model
+def _load_init_model(cfg: RetokConfig, init_dir: Path, tok: Any, device: Any) -> nn.Module:
+    from retok.sources import check_rows_cover_tokenizer, load_model
 
     # fp32 master weights; mixed precision (bf16 on GPUs) is autocast on top.
     model = load_model(
@@ -105,17 +105,7 @@ def _load_init_model(cfg: RetokConfig, init_dir: Path, n_tokens: int, device: An
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle=cfg.model.allow_pickle,
     )
-    rows = model.get_input_embeddings().weight.shape[0]
-    head = model.get_output_embeddings()
-    if rows < n_tokens:
-        raise RetokError(
-            f"{init_dir} has {rows} embedding rows but the new tokenizer has {n_tokens} tokens: it was made for "
-            "another tokenizer; rerun `retok init-embeddings --overwrite`"
-        )
-    if head is None or head.weight.shape[0] != rows:
-        raise RetokError(
-            f"{init_dir}: the LM head does not have the embedding's {rows} rows; rerun init-embeddings"
-        )
+    check_rows_cover_tokenizer(model, tok, f"train-io: {init_dir}")
     model.config.use_cache = False
     return model.to(device)
 
@@ -142,6 +132,8 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     Returns the report (train_report.json) on the main process, {} on the others.
     """
     from retok.data import load_domains
+    from retok.metrics import score_starts
+    from retok.sources import load_tokenizer, resolve_model
     from retok.train.packing import check_sources
 
     wall0 = time.time()
@@ -157,9 +149,11 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     new_ids = new_token_ids(tok_dir, len(tok)) if t.trainable == "io_new_rows" else None
     first_block = check_sources(cfg.data.train, tok, t.seq_len, t.max_bytes_per_source)
     eval_docs = load_domains(cfg.data.eval, "data.eval", t.eval_max_bytes) if cfg.data.eval else {}
+    old_tok = load_tokenizer(resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code)
+    eval_starts = {d: score_starts([old_tok, tok], texts) for d, texts in eval_docs.items()}
 
     # ---- the model
-    model = _load_init_model(cfg, init_dir, len(tok), acc.device)
+    model = _load_init_model(cfg, init_dir, tok, acc.device)
     io = io_params(model, len(tok), new_ids)
     check_loss_matches(model, first_block[None].long(), t.loss_chunk_tokens)
     if t.gradient_checkpointing:
@@ -172,6 +166,8 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
         io=io,
         state_dir=state_dir,
         eval_docs=eval_docs,
+        eval_starts=eval_starts,
+        old_tok=old_tok,
         tokens_per_step=t.grad_accum * t.batch_size * t.seq_len * acc.num_processes,
         wall_start=wall0,
     )
