@@ -193,7 +193,9 @@ def init_config_cmd(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(commented_yaml(model_path=model), encoding="utf-8")
     except OSError as e:
-        raise RetokError(f"cannot write {path} ({e.strerror or e.__class__.__name__}); choose another path") from None
+        raise RetokError(
+            f"cannot write {path} ({e.strerror or e.__class__.__name__}); choose another path"
+        ) from None
     typer.echo(f"wrote {path}; edit model.path and data, then `retok validate {path}`")
 
 

@@ -85,9 +85,7 @@ class ComputeConfig(_Section):
         description="Dtype models are run in for measurements; auto = float32 on CPU, bfloat16 on GPU. "
         "train-io keeps float32 master weights and uses train.mixed_precision on top.",
     )
-    threads: int | None = Field(
-        None, ge=1, le=1024, description="torch CPU threads; null = torch's default."
-    )
+    threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; null = torch's default.")
 
     @field_validator("device")
     @classmethod
@@ -164,7 +162,10 @@ class TokenizerConfig(_Section):
         description="extend: number of tokens appended. train: new vocabulary = old size + new_tokens.",
     )
     vocab_size: int | None = Field(
-        None, gt=0, le=4_000_000, description="train mode only: total vocabulary size (overrides old size + new_tokens)."
+        None,
+        gt=0,
+        le=4_000_000,
+        description="train mode only: total vocabulary size (overrides old size + new_tokens).",
     )
     min_frequency: int = Field(
         2, ge=1, description="A pair must occur at least this often to become a token."
@@ -261,7 +262,9 @@ class InitConfig(_Section):
         "tokenizer.domains and another data.train domain. 0 = off.",
     )
     calibration_bytes: int = Field(
-        60000, ge=1000, description="head_shift: bytes of data.train text (split over its domains) the shift is fitted on."
+        60000,
+        ge=1000,
+        description="head_shift: bytes of data.train text (split over its domains) the shift is fitted on.",
     )
 
 
@@ -271,7 +274,9 @@ class InitConfig(_Section):
 class FullPhase(_Section):
     """The optional second phase of train-io: every parameter trainable (the paper's joint unfreeze)."""
 
-    steps: int = Field(0, ge=0, le=10**9, description="Steps of the joint phase after the io phase; 0 = skip it.")
+    steps: int = Field(
+        0, ge=0, le=10**9, description="Steps of the joint phase after the io phase; 0 = skip it."
+    )
     lr: float = Field(1e-5, gt=0, description="Learning rate of the joint phase.")
 
 
@@ -398,6 +403,7 @@ class ExportConfig(_Section):
     def _size(cls, v: str) -> str:
         parse_size(v)  # raises with what to write
         return v
+
     dtype: Literal["keep", "float32", "bfloat16", "float16"] = Field(
         "keep", description="Dtype of exported weights."
     )
@@ -427,7 +433,8 @@ class RetokConfig(_Section):
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed for data order, sampling and random init.")
     model: ModelConfig = Field(description="The pretrained model.")
     compute: ComputeConfig = Field(
-        default_factory=ComputeConfig, description="Device, dtype and threads of every stage that runs a model."
+        default_factory=ComputeConfig,
+        description="Device, dtype and threads of every stage that runs a model.",
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Training and held-out text.")
     tokenizer: TokenizerConfig = Field(
@@ -478,7 +485,10 @@ class RetokConfig(_Section):
     @model_validator(mode="after")
     def _eval_domains_exist(self) -> RetokConfig:
         names = [s.name for s in self.data.eval]
-        for key, wanted in (("eval.domains", self.eval.domains), ("eval.speed_domains", self.eval.speed_domains)):
+        for key, wanted in (
+            ("eval.domains", self.eval.domains),
+            ("eval.speed_domains", self.eval.speed_domains),
+        ):
             missing = sorted(set(wanted or []) - set(names))
             if missing:
                 raise ValueError(f"{key} names {missing}, which no data.eval source has (data.eval: {names})")

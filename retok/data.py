@@ -115,7 +115,9 @@ def _jsonl_rows(path: Path) -> Iterator[dict]:
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise RetokError(f"{path}: line {number} is not valid JSON ({e.msg}); fix or remove it") from None
+                raise RetokError(
+                    f"{path}: line {number} is not valid JSON ({e.msg}); fix or remove it"
+                ) from None
             if not isinstance(row, dict):
                 raise RetokError(
                     f"{path}: line {number} holds a JSON {type(row).__name__}, not an object with a text field"
@@ -155,6 +157,13 @@ def _texts(rows: Iterable[dict], field: str, where: str) -> Iterator[str]:
             raise RetokError(
                 f"{where}: field {field!r} holds {type(value).__name__}, not text; set text_field"
             )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON can spell an unpaired surrogate (\ud800), which is not text
+            raise RetokError(
+                f"{where}: a document holds {value[e.start]!r}, an unpaired surrogate that is not text "
+                "(a \\ud800-\\udfff escape in the JSON); fix or remove that row"
+            ) from None
         yield value
 
 

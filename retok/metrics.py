@@ -158,7 +158,13 @@ def bits_per_byte(
             raise ValueError(f"scoring start {start} is not a token boundary of this tokenizer")
         plans.append((ids, first, len(doc[start:].encode("utf-8")) if first < len(ids) else 0))
     total_nats, total_bytes, total_tokens = 0.0, 0, 0
-    bar = tqdm(total=sum(len(ids) - first for ids, first, _ in plans), desc=desc or "bpb", unit="tok", leave=False, disable=desc is None)
+    bar = tqdm(
+        total=sum(len(ids) - first for ids, first, _ in plans),
+        desc=desc or "bpb",
+        unit="tok",
+        leave=False,
+        disable=desc is None,
+    )
     prefix = torch.tensor([bos] if bos is not None else [], dtype=torch.long, device=device)
     for ids, first, n_bytes in plans:
         windows = score_windows(len(ids), window, stride, first, bos is not None)
@@ -178,4 +184,10 @@ def bits_per_byte(
     if was_training:
         model.train()
     bpb = total_nats / (math.log(2) * total_bytes) if total_bytes else float("nan")
-    return {"bpb": bpb, "nats": total_nats, "bytes": total_bytes, "tokens": total_tokens, "bos": bos is not None}
+    return {
+        "bpb": bpb,
+        "nats": total_nats,
+        "bytes": total_bytes,
+        "tokens": total_tokens,
+        "bos": bos is not None,
+    }

@@ -9,6 +9,7 @@ and check plan shards from the headers alone.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -62,18 +63,48 @@ class TensorInfo:
     end: int
 
 
+# The reference loader (safetensors) refuses headers over 100 MB; a bigger length field is a broken file.
+MAX_HEADER_BYTES = 100_000_000
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a .safetensors file and the offset where its data starts."""
+    """The JSON header of a .safetensors file and the offset where its data starts, checked: the header fits
+    the file, and every tensor's byte range lies inside the file and matches its shape and dtype."""
+    size = path.stat().st_size
+    broken = f"{path} is not a valid safetensors file"
     with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise RetokError(f"{path} is not a safetensors file (too short)")
+            raise RetokError(f"{broken} (too short); download or write it again")
         (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise RetokError(
+                f"{broken} (header length {n} for a {size}-byte file); it is truncated or damaged"
+            )
         try:
             header = json.loads(f.read(n))
-        except ValueError:
-            raise RetokError(f"{path} is not a safetensors file (unreadable header)") from None
-    return header, 8 + n
+        except (ValueError, UnicodeDecodeError):
+            raise RetokError(f"{broken} (unreadable header); it is damaged") from None
+    if not isinstance(header, dict):
+        raise RetokError(f"{broken} (the header is not a JSON object)")
+    base = 8 + n
+    for key, h in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            b, e = (int(x) for x in h["data_offsets"])
+            shape = [int(d) for d in h["shape"]]
+            dtype = h["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise RetokError(f"{broken} (tensor {key!r} has no valid dtype/shape/data_offsets)") from None
+        if not 0 <= b <= e or base + e > size:
+            raise RetokError(
+                f"{broken}: tensor {key!r} ends at byte {base + e} of a {size}-byte file; it is truncated"
+            )
+        width = DTYPE_BYTES.get(dtype)
+        if width is not None and math.prod(shape) * width != e - b:
+            raise RetokError(f"{broken}: tensor {key!r} has {e - b} bytes for shape {shape} of {dtype}")
+    return header, base
 
 
 def read_checkpoint(folder: Path) -> tuple[dict[str, TensorInfo], list[str], dict[str, Any] | None]:
@@ -81,8 +112,13 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, TensorInfo], list[str], dic
     in order, and the index's extra metadata (None for a single file)."""
     index_path = folder / INDEX_FILE
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        files = list(dict.fromkeys(index["weight_map"].values()))
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            files = list(dict.fromkeys(index["weight_map"].values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise RetokError(
+                f"{index_path} is damaged (not an index with a weight_map); write it again"
+            ) from None
         metadata = index.get("metadata") or {}
     else:
         files = sorted(p.name for p in folder.glob("*.safetensors"))

@@ -451,4 +451,6 @@ def check_rows_cover_tokenizer(model: Any, tok: Any, who: str) -> None:
             "tokenizer (rerun `retok init-embeddings --overwrite`)"
         )
     if head is None or head.weight.shape[0] != rows:
-        raise RetokError(f"{who}: the LM head does not have the embedding's {rows} rows; rerun init-embeddings")
+        raise RetokError(
+            f"{who}: the LM head does not have the embedding's {rows} rows; rerun init-embeddings"
+        )

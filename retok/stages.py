@@ -260,7 +260,9 @@ def require_stage(cfg: RetokConfig, key: str, needed_by: str) -> Path:
         raise RetokError(f"{needed_by} needs {folder}; run `retok {cmd}` with this config first")
     made = read_stage_meta(folder)
     if made["stage"] != key:
-        raise RetokError(f"{folder} holds a {made['stage']!r} stage, not {key!r}; remove it and run `retok {cmd}`")
+        raise RetokError(
+            f"{folder} holds a {made['stage']!r} stage, not {key!r}; remove it and run `retok {cmd}`"
+        )
     if made.get("fingerprint") != fingerprint(cfg, key):
         diff = changed_fields(cfg, folder, key)
         what = f" ({', '.join(diff[:4])}{' ...' if len(diff) > 4 else ''} changed)" if diff else ""

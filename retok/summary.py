@@ -50,7 +50,10 @@ def collect(cfg: RetokConfig) -> dict[str, Any]:
             "new_bytes_per_s": e.get("new", {}).get("bytes_per_s"),
             "speedup_bytes_per_s": e.get("speedup_bytes_per_s"),
         }
-    return {"domains": rows, "outputs": {k: str(stage_dir(cfg, k)) for k in ORDER if stage_dir(cfg, k).is_dir()}}
+    return {
+        "domains": rows,
+        "outputs": {k: str(stage_dir(cfg, k)) for k in ORDER if stage_dir(cfg, k).is_dir()},
+    }
 
 
 def _report(cfg: RetokConfig, key: str) -> dict[str, Any]:

@@ -266,7 +266,9 @@ def worker(variant: str, model: Path, run: Path, out: Path) -> dict:
     from retok.stages import mark_stage
 
     cfg = RetokConfig(output_dir=str(run), model={"path": str(model)}, init={"eval_bpb": False})
-    mark_stage(run / "tokenizer", cfg, "tokenizer")  # the synthetic tokenizer folder stands for build-tokenizer's
+    mark_stage(
+        run / "tokenizer", cfg, "tokenizer"
+    )  # the synthetic tokenizer folder stands for build-tokenizer's
     t = time.perf_counter()
     if variant == "retok":
         from retok.embeddings.stage import init_embeddings

@@ -81,7 +81,9 @@ def child_retok(work: Path, model: Path, a: argparse.Namespace) -> dict:
 
     cfg = config(work, model, a)
     marks = [time.process_time()]
-    retok.train.loop._on_step = lambda step: marks.append(time.process_time())  # CPU time at the end of each step
+    retok.train.loop._on_step = lambda step: marks.append(
+        time.process_time()
+    )  # CPU time at the end of each step
     out = run_stage(cfg, "model-trained", overwrite=True)
     steps = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     secs = [r["step_seconds"] for r in steps if "loss" in r][a.warmup :]
@@ -226,7 +228,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3, help="alternate retok/Trainer runs this many times each (median)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="alternate retok/Trainer runs this many times each (median)"
+    )
     ap.add_argument("--child", choices=["retok", "trainer"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()

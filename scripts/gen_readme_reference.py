@@ -1,6 +1,6 @@
 """Rewrite the config reference in README.md from the schema (between the two marker comments).
 
-    python scripts/gen_readme_reference.py
+python scripts/gen_readme_reference.py
 """
 
 from __future__ import annotations

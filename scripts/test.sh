@@ -8,4 +8,5 @@ bash scripts/setup_env.sh
 VENV="${RETOK_VENV:-.venv}"
 "$VENV/bin/python" scripts/fetch_assets.py -q --vocabs
 "$VENV/bin/ruff" check retok scripts tests
+"$VENV/bin/ruff" format --check retok scripts tests
 exec "$VENV/bin/python" -m pytest "$@"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,42 @@ from tests.tiny import (  # noqa: E402
 )
 
 ModelKind = Literal["llama_tied", "llama_untied", "qwen2", "gemma"]
+
+
+class Assets:
+    """The real model, corpora and vocabularies fetched by scripts/fetch_assets.py into $RETOK_CACHE/assets
+    (default ~/.cache/retok/assets). ``need(*paths)`` skips the test when one is missing, or FAILS it under
+    CI (RETOK_REQUIRE_REAL=1, set by .ci/run): a real-model test must not pass by skipping there."""
+
+    def __init__(self) -> None:
+        from retok.config import default_cache
+
+        self.root = default_cache() / "assets"
+        self.gguf = self.root / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        self.corpora = self.root / "corpora"
+        self.vocabs = self.root / "vocabs"
+
+    def corpus(self, domain: str, split: str) -> Path:
+        return self.corpora / domain / f"{split}.jsonl"
+
+    def vocab(self, name: str) -> Path:
+        return self.vocabs / f"ggml-vocab-{name}.gguf"
+
+    def need(self, *paths: Path) -> None:
+        missing = [str(p) for p in paths if not p.exists()]
+        if not missing:
+            return
+        msg = f"real assets missing ({', '.join(missing)}); run `python scripts/fetch_assets.py --vocabs`"
+        if os.environ.get("RETOK_REQUIRE_REAL") == "1":
+            pytest.fail(msg + " (RETOK_REQUIRE_REAL=1: missing assets fail instead of skipping)")
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def assets() -> Assets:
+    return Assets()
+
+
 TokenizerFamily = Literal["byte_level", "sentencepiece"]
 MakeModelDir = Callable[..., Path]
 

@@ -538,15 +538,11 @@ def test_unsupported_model_through_the_stage(tmp_path, corpus, model_dirs):
 
 # -------------------------------------------------------------------------------------------------- real
 
-ASSETS = Path(os.environ.get("RETOK_CACHE") or Path.home() / ".cache" / "retok").expanduser() / "assets"
-
 
 @pytest.mark.real
-def test_real_smollm2_extension_on_chinese(tmp_path):
-    gguf = ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    corp = ASSETS / "corpora"
-    if not gguf.is_file() or not (corp / "zh" / "train.jsonl").is_file():
-        pytest.skip(f"real assets missing in {ASSETS}; run scripts/fetch_assets.py")
+def test_real_smollm2_extension_on_chinese(tmp_path, assets):
+    gguf, corp = assets.gguf, assets.corpora
+    assets.need(gguf, assets.corpus("zh", "train"))
     cfg = validate_dict(
         {
             "output_dir": str(tmp_path / "run"),
@@ -589,13 +585,11 @@ def test_a_new_round_trip_failure_is_an_error():
 
 @pytest.mark.real
 @pytest.mark.parametrize("vocab", ["llama-spm", "qwen2"])
-def test_real_vocabularies_of_both_families(vocab):
+def test_real_vocabularies_of_both_families(vocab, assets):
     """Llama-2's SentencePiece BPE (byte fallback) and Qwen2's byte-level BPE (specials above the model
     vocabulary), from llama.cpp's vocabulary-only GGUFs (scripts/fetch_assets.py --vocabs)."""
-    gguf = ASSETS / "vocabs" / f"ggml-vocab-{vocab}.gguf"
-    zh = ASSETS / "corpora" / "zh" / "train.jsonl"
-    if not gguf.is_file() or not zh.is_file():
-        pytest.skip(f"{gguf.name} or the zh corpus missing in {ASSETS}; run scripts/fetch_assets.py --vocabs")
+    gguf, zh = assets.vocab(vocab), assets.corpus("zh", "train")
+    assets.need(gguf, zh)
     from retok.tokenizer.report import domain_compression
 
     old = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).backend_tokenizer

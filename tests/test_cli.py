@@ -10,12 +10,29 @@ from pathlib import Path
 import pytest
 import yaml
 
-COMMANDS = ["build-tokenizer", "init-embeddings", "train-io", "eval-speed", "export", "run", "check", "validate", "init-config"]
+COMMANDS = [
+    "build-tokenizer",
+    "init-embeddings",
+    "train-io",
+    "eval-speed",
+    "export",
+    "run",
+    "check",
+    "validate",
+    "init-config",
+]
 
 
 def retok(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "retok.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "retok.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
 
 
 def assert_one_line_error(p: subprocess.CompletedProcess, needle: str) -> None:
@@ -57,10 +74,16 @@ def test_validate_ok_and_bad(tmp_path):
     (tmp_path / "empty").mkdir()
     empty = write_cfg(tmp_path, model={"path": str(tmp_path / "empty")})
     assert_one_line_error(retok("validate", str(empty)), "has no config.json")
-    assert_one_line_error(retok("validate", str(cfg), "--set", "train.max_stepz=3"), "train.max_stepz: unknown key")
+    assert_one_line_error(
+        retok("validate", str(cfg), "--set", "train.max_stepz=3"), "train.max_stepz: unknown key"
+    )
     assert_one_line_error(retok("validate", str(cfg), "--set", "train.max_steps=abc"), "train.max_steps:")
     assert_one_line_error(retok("validate", str(tmp_path / "nope.yaml")), "not found")
-    bad = write_cfg(tmp_path, model={"path": "org/name"}, data={"train": [{"name": "en", "path": str(tmp_path / "missing.txt")}]})
+    bad = write_cfg(
+        tmp_path,
+        model={"path": "org/name"},
+        data={"train": [{"name": "en", "path": str(tmp_path / "missing.txt")}]},
+    )
     assert_one_line_error(retok("validate", str(bad)), "missing.txt not found")
 
 
@@ -95,11 +118,15 @@ def test_existing_output_folder_is_refused_and_kept(tmp_path):
 
 def test_two_configs_and_no_config(tmp_path):
     cfg = write_cfg(tmp_path)
-    assert_one_line_error(retok("validate", str(cfg), "--config", str(tmp_path / "other.yaml")), "two configs")
+    assert_one_line_error(
+        retok("validate", str(cfg), "--config", str(tmp_path / "other.yaml")), "two configs"
+    )
     assert_one_line_error(retok("build-tokenizer"), "no config given")
 
 
-@pytest.mark.parametrize("cmd", ["build-tokenizer", "init-embeddings", "train-io", "eval-speed", "export", "run"])
+@pytest.mark.parametrize(
+    "cmd", ["build-tokenizer", "init-embeddings", "train-io", "eval-speed", "export", "run"]
+)
 def test_every_stage_command_takes_config_and_set(cmd):
     p = retok(cmd, "--help")
     assert p.returncode == 0

@@ -50,7 +50,10 @@ def test_minimal_config_gets_defaults():
         ({"init": {"head_shift_outside": 2.0}}, "init.head_shift_outside needs tokenizer.domains"),
         ({"eval": {"domains": ["fr"]}}, "eval.domains names ['fr'], which no data.eval source has"),
         ({"eval": {"speed_domains": ["fr"]}}, "eval.speed_domains names ['fr']"),
-        ({"compute": {"device": "tpu"}}, "compute.device: unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps"),
+        (
+            {"compute": {"device": "tpu"}},
+            "compute.device: unknown device 'tpu'; use auto, cpu, cuda, cuda:N or mps",
+        ),
         ({"compute": {"device": "cuda:x"}}, "compute.device: unknown device 'cuda:x'"),
         ({"init": {"pad_to_multiple_of": 20_000_000}}, "init.pad_to_multiple_of:"),
         ({"seed": 2**64}, "seed:"),
@@ -59,7 +62,10 @@ def test_minimal_config_gets_defaults():
         # keys that moved say where to
         ({"model": {"path": "m/x", "device": "cpu"}}, "model.device: this key is now compute.device"),
         ({"eval": {"threads": 2}}, "eval.threads: this key is now compute.threads"),
-        ({"train": {"max_train_bytes": 5}}, "train.max_train_bytes: this key is now train.max_bytes_per_source"),
+        (
+            {"train": {"max_train_bytes": 5}},
+            "train.max_train_bytes: this key is now train.max_bytes_per_source",
+        ),
     ],
 )
 def test_bad_keys_name_the_key(patch, needle):
@@ -91,7 +97,15 @@ def test_source_needs_exactly_one_location():
 
 
 def test_overrides_nested_lists_and_yaml_values():
-    data = apply_overrides(base(), ["train.max_steps=7", "data.train.0.max_bytes=100", "init.compare_methods=[first, last]", "eval.domains=null"])
+    data = apply_overrides(
+        base(),
+        [
+            "train.max_steps=7",
+            "data.train.0.max_bytes=100",
+            "init.compare_methods=[first, last]",
+            "eval.domains=null",
+        ],
+    )
     cfg = validate_dict(data)
     assert cfg.train.max_steps == 7
     assert cfg.data.train[0].max_bytes == 100
@@ -146,7 +160,9 @@ def test_duplicate_yaml_keys_are_an_error(tmp_path):
     p.write_text("output_dir: a\nmodel:\n  path: m/x\n  path: m/y\n")
     with pytest.raises(RetokError, match=r"key 'path' appears twice \(lines 3 and 4\)"):
         load_config(p)
-    p.write_text("output_dir: a\nmodel:\n  path: m/x\ndata:\n  train:\n    - {name: a, path: x}\n    - {name: a, path: y}\n")
+    p.write_text(
+        "output_dir: a\nmodel:\n  path: m/x\ndata:\n  train:\n    - {name: a, path: x}\n    - {name: a, path: y}\n"
+    )
     assert [s.path for s in load_config(p).data.train] == ["x", "y"]  # the same key in two list items is fine
 
 
@@ -188,4 +204,6 @@ def test_shipped_configs_exist():
 
 def test_readme_config_reference_is_current():
     readme = (ROOT / "README.md").read_text()
-    assert markdown_reference() in readme, "README's config reference is stale: run `python scripts/gen_readme_reference.py`"
+    assert markdown_reference() in readme, (
+        "README's config reference is stale: run `python scripts/gen_readme_reference.py`"
+    )

@@ -16,7 +16,9 @@ def src(path, **kw) -> DataSource:
 
 
 def test_jsonl_txt_parquet_folder_and_glob(tmp_path):
-    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": t, "x": 1}) for t in ["一二三", "four"]) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps({"text": t, "x": 1}) for t in ["一二三", "four"]) + "\n"
+    )
     assert list(iter_source(src(tmp_path / "a.jsonl"), "data.train.0")) == ["一二三", "four"]
     (tmp_path / "b.jsonl").write_text(json.dumps({"body": "custom"}) + "\n")
     assert list(iter_source(src(tmp_path / "b.jsonl", text_field="body"), "k")) == ["custom"]
@@ -27,7 +29,10 @@ def test_jsonl_txt_parquet_folder_and_glob(tmp_path):
     assert list(iter_source(src(txt, txt_unit="paragraph"), "k")) == ["para one\nline2", "para two"]
     assert list(iter_source(src(txt, txt_unit="line"), "k")) == ["para one", "line2", "para two"]
     assert list(iter_source(src(tmp_path / "t"), "k")) == ["para one\nline2\n\npara two\n"]
-    assert list(iter_source(src(str(tmp_path / "a*.jsonl"), text_field="text"), "k"))[:2] == ["一二三", "four"]
+    assert list(iter_source(src(str(tmp_path / "a*.jsonl"), text_field="text"), "k"))[:2] == [
+        "一二三",
+        "four",
+    ]
     import pyarrow as pa
     import pyarrow.parquet as pq
 

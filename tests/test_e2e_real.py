@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,21 +11,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-ASSETS = Path(os.environ.get("RETOK_CACHE") or Path.home() / ".cache" / "retok") / "assets"
 pytestmark = pytest.mark.real
 
 
 def retok(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "retok.cli", *args], capture_output=True, text=True, timeout=1800)
+    return subprocess.run(
+        [sys.executable, "-m", "retok.cli", *args], capture_output=True, text=True, timeout=1800
+    )
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    gguf = ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.is_file():
-        pytest.skip("real assets missing: run scripts/fetch_assets.py")
+def run_dir(tmp_path_factory, assets) -> Path:
+    gguf, corp = assets.gguf, assets.corpora
+    assets.need(gguf, corp)
     out = tmp_path_factory.mktemp("e2e")
-    corp = ASSETS / "corpora"
     cfg = {
         "output_dir": str(out / "run"),
         "model": {"path": str(gguf)},
@@ -43,8 +41,24 @@ def run_dir(tmp_path_factory) -> Path:
         },
         "tokenizer": {"mode": "extend", "new_tokens": 1000, "domains": ["zh"]},
         "init": {"method": "mean"},
-        "train": {"max_steps": 3, "seq_len": 64, "batch_size": 2, "eval_every": 3, "save_every": 3, "eval_max_bytes": 600, "warmup_steps": 1},
-        "eval": {"max_bytes": 1500, "window": 128, "stride": 96, "prompt_bytes": 300, "continuation_bytes": 60, "repeats": 1, "warmup": 0},
+        "train": {
+            "max_steps": 3,
+            "seq_len": 64,
+            "batch_size": 2,
+            "eval_every": 3,
+            "save_every": 3,
+            "eval_max_bytes": 600,
+            "warmup_steps": 1,
+        },
+        "eval": {
+            "max_bytes": 1500,
+            "window": 128,
+            "stride": 96,
+            "prompt_bytes": 300,
+            "continuation_bytes": 60,
+            "repeats": 1,
+            "warmup": 0,
+        },
         "export": {"max_shard_size": "200MB"},
     }
     path = out / "cfg.yaml"

@@ -4,7 +4,6 @@ contract, and one-line errors for bad input."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -382,22 +381,19 @@ def test_cli_bad_device_exits_2(project: Path, tmp_path: Path, monkeypatch, caps
         main()
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: config (from --set): compute.device: unknown device 'npu'; use auto, cpu, cuda, cuda:N or mps"]
+    assert err == [
+        "error: config (from --set): compute.device: unknown device 'npu'; use auto, cpu, cuda, cuda:N or mps"
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ real
 
 
-ASSETS = Path(os.environ.get("RETOK_CACHE", Path.home() / ".cache" / "retok")).expanduser() / "assets"
-
-
 @pytest.mark.real
-def test_real_smollm2_against_itself(tmp_path: Path):
+def test_real_smollm2_against_itself(tmp_path: Path, assets):
     """The same model on both sides: compression and BPB identical, speed ratio about 1 (tiny budgets)."""
-    gguf = ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    corpora = ASSETS / "corpora"
-    if not gguf.is_file() or not (corpora / "zh" / "eval.jsonl").is_file():
-        pytest.skip(f"assets missing under {ASSETS}: run scripts/fetch_assets.py")
+    gguf, corpora = assets.gguf, assets.corpora
+    assets.need(gguf, assets.corpus("zh", "eval"), assets.corpus("en", "eval"))
     cfg = validate_dict(
         {
             "output_dir": str(tmp_path / "out"),

@@ -26,7 +26,7 @@ from retok.export.shards import plan_shards, weight_files
 from retok.pipeline import run_stage
 from retok.safetensors_io import read_header
 from retok.stages import mark_stage, stage_dir
-from tests.tiny import SAMPLE_TEXT, byte_level_tokenizer, save_model_folder, tiny_llama
+from tests.tiny import byte_level_tokenizer, save_model_folder, tiny_llama
 
 ZH_EXTRA = "机器学习是人工智能的一个分支。语言模型把文本切分成词元，再预测下一个词元。" * 8
 
@@ -381,24 +381,69 @@ def test_gguf_advice_cases():
     assert "smollm" in KNOWN_HASHES.values()
 
 
-def test_sample_text_round_trip_is_what_check_uses():
-    # The check's round-trip string must contain text outside SAMPLE_TEXT's scripts so byte fallback is exercised.
-    from retok.export.check import ROUND_TRIP_TEXT
+def test_check_round_trip_fails_on_a_lossy_tokenizer(broken: Path):
+    # A normaliser that lowercases: encode/decode no longer gives the text back, and check says where.
+    _edit(broken / "tokenizer.json", lambda t: t.update(normalizer={"type": "Lowercase"}))
+    res = _by_name(check_folder(broken))
+    assert not res["round trip"].ok and "from character 0" in res["round trip"].detail
 
-    assert any(ch not in SAMPLE_TEXT for ch in ROUND_TRIP_TEXT)
+
+# ------------------------------------------------------------------------------ check: broken files
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "generation_config.json"])
+def test_check_reports_a_file_that_is_not_json(broken: Path, name: str):
+    (broken / name).write_text("{ this is not json")
+    res = _by_name(check_folder(broken))  # no traceback: FAIL rows
+    assert not res["files"].ok and f"{name} is not valid JSON" in res["files"].detail
+    assert not any(r.internal for r in res.values())
+    if name == "tokenizer.json":
+        assert not res["tokenizer loads"].ok and "not run" in res["special tokens"].detail
+
+
+def test_check_reports_a_truncated_weights_file(broken: Path):
+    f = sorted(broken.glob("*.safetensors"))[0]  # the first of the shards
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    res = _by_name(check_folder(broken))
+    assert not res["files"].ok and "truncated" in res["files"].detail
+    assert not res["model loads"].ok
+
+
+def test_check_fails_an_export_whose_chat_template_was_deleted(broken: Path):
+    assert json.loads((broken / "retok_export.json").read_text())["chat_template"] is True
+    for f in broken.glob("chat_template*"):
+        f.unlink()
+    _edit(broken / "tokenizer_config.json", lambda c: c.pop("chat_template", None))
+    res = _by_name(check_folder(broken))
+    assert not res["chat template"].ok and "retok export wrote a chat template" in res["chat template"].detail
+
+
+def test_a_crashing_check_is_retok_s_error_not_the_folder_s(exported: Path, monkeypatch, capsys):
+    import retok.export.check as check_mod
+    from retok.cli import main
+
+    def boom(ctx):
+        raise KeyError("a bug in retok")
+
+    monkeypatch.setattr(check_mod, "_check_round_trip", boom)
+    res = _by_name(check_folder(exported))
+    assert (
+        res["round trip"].internal and "bug in retok, not a verdict on the folder" in res["round trip"].detail
+    )
+    monkeypatch.setattr(sys, "argv", ["retok", "check", str(exported)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 3 and "ERROR" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ real
 
 
-ASSETS = Path(os.environ.get("RETOK_CACHE", Path.home() / ".cache" / "retok")).expanduser() / "assets"
-GGUF = ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.mark.real
-def test_real_smollm2_check_and_chkhsh():
-    if not GGUF.is_file():
-        pytest.skip(f"{GGUF} missing: run scripts/fetch_assets.py")
+def test_real_smollm2_check_and_chkhsh(assets):
+    GGUF = assets.gguf
+    assets.need(GGUF)
     from retok.sources import read_gguf_metadata, resolve_model
 
     folder = resolve_model(str(GGUF))

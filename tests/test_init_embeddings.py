@@ -624,12 +624,11 @@ KEEP_BPB_INIT = [
 
 @pytest.mark.real
 @pytest.mark.slow
-def test_real_smollm2_zh_extension_keeps_en_and_code_bpb(tmp_path):
-    from retok.config import default_cache, load_config
+def test_real_smollm2_zh_extension_keeps_en_and_code_bpb(tmp_path, assets):
+    from retok.config import load_config
     from retok.pipeline import run_stage
 
-    if not (default_cache() / "assets" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file():
-        pytest.skip("real assets missing: run scripts/fetch_assets.py")
+    assets.need(assets.gguf, assets.corpora)
     cfg = load_config(
         ROOT / "configs" / "smollm2-zh.yaml",
         [f"output_dir={tmp_path / 'run'}", "eval.max_bytes=6000", "init.compare_methods=[]", *KEEP_BPB_INIT],

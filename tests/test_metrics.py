@@ -25,7 +25,18 @@ ZH = "机器学习是人工智能的一个分支。语言模型把文本切分�
 
 
 @pytest.mark.parametrize("bos", [False, True])
-@pytest.mark.parametrize(("n", "window", "stride", "first"), [(1, 8, 4, 0), (2, 8, 4, 1), (50, 8, 3, 1), (50, 8, 100, 0), (50, 16, 5, 30), (7, 4, 1, 2), (300, 64, 32, 5)])
+@pytest.mark.parametrize(
+    ("n", "window", "stride", "first"),
+    [
+        (1, 8, 4, 0),
+        (2, 8, 4, 1),
+        (50, 8, 3, 1),
+        (50, 8, 100, 0),
+        (50, 16, 5, 30),
+        (7, 4, 1, 2),
+        (300, 64, 32, 5),
+    ],
+)
 def test_windows_score_each_token_once_with_context(n, window, stride, first, bos):
     wins = score_windows(n, window, stride, first, bos)
     scored = [k for start, end, m in wins for k in range(end - m, end)]
@@ -55,7 +66,7 @@ def test_full_context_equals_total_nll_over_bytes():
     tok = byte_level_tokenizer()
     model = tiny_llama(tok, tied=True).eval()
     assert bos_id(tok) is None  # SmolLM2-shaped: no BOS
-    (ids, offsets), = encode_docs(tok, [EN])
+    ((ids, offsets),) = encode_docs(tok, [EN])
     got = bits_per_byte(model, tok, [EN], window=4096, stride=4096)
     # without BOS the first token is context: the bytes scored are the text after it
     n_bytes = len(EN[offsets[0][1] :].encode())
@@ -95,7 +106,7 @@ def test_sliding_windows_equal_one_window_for_a_context_free_model(family):
 def test_a_first_token_that_is_half_a_character():
     tok = byte_level_tokenizer()
     doc = "龘" + ZH  # a character the tiny tokenizer never saw: its 3 bytes are separate byte tokens
-    (ids, offsets), = encode_docs(tok, [doc])
+    ((ids, offsets),) = encode_docs(tok, [doc])
     assert offsets[0] == offsets[1] == (0, 1)  # two tokens share the character's span
     assert 1 in clean_boundaries(offsets, len(doc)) and 0 < len(doc.encode()) - len(doc[1:].encode())
     model = tiny_llama(tok, tied=True).eval()
@@ -111,7 +122,7 @@ def test_bos_is_prepended_to_every_window_and_not_counted():
     bos = bos_id(tok)
     assert bos == tok.bos_token_id and bos is not None
     doc = EN
-    (ids, _), = encode_docs(tok, [doc])
+    ((ids, _),) = encode_docs(tok, [doc])
     model = tiny_gemma(tok).eval()
     got = bits_per_byte(model, tok, [doc], window=4096, stride=4096)
     # with BOS every token is scored, predicted from BOS for the first one, and every byte counts
@@ -137,13 +148,13 @@ def test_two_tokenizers_score_the_same_bytes():
     starts = score_starts([old, new], docs)
     for doc, s in zip(docs, starts, strict=True):
         for t in (old, new):
-            (_, offsets), = encode_docs(t, [doc])
+            ((_, offsets),) = encode_docs(t, [doc])
             assert s in clean_boundaries(offsets, len(doc)) and s >= offsets[0][1]
     a = bits_per_byte(Bigram(len(old) + 8), old, docs, window=64, stride=32, starts=starts)
     b = bits_per_byte(Bigram(len(new) + 8), new, docs, window=64, stride=32, starts=starts)
     assert a["bytes"] == b["bytes"] == sum(len(d[s:].encode()) for d, s in zip(docs, starts, strict=True))
     doc = "The quick brown fox"
-    (_, offsets), = encode_docs(old, [doc])
+    ((_, offsets),) = encode_docs(old, [doc])
     s, e = next((s, e) for s, e in offsets if e - s >= 2)
     with pytest.raises(ValueError, match="not a token boundary"):
         bits_per_byte(Bigram(len(old) + 8), old, [doc], starts=[s + 1])

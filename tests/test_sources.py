@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -11,8 +10,6 @@ from retok.config import ModelConfig
 from retok.errors import RetokError
 from retok.sources import check_model_folder, fix_gguf_tokenizer, load_model, resolve_model
 from tests.tiny import byte_level_tokenizer
-
-ASSETS = Path.home() / ".cache" / "retok" / "assets"
 
 
 def test_pickled_checkpoints_are_refused_unless_allowed(tmp_path):
@@ -40,7 +37,16 @@ def test_missing_paths_and_not_a_model(tmp_path):
 def test_not_a_causal_lm(tmp_path):
     from transformers import ViTConfig, ViTModel
 
-    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4)).save_pretrained(tmp_path)
+    ViTModel(
+        ViTConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=8,
+            patch_size=4,
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(RetokError, match="not a causal language model"):
         load_model(tmp_path, device="cpu")
     # bert has a causal-LM class (BertLMHeadModel), but a folder saved as BertModel is an encoder
@@ -48,7 +54,9 @@ def test_not_a_causal_lm(tmp_path):
 
     bert = tmp_path / "bert"
     BertModel(
-        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        BertConfig(
+            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
     ).save_pretrained(bert)
     with pytest.raises(RetokError, match="'bert' model saved as BertModel, not a causal language model"):
         load_model(bert, device="cpu")
@@ -72,10 +80,9 @@ def test_gguf_metadata_fixes_tokenizer():
 
 
 @pytest.mark.real
-def test_real_smollm2_gguf_converts_and_says_paris():
-    gguf = ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.is_file():
-        pytest.skip("real assets missing: run scripts/fetch_assets.py")
+def test_real_smollm2_gguf_converts_and_says_paris(assets):
+    gguf = assets.gguf
+    assets.need(gguf)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,10 +92,12 @@ def test_real_smollm2_gguf_converts_and_says_paris():
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert model.config.tie_word_embeddings is True
-    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2 and model.generation_config.eos_token_id == 2
+    assert (
+        tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2 and model.generation_config.eos_token_id == 2
+    )
     assert tok.model_max_length == 8192
     assert tok("x").input_ids[0] != tok.bos_token_id  # the GGUF says add_bos = False
     assert tok("2024", add_special_tokens=False).input_ids == [tok.convert_tokens_to_ids(c) for c in "2024"]
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])

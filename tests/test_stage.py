@@ -116,5 +116,8 @@ def test_output_dir_that_cannot_be_used_is_one_clear_error(tmp_path, case):
 
 def test_a_too_long_output_dir_is_one_clear_error(tmp_path):
     c = validate_dict({"output_dir": str(tmp_path / ("x" * 300)), "model": {"path": "m/x"}})
-    with pytest.raises(RetokError, match="output_dir .*(cannot be created|cannot create)"), stage_output(c, "tokenizer"):
+    with (
+        pytest.raises(RetokError, match="output_dir .*(cannot be created|cannot create)"),
+        stage_output(c, "tokenizer"),
+    ):
         pass

@@ -122,7 +122,9 @@ def test_a_field_missing_from_the_table_is_reported(reads: dict[str, set[str]], 
     import retok.stages as stages
 
     st = stages.STAGES["model-init"]
-    patched = type(st)(st.key, st.command, st.entry, st.inputs, tuple(f for f in st.reads if f != "seed"), st.report)
+    patched = type(st)(
+        st.key, st.command, st.entry, st.inputs, tuple(f for f in st.reads if f != "seed"), st.report
+    )
     monkeypatch.setitem(stages.STAGES, "model-init", patched)
     assert _missing(reads)["model-init"] == ["seed"]
 

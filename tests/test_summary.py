@@ -27,19 +27,35 @@ def _config(out: Path):
 
 def test_bpb_columns_come_from_one_slice(tmp_path: Path):
     cfg = _config(tmp_path)
-    _write(stage_dir(cfg, "tokenizer") / "compression.json", {"domains": {"zh": {"old_bytes_per_token": 2.0, "new_bytes_per_token": 4.0, "ratio": 2.0}}})
+    _write(
+        stage_dir(cfg, "tokenizer") / "compression.json",
+        {"domains": {"zh": {"old_bytes_per_token": 2.0, "new_bytes_per_token": 4.0, "ratio": 2.0}}},
+    )
     # init-embeddings and eval-speed score eval.max_bytes; train-io's figures come from a smaller slice
-    _write(stage_dir(cfg, "model-init") / "init_report.json", {"bpb": {"zh": {"original": 1.80, "init": 2.40}}})
-    _write(stage_dir(cfg, "model-trained") / "train_report.json", {"bpb": {"zh": {"original": 1.70, "init": 2.50, "final": 2.35}}})
+    _write(
+        stage_dir(cfg, "model-init") / "init_report.json", {"bpb": {"zh": {"original": 1.80, "init": 2.40}}}
+    )
+    _write(
+        stage_dir(cfg, "model-trained") / "train_report.json",
+        {"bpb": {"zh": {"original": 1.70, "init": 2.50, "final": 2.35}}},
+    )
     ev = {
         "candidate": {"folder": str(stage_dir(cfg, "model-trained"))},
-        "domains": {"zh": {"old": {"bpb": 1.80, "bytes_per_s": 30.0}, "new": {"bpb": 2.25, "bytes_per_s": 75.0}, "speedup_bytes_per_s": 2.5}},
+        "domains": {
+            "zh": {
+                "old": {"bpb": 1.80, "bytes_per_s": 30.0},
+                "new": {"bpb": 2.25, "bytes_per_s": 75.0},
+                "speedup_bytes_per_s": 2.5,
+            }
+        },
     }
     _write(stage_dir(cfg, "eval") / "report.json", ev)
     row = collect(cfg)["domains"]["zh"]
     assert (row["bpb_original"], row["bpb_init"], row["bpb_trained"]) == (1.80, 2.40, 2.25)
     assert row["speedup_bytes_per_s"] == 2.5 and row["compression_ratio"] == 2.0
-    assert "| zh | 2.00 | 4.00 | 2.00x | 1.800 | 2.400 | 2.250 | 30.0 | 75.0 | 2.50x |" in markdown_table(collect(cfg))
+    assert "| zh | 2.00 | 4.00 | 2.00x | 1.800 | 2.400 | 2.250 | 30.0 | 75.0 | 2.50x |" in markdown_table(
+        collect(cfg)
+    )
 
     # eval-speed measured some other model: the trained BPB comes from train-io's report
     ev["candidate"]["folder"] = str(tmp_path / "peer-tool-output")

@@ -330,16 +330,37 @@ def test_nan_loss_stops_with_one_line_and_keeps_last_checkpoint(tmp_path, tokeni
 
 
 def test_trackers_are_opt_in_through_accelerate(tmp_path, tokenizers):
-    import importlib.util
+    """tensorboard (a test dependency) gets the loss and BPB of every step, under the run's step numbers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = make_project(tmp_path, tokenizers, train={"max_steps": 2, "log_with": ["tensorboard"]})
-    if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-        with pytest.raises(RetokError, match="train.log_with: tensorboard is not installed"):
-            run_stage(cfg, "model-trained")
-        assert not (cfg.out / "train-state").exists()
-    else:
+    cfg = make_project(
+        tmp_path, tokenizers, train={"max_steps": 2, "eval_every": 2, "log_with": ["tensorboard"]}
+    )
+    out = run_stage(cfg, "model-trained")
+    events = list((cfg.out / "train-state" / "trackers").rglob("events.out.tfevents*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "loss" in tags and "bpb/zh" in tags and "bpb/en" in tags
+    logged = [(e.step, e.value) for e in acc.Scalars("loss")]
+    losses = [
+        (r["step"], r["loss"])
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+    assert [s for s, _ in logged] == [s for s, _ in losses] == [1, 2]
+    assert [v for _, v in logged] == pytest.approx([v for _, v in losses], rel=1e-6)
+
+
+def test_a_tracker_that_is_not_installed_is_one_line(tmp_path, tokenizers, monkeypatch):
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    cfg = make_project(tmp_path, tokenizers, train={"max_steps": 2, "log_with": ["wandb"]})
+    with pytest.raises(RetokError, match="train.log_with: wandb is not installed"):
         run_stage(cfg, "model-trained")
-        assert list((cfg.out / "train-state" / "trackers").rglob("events.out.tfevents*"))
+    assert not (cfg.out / "train-state").exists()
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -354,7 +375,9 @@ def _cli(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     return e.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["too_little_text", "stale_tokenizer", "vocab_mismatch", "unknown_trainable"])
+@pytest.mark.parametrize(
+    "case", ["too_little_text", "stale_tokenizer", "vocab_mismatch", "unknown_trainable"]
+)
 def test_bad_input_one_line_exit_2_nothing_lost(case, tmp_path, tokenizers, monkeypatch, capsys):
     _, new = tokenizers
     cfg = make_project(tmp_path, tokenizers, rows=len(new) - 5 if case == "vocab_mismatch" else None)
@@ -363,7 +386,9 @@ def test_bad_input_one_line_exit_2_nothing_lost(case, tmp_path, tokenizers, monk
         tiny = tmp_path / "tiny.jsonl"
         tiny.write_text(json.dumps({"text": "hi"}) + "\n")
         data["data"]["train"][1]["path"] = str(tiny)
-    if case == "too_little_text":  # stage folders made with this data (stale_tokenizer: made with the old data)
+    if (
+        case == "too_little_text"
+    ):  # stage folders made with this data (stale_tokenizer: made with the old data)
         for stage in ("tokenizer", "model-init"):
             mark_stage(stage_dir(cfg, stage), validate_dict(data), stage)
     if case == "unknown_trainable":
@@ -446,20 +471,18 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, tokenizers):
 
 # ------------------------------------------------------------------------------------------ real model
 
-ASSETS = Path(os.environ.get("RETOK_CACHE") or Path.home() / ".cache" / "retok") / "assets"
-GGUF = ASSETS / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 ZH_WORDS = ["系统", "文件", "使用", "命令", "配置", "用户", "程序", "选项", "目录", "进程", "信息", "网络"]
 
 
 @pytest.mark.real
-@pytest.mark.skipif(not GGUF.is_file(), reason=f"{GGUF} missing: run scripts/fetch_assets.py")
-def test_real_smollm2_short_run(tmp_path):
+def test_real_smollm2_short_run(tmp_path, assets):
     """SmolLM2-135M with a few added Chinese tokens (mean init), 3 steps: body frozen, tie kept, report sane."""
     from transformers import AutoModelForCausalLM
 
     from retok.sources import load_tokenizer, resolve_model
 
-    corpora = ASSETS / "corpora"
+    GGUF, corpora = assets.gguf, assets.corpora
+    assets.need(GGUF, corpora)
     cfg = validate_dict(
         {
             "output_dir": str(tmp_path / "out"),

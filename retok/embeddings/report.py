@@ -219,7 +219,9 @@ def measure_bpb(
 
     def score(model: Any, tok: Any, label: str) -> dict[str, float]:
         return {
-            d: round(bits_per_byte(model, tok, texts, desc=f"bpb {label} {d}", starts=starts[d], **kw)["bpb"], 5)
+            d: round(
+                bits_per_byte(model, tok, texts, desc=f"bpb {label} {d}", starts=starts[d], **kw)["bpb"], 5
+            )
             for d, texts in docs.items()
         }
 

@@ -340,7 +340,9 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     speed_texts = {name: speed_pieces(cfg, name) for name in speed_names}
     folders = [resolve_model(base, cfg.cache), resolve_model(cand, cfg.cache)]
     toks = []
-    for folder, key, mcfg in zip(folders, ("eval.baseline_model", "eval.candidate_model"), (base, cand), strict=True):
+    for folder, key, mcfg in zip(
+        folders, ("eval.baseline_model", "eval.candidate_model"), (base, cand), strict=True
+    ):
         require_causal_lm(folder, f"eval-speed ({key})")
         tok = load_tokenizer(folder, trust_remote_code=mcfg.trust_remote_code)
         check_config_rows(folder, tok, f"eval-speed ({key})")

@@ -89,6 +89,10 @@ def model_card(
     parts += ["", "## Checks (`retok check`)", ""]
     parts += [f"- {'PASS' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in checks]
     # The config that made the exported model (its stage folder keeps it).
-    made_by = (src / CONFIG_FILE).read_text(encoding="utf-8").rstrip() if (src / CONFIG_FILE).is_file() else "(unknown)"
+    made_by = (
+        (src / CONFIG_FILE).read_text(encoding="utf-8").rstrip()
+        if (src / CONFIG_FILE).is_file()
+        else "(unknown)"
+    )
     parts += ["", f"## retok config (the one that made `{src.name}`)", "", "```yaml", made_by, "```", ""]
     return "\n".join(parts)

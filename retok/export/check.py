@@ -499,7 +499,9 @@ def print_checks(results: list[Check]) -> None:
     table.add_column("result")
     table.add_column("detail", overflow="fold")
     for r in results:
-        verdict = "[green]PASS[/green]" if r.ok else "[magenta]ERROR[/magenta]" if r.internal else "[red]FAIL[/red]"
+        verdict = (
+            "[green]PASS[/green]" if r.ok else "[magenta]ERROR[/magenta]" if r.internal else "[red]FAIL[/red]"
+        )
         table.add_row(r.name, verdict, r.detail)
     console = Console()
     console.print(table)

@@ -47,17 +47,26 @@ def eval_table(cfg: RetokConfig, src: Path) -> str | None:
     if not folder.is_dir():
         return None
     if stage_status(cfg, "eval") != "same":
-        print(f"retok: export: {folder} was made by another config; the model card leaves its table out", flush=True)
+        print(
+            f"retok: export: {folder} was made by another config; the model card leaves its table out",
+            flush=True,
+        )
         return None
     try:
         report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
         measured = Path(report["candidate"]["folder"]).resolve()
         table = (folder / "table.md").read_text(encoding="utf-8")
     except (OSError, ValueError, KeyError, TypeError):
-        print(f"retok: export: {folder} has no readable report.json/table.md; the card leaves the table out", flush=True)
+        print(
+            f"retok: export: {folder} has no readable report.json/table.md; the card leaves the table out",
+            flush=True,
+        )
         return None
     if measured != src.resolve():
-        print(f"retok: export: eval-speed measured {measured}, not {src}; the card leaves its table out", flush=True)
+        print(
+            f"retok: export: eval-speed measured {measured}, not {src}; the card leaves its table out",
+            flush=True,
+        )
         return None
     return table
 
@@ -166,7 +175,9 @@ def export_model(cfg: RetokConfig, out: Path) -> dict[str, Any]:
             + "; ".join(f"{c.name}: {c.detail}" for c in failed)
         )
     name = _model_name(cfg)
-    (out / "README.md").write_text(model_card(cfg, src, name, tok, conf, llama, checks, eval_table(cfg, src)), encoding="utf-8")
+    (out / "README.md").write_text(
+        model_card(cfg, src, name, tok, conf, llama, checks, eval_table(cfg, src)), encoding="utf-8"
+    )
     report = {
         "source": str(src),
         "model_name": name,

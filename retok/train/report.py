@@ -104,7 +104,13 @@ def _plot(path: Path, losses: list[dict], evals: list[dict], bpb: dict[str, dict
 
 
 def write_report(
-    out: Path, cfg: RetokConfig, state: TrainState, final: dict[str, float], world: int, device: str, precision: str
+    out: Path,
+    cfg: RetokConfig,
+    state: TrainState,
+    final: dict[str, float],
+    world: int,
+    device: str,
+    precision: str,
 ) -> dict:
     """Write train_report.json/.md and train_curve.png into ``out``; returns the JSON report."""
     losses, evals = read_metrics(out / "metrics.jsonl")

@@ -149,7 +149,9 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     new_ids = new_token_ids(tok_dir, len(tok)) if t.trainable == "io_new_rows" else None
     first_block = check_sources(cfg.data.train, tok, t.seq_len, t.max_bytes_per_source)
     eval_docs = load_domains(cfg.data.eval, "data.eval", t.eval_max_bytes) if cfg.data.eval else {}
-    old_tok = load_tokenizer(resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code)
+    old_tok = load_tokenizer(
+        resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
+    )
     eval_starts = {d: score_starts([old_tok, tok], texts) for d, texts in eval_docs.items()}
 
     # ---- the model

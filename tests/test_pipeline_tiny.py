@@ -1,0 +1,76 @@
+"""The whole pipeline on a tiny project, hermetic: every stage folder documents itself and passes `retok check`,
+and train-io's logged losses equal stored values (a golden run, as torchtune's recipe tests do: a change in
+data order, loss, optimizer or schedule shows up here as a number that moved)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from retok.config import validate_dict
+from retok.export.check import check_folder
+from retok.pipeline import run_all
+from retok.stages import CONFIG_FILE, ORDER, STAGE_FILE, stage_dir
+from tests.tiny import tiny_project
+
+# train-io on tiny_project(train.max_steps=6, eval_every=3), one thread: the loss of every step and the
+# held-out BPB at steps 0 (init), 3 and 6. Regenerate only for an intended change, and say why in the commit.
+GOLDEN_LOSSES = [6.370066, 6.337286, 6.324176, 6.322312, 6.327933, 6.357266]
+GOLDEN_BPB = [
+    {"zh": 4.104972, "en": 3.883254},
+    {"zh": 4.088896, "en": 3.880275},
+    {"zh": 4.077472, "en": 3.878729},
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = validate_dict(
+            tiny_project(tmp_path_factory.mktemp("pipeline"), train={"max_steps": 6, "eval_every": 3})
+        )
+        run_all(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return cfg
+
+
+def test_train_io_matches_the_golden_run(run):
+    rows = [
+        json.loads(ln) for ln in (stage_dir(run, "model-trained") / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["loss"] for r in rows if "loss" in r] == pytest.approx(GOLDEN_LOSSES, rel=1e-4)
+    bpb = [r["bpb"] for r in rows if "bpb" in r]
+    assert len(bpb) == len(GOLDEN_BPB)
+    for got, want in zip(bpb, GOLDEN_BPB, strict=True):
+        assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_every_stage_folder_documents_itself(run):
+    for key in ORDER:
+        folder = stage_dir(run, key)
+        meta = json.loads((folder / STAGE_FILE).read_text())
+        assert meta["stage"] == key and (folder / CONFIG_FILE).is_file()
+    assert (run.out / "summary.md").is_file() and json.loads((run.out / "summary.json").read_text())[
+        "domains"
+    ]
+
+
+@pytest.mark.parametrize("key", ["model-init", "model-trained", "export"])
+def test_model_folders_pass_check(run, key):
+    results = check_folder(stage_dir(run, key))
+    assert [(r.name, r.detail) for r in results if not r.ok] == []
+    assert len(results) >= 9
+
+
+def test_summary_rows_hold_every_figure(run):
+    rows = json.loads((Path(run.out) / "summary.json").read_text())["domains"]
+    for d in ("zh", "en"):
+        r = rows[d]
+        for k in ("compression_ratio", "bpb_original", "bpb_init", "bpb_trained", "speedup_bytes_per_s"):
+            assert isinstance(r[k], float) and r[k] > 0, (d, k)
