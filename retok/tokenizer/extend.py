@@ -436,6 +436,166 @@ def _pick(
 # ----------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Base:
+    """The old tokenizer as extend_tokenizer reads it."""
+
+    family: str
+    text: str  # tokenizer.json of the old tokenizer
+    data: dict  # ... parsed
+    old_vocab: dict[str, int]
+    old_merges: set[tuple[str, str]]
+    added: list[dict]
+    first_id: int  # the first new id: after every existing id
+    # Added tokens that live outside the model vocabulary (Qwen2, Llama-3, Gemma's turn tokens) get their id
+    # from `tokenizers` on load as "model vocabulary size + rank", not from tokenizer.json: once new tokens
+    # grow the model vocabulary they would move. Entering them in the model vocabulary under their own
+    # content pins them (tokenizers then takes the model's id), as SmolLM2 and Llama-2 already do for their
+    # specials. The model never produces them: added tokens are cut out of the text before it runs.
+    pinned: dict[str, int]
+
+    @classmethod
+    def read(cls, old: Tokenizer) -> _Base:
+        text = old.to_str()
+        data = tokenizer_json(old, text)
+        vocab: dict[str, int] = data["model"]["vocab"]
+        added = data.get("added_tokens") or []
+        return cls(
+            family=detect_family(old),
+            text=text,
+            data=data,
+            old_vocab=vocab,
+            old_merges={merge_pair(m) for m in data["model"]["merges"]},
+            added=added,
+            first_id=1 + max([*vocab.values(), *(t["id"] for t in added)]),
+            pinned={t["content"]: t["id"] for t in added if t["content"] not in vocab},
+        )
+
+
+def _segmenter(
+    old: Tokenizer, base: _Base, sources: list[TrainingText], new_tokens: int, min_frequency: int
+) -> tuple[Tokenizer, list[str], list[str]]:
+    """The tokenizer that segments the training text into units, the characters that become tokens first
+    (SentencePiece-style: frequent characters without a token of their own), and the string of every id."""
+    missing = missing_characters(old, base.data, base.family, sources, min_frequency)
+    chars = [ch for ch, _ in missing[: max(1, new_tokens // 2)]] if missing else []
+    # The segmentation tokenizer knows those characters, so they come out as one unit instead of bytes.
+    seg_data = dict(base.data)
+    vocab = {**base.old_vocab, **base.pinned, **{ch: base.first_id + k for k, ch in enumerate(chars)}}
+    seg_data["model"] = dict(base.data["model"], vocab=vocab)
+    seg_tok = Tokenizer.from_str(json.dumps(seg_data, ensure_ascii=False)) if chars else old
+    string_of = [""] * (base.first_id + len(chars))
+    for s, i in vocab.items():
+        string_of[i] = s
+    return seg_tok, chars, string_of
+
+
+def _merge_breaks(base: _Base, string_of: list[str], keep_digit_split: bool) -> tuple[np.ndarray, bool]:
+    """Which ids may never take part in a merge; and whether numbers are split into single digits."""
+    family, data = base.family, base.data
+    digits_individual = keep_digit_split and splits_digits_individually(data, family)
+    # A Digits(individual_digits=True) pre-tokenizer already makes every digit a word of its own (and words of
+    # one token are left out); otherwise tokens holding a digit must not be merged.
+    digit_breaks = digits_individual and not any(
+        n.get("type") == "Digits" and n.get("individual_digits") for n in pre_tokenizer_types(data)
+    )
+    breaks = np.zeros(len(string_of), dtype=bool)
+    for t in base.added:
+        breaks[t["id"]] = True  # special and added tokens are matched before the model: never merged
+    for i, s in enumerate(string_of):
+        if not s:
+            breaks[i] = True  # an id with no model token (added tokens outside the model vocabulary)
+        elif family == "sentencepiece" and _BYTE_TOKEN.match(s):
+            breaks[i] = True  # byte-fallback bytes cannot be merged by HF's BPE
+        elif digit_breaks and _DIGIT.search(token_to_bytes(family, s).decode("utf-8", errors="replace")):
+            breaks[i] = True  # keep numbers as single digits
+    unk = data["model"].get("unk_token")
+    if unk in base.old_vocab:
+        breaks[base.old_vocab[unk]] = True
+    return breaks, digits_individual
+
+
+@dataclass
+class _Learned:
+    pick: _Pick
+    tokenizer: Tokenizer
+    merges_learned: int
+    rounds: int
+    dropped: set[str]
+    exhausted: bool
+
+
+def _learn_and_pick(
+    base: _Base,
+    texts: Any,
+    real_of_unit: dict[int, str],
+    chars: list[str],
+    needed: int,
+    min_frequency: int,
+    max_token_length: int | None,
+    progress: bool,
+) -> _Learned:
+    """Learn merges over the units, keep those that make new, allowed, reachable tokens; learn more when too
+    few survive."""
+    # Strings a new token must never have: those of special/added tokens (they map by role, never by text).
+    banned = {symbol_string(base.family, t["content"]) for t in base.added} | {
+        t["content"] for t in base.added
+    }
+    merges_wanted = needed - len(chars)
+    # Some learned merges are dropped (too long in characters, duplicate strings, unreachable): learn a
+    # margin more (measured on SmolLM2 + Chinese with a 16-character cap: ~4% are too long).
+    margin = 1.1 if max_token_length else 1.03
+    candidates: list[tuple[str, str]] = []
+    learned = rounds = 0
+    dropped: set[str] = set()
+    exhausted = False
+    while True:
+        want = int(merges_wanted * margin) + 64
+        if want > learned and not exhausted:
+            if progress:
+                print(
+                    f"retok: learning {want:,} merges over {len(real_of_unit):,} distinct old tokens",
+                    flush=True,
+                )
+            unit_merges = learn_unit_merges(
+                texts, len(real_of_unit), want, min_frequency, max_token_length, progress
+            )
+            exhausted = len(unit_merges) < want  # the text ran out of pairs seen min_frequency times
+            learned = want
+            cache = dict(real_of_unit)
+            candidates = []
+            for a, b in unit_merges:
+                ra, rb = cache[a], cache[b]
+                cache[a + b] = ra + rb
+                candidates.append((ra, rb))
+        pick = _pick(
+            candidates,
+            old_vocab=base.old_vocab,
+            old_merges=base.old_merges,
+            first_id=base.first_id,
+            chars=chars,
+            needed=needed,
+            dropped=dropped,
+            banned=banned,
+            max_len=max_token_length,
+        )
+        extended = with_tokens(base.data, [*base.pinned.items(), *pick.vocab], pick.merges, base.text)
+        bad = unreachable(extended, pick.vocab)
+        rounds += 1
+        if bad:
+            # Cannot happen for plain continued BPE; a merge that yields an existing token can let an old merge
+            # fire after it and change a segmentation. Drop such tokens and pick again (others move up).
+            if rounds > 50:
+                raise RetokError(
+                    f"{len(bad)} new tokens stay unreachable (e.g. {bad[0]!r}); this is a bug in retok"
+                )
+            dropped.update(bad)
+            continue
+        if len(pick.vocab) >= needed or exhausted or rounds > 12:
+            return _Learned(pick, extended, learned, rounds, dropped, exhausted)
+        margin *= 1.5  # not enough survived the filters: learn more merges and pick again
+
+
 def extend_tokenizer(
     old: Tokenizer,
     sources: list[TrainingText],
@@ -453,149 +613,45 @@ def extend_tokenizer(
     """
     if new_tokens <= 0:
         raise RetokError(f"tokenizer.new_tokens must be positive, got {new_tokens}")
-    family = detect_family(old)
-    old_text = old.to_str()
-    data = tokenizer_json(old, old_text)
-    model = data["model"]
-    old_vocab: dict[str, int] = model["vocab"]
-    old_merges = {merge_pair(m) for m in model["merges"]}
-    added = data.get("added_tokens") or []
-    first_id = 1 + max([*old_vocab.values(), *(t["id"] for t in added)])
-    warnings: list[str] = []
     if not any(s.docs for s in sources):
         raise RetokError("the training text is empty; point data.train at non-empty files")
-
-    # Added tokens that live outside the model vocabulary (Qwen2, Llama-3, Gemma's turn tokens) get their id
-    # from `tokenizers` on load as "model vocabulary size + rank", not from tokenizer.json: once new tokens
-    # grow the model vocabulary they would move. Entering them in the model vocabulary under their own
-    # content pins them (tokenizers then takes the model's id), as SmolLM2 and Llama-2 already do for their
-    # specials. The model never produces them: added tokens are cut out of the text before it runs.
-    pinned = {t["content"]: t["id"] for t in added if t["content"] not in old_vocab}
-    base_vocab = {**old_vocab, **pinned}
-
-    # ---- SentencePiece-style: frequent characters without a token of their own become tokens first.
-    missing = missing_characters(old, data, family, sources, min_frequency)
-    chars = [ch for ch, _ in missing[: max(1, new_tokens // 2)]] if missing else []
-    # The segmentation tokenizer knows those characters, so they come out as one unit instead of bytes.
-    seg_data = dict(data)
-    seg_data["model"] = dict(model, vocab={**base_vocab, **{ch: first_id + k for k, ch in enumerate(chars)}})
-    seg_tok = Tokenizer.from_str(json.dumps(seg_data, ensure_ascii=False)) if chars else old
-    n_ids = first_id + len(chars)
-    string_of = [""] * n_ids
-    for s, i in seg_data["model"]["vocab"].items():
-        string_of[i] = s
-
-    # ---- Which ids may take part in merges.
-    digits_individual = keep_digit_split and splits_digits_individually(data, family)
-    # A Digits(individual_digits=True) pre-tokenizer already makes every digit a word of its own (and words of
-    # one token are left out); otherwise tokens holding a digit must not be merged.
-    digit_breaks = digits_individual and not any(
-        n.get("type") == "Digits" and n.get("individual_digits") for n in pre_tokenizer_types(data)
-    )
-    breaks = np.zeros(n_ids, dtype=bool)
-    for t in added:
-        breaks[t["id"]] = True  # special and added tokens are matched before the model: never merged
-    for i, s in enumerate(string_of):
-        if not s:
-            breaks[i] = True  # an id with no model token (added tokens outside the model vocabulary)
-        elif family == "sentencepiece" and _BYTE_TOKEN.match(s):
-            breaks[i] = True  # byte-fallback bytes cannot be merged by HF's BPE
-        elif digit_breaks and _DIGIT.search(token_to_bytes(family, s).decode("utf-8", errors="replace")):
-            breaks[i] = True  # keep numbers as single digits
-    unk = model.get("unk_token")
-    if unk in old_vocab:
-        breaks[old_vocab[unk]] = True
+    base = _Base.read(old)
+    seg_tok, chars, string_of = _segmenter(old, base, sources, new_tokens, min_frequency)
+    breaks, digits_individual = _merge_breaks(base, string_of, keep_digit_split)
     sp_start = sp_end = None
-    if family == "sentencepiece":
+    if base.family == "sentencepiece":
         sp_start = np.array([s.startswith(SPIECE_SPACE) for s in string_of])
         sp_end = np.array([s.endswith(SPIECE_SPACE) for s in string_of])
-
     texts, id_of_unit = unit_texts(
         seg_tok, sources, breaks, sp_start=sp_start, sp_end=sp_end, progress=progress
     )
-    n_alphabet = len(id_of_unit)
     real_of_unit = {u: string_of[i] for u, i in id_of_unit.items()}
+    got = _learn_and_pick(
+        base, texts, real_of_unit, chars, new_tokens, min_frequency, max_token_length, progress
+    )
 
-    # Strings a new token must never have: those of special/added tokens (they map by role, never by text).
-    banned = {symbol_string(family, t["content"]) for t in added} | {t["content"] for t in added}
-
-    needed = new_tokens
-    merges_wanted = needed - len(chars)
-    # Some learned merges are dropped (too long in characters, duplicate strings, unreachable): learn a
-    # margin more (measured on SmolLM2 + Chinese with a 16-character cap: ~4% are too long).
-    margin = 1.1 if max_token_length else 1.03
-    candidates: list[tuple[str, str]] = []
-    learned = 0
-    pick: _Pick | None = None
-    dropped: set[str] = set()
-    rounds = 0
-    exhausted = False
-    while True:
-        want = int(merges_wanted * margin) + 64
-        if want > learned and not exhausted:
-            if progress:
-                print(f"retok: learning {want:,} merges over {n_alphabet:,} distinct old tokens", flush=True)
-            unit_merges = learn_unit_merges(
-                texts, n_alphabet, want, min_frequency, max_token_length, progress
-            )
-            exhausted = len(unit_merges) < want  # the text ran out of pairs seen min_frequency times
-            learned = want
-            cache = dict(real_of_unit)
-            candidates = []
-            for a, b in unit_merges:
-                ra, rb = cache[a], cache[b]
-                cache[a + b] = ra + rb
-                candidates.append((ra, rb))
-        pick = _pick(
-            candidates,
-            old_vocab=old_vocab,
-            old_merges=old_merges,
-            first_id=first_id,
-            chars=chars,
-            needed=needed,
-            dropped=dropped,
-            banned=banned,
-            max_len=max_token_length,
-        )
-        extended = with_tokens(data, [*pinned.items(), *pick.vocab], pick.merges, old_text)
-        bad = unreachable(extended, pick.vocab)
-        rounds += 1
-        if bad:
-            # Cannot happen for plain continued BPE; a merge that yields an existing token can let an old merge
-            # fire after it and change a segmentation. Drop such tokens and pick again (others move up).
-            if rounds > 50:
-                raise RetokError(
-                    f"{len(bad)} new tokens stay unreachable (e.g. {bad[0]!r}); this is a bug in retok"
-                )
-            dropped.update(bad)
-            continue
-        if len(pick.vocab) >= needed or exhausted or rounds > 12:
-            break
-        margin *= 1.5  # not enough survived the filters: learn more merges and pick again
-
-    assert pick is not None
-    if len(pick.vocab) < needed:
+    warnings: list[str] = []
+    if len(got.pick.vocab) < new_tokens:
         warnings.append(
-            f"only {len(pick.vocab)} new tokens could be learned (asked for {needed}): the training text has no "
-            f"more pairs seen at least tokenizer.min_frequency={min_frequency} times; add text or lower new_tokens"
+            f"only {len(got.pick.vocab)} new tokens could be learned (asked for {new_tokens}): the training text has "
+            f"no more pairs seen at least tokenizer.min_frequency={min_frequency} times; add text or lower new_tokens"
         )
-    new_ids = [i for _, i in pick.vocab]
-    kept = {t for t, _ in pick.vocab}
+    kept = {t for t, _ in got.pick.vocab}
     return Extension(
-        tokenizer=extended,
-        new_ids=new_ids,
-        first_new_id=first_id,
+        tokenizer=got.tokenizer,
+        new_ids=[i for _, i in got.pick.vocab],
+        first_new_id=base.first_id,
         char_tokens=sum(1 for c in chars if c in kept),
-        merges_added=len(pick.merges),
-        merges_to_existing=pick.to_existing,
+        merges_added=len(got.pick.merges),
+        merges_to_existing=got.pick.to_existing,
         digits_individual=digits_individual,
-        dropped_unreachable=len(dropped),
+        dropped_unreachable=len(got.dropped),
         warnings=warnings,
         stats={
-            "family": family,
+            "family": base.family,
             "training_bytes": sum(s.n_bytes for s in sources),
-            "units": n_alphabet,
-            "merges_learned": learned,
-            "rounds": rounds,
+            "units": len(real_of_unit),
+            "merges_learned": got.merges_learned,
+            "rounds": got.rounds,
         },
     )

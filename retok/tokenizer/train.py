@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,86 @@ def _training_pre_tokenizer(data: dict[str, Any], family: str, add_digits: bool)
     return runtime, train
 
 
+def _trainer(
+    old: Tokenizer,
+    data: dict,
+    train_pre: Any,
+    family: str,
+    sources: list[TrainingText],
+    size: int,
+    min_frequency: int,
+    max_token_length: int | None,
+    progress: bool,
+) -> tuple[Tokenizer, Any]:
+    """An empty BPE with the old normaliser and the training pre-tokenizer, and a BpeTrainer of ``size``."""
+    tdata = json.loads(json.dumps({k: v for k, v in data.items() if k != "model"}))
+    tdata["added_tokens"] = []
+    tdata["post_processor"] = None
+    tdata["pre_tokenizer"] = train_pre
+    tdata["model"] = dict(data["model"], vocab={}, merges=[])
+    options: dict[str, Any] = {}
+    if family == "byte_level":
+        options["initial_alphabet"] = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        # Characters seen fewer than min_frequency times stay out of the alphabet (byte fallback spells them),
+        # as SentencePiece's character coverage does.
+        chars: Counter[str] = Counter()
+        for src, ratio in zip(sources, weight_ratios(sources), strict=True):
+            c: Counter[str] = Counter()
+            for doc in src.docs:
+                c.update(old.normalizer.normalize_str(doc) if old.normalizer is not None else doc)
+            for ch, n in c.items():
+                chars[ch] += round(n * ratio)
+        options["limit_alphabet"] = max(1, sum(1 for n in chars.values() if n >= min_frequency))
+    trainer = trainers.BpeTrainer(
+        vocab_size=size,
+        min_frequency=min_frequency,
+        show_progress=progress and sys.stderr.isatty(),  # Rust bars print blank lines off a terminal
+        special_tokens=[],
+        max_token_length=max_token_length,
+        **options,
+    )
+    return Tokenizer.from_str(json.dumps(tdata)), trainer
+
+
+def _weighted_docs(sources: list[TrainingText]) -> Iterator[str]:
+    """Every document, repeated by its source's weight."""
+    for src, ratio in zip(sources, weight_ratios(sources), strict=True):
+        for doc, copies in zip(src.docs, repeat_counts(len(src.docs), ratio), strict=True):
+            for _ in range(copies):
+                yield doc
+
+
+def _compose(
+    data: dict, learned: dict, front: list[str], byte_tokens: list[str], added: list[dict], runtime_pre: Any
+) -> Tokenizer:
+    """The new tokenizer: reserved ids first (model specials, bytes), the learned vocabulary, then the added
+    tokens that live outside the model; the old pipeline with ids remapped."""
+    model = data["model"]
+    vocab: dict[str, int] = {}
+    for s in [*front, *byte_tokens]:
+        vocab.setdefault(s, len(vocab))
+    for s, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(s, len(vocab))
+    new_added = []
+    for t in added:
+        t = dict(t)
+        t["id"] = vocab[t["content"]] if t["content"] in front else len(vocab) + len(new_added)
+        new_added.append(t)
+    id_of = {t["content"]: t["id"] for t in new_added} | vocab
+    unk = model.get("unk_token")
+    if unk is not None and unk not in vocab:
+        raise RetokError(
+            f"the old tokenizer's unk_token {unk!r} is not one of its added tokens; retok cannot keep it"
+        )
+    out = json.loads(json.dumps({k: v for k, v in data.items() if k != "model"}))
+    out["added_tokens"] = sorted(new_added, key=lambda t: t["id"])
+    out["pre_tokenizer"] = runtime_pre
+    out["post_processor"] = _remap_post_processor(data.get("post_processor"), id_of)
+    out["model"] = dict(model, vocab=vocab, merges=learned["merges"])
+    return Tokenizer.from_str(json.dumps(out, ensure_ascii=False))
+
+
 def train_tokenizer(
     old: Tokenizer,
     sources: list[TrainingText],
@@ -110,11 +191,8 @@ def train_tokenizer(
     # ---- Reserved ids: added tokens that are model tokens, then byte-fallback bytes.
     front = [t["content"] for t in added if old_vocab.get(t["content"]) == t["id"]]
     outside = [t for t in added if old_vocab.get(t["content"]) != t["id"]]
-    byte_tokens = (
-        [f"<0x{b:02X}>" for b in range(256)]
-        if family == "sentencepiece" and model.get("byte_fallback")
-        else []
-    )
+    byte_fallback = family == "sentencepiece" and model.get("byte_fallback")
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)] if byte_fallback else []
     reserved = len(front) + len(byte_tokens) + len(outside)
     if vocab_size <= reserved + 256:
         raise RetokError(
@@ -122,71 +200,25 @@ def train_tokenizer(
             "use a larger vocab_size (or new_tokens)"
         )
 
-    # ---- The trainer: the old normaliser, the training pre-tokenizer, an empty BPE.
-    tdata = json.loads(json.dumps({k: v for k, v in data.items() if k != "model"}))
-    tdata["added_tokens"] = []
-    tdata["post_processor"] = None
-    tdata["pre_tokenizer"] = train_pre
-    tdata["model"] = dict(model, vocab={}, merges=[])
-    trainer_tok = Tokenizer.from_str(json.dumps(tdata))
-    options: dict[str, Any] = {}
-    if family == "byte_level":
-        options["initial_alphabet"] = pre_tokenizers.ByteLevel.alphabet()
-    else:
-        # Characters seen fewer than min_frequency times stay out of the alphabet (byte fallback spells them),
-        # as SentencePiece's character coverage does.
-        chars: Counter[str] = Counter()
-        for src, ratio in zip(sources, weight_ratios(sources), strict=True):
-            c: Counter[str] = Counter()
-            for doc in src.docs:
-                c.update(old.normalizer.normalize_str(doc) if old.normalizer is not None else doc)
-            for ch, n in c.items():
-                chars[ch] += round(n * ratio)
-        options["limit_alphabet"] = max(1, sum(1 for n in chars.values() if n >= min_frequency))
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - reserved,
-        min_frequency=min_frequency,
-        show_progress=progress and sys.stderr.isatty(),  # Rust bars print blank lines off a terminal
-        special_tokens=[],
-        max_token_length=max_token_length,
-        **options,
+    trainer_tok, trainer = _trainer(
+        old,
+        data,
+        train_pre,
+        family,
+        sources,
+        vocab_size - reserved,
+        min_frequency,
+        max_token_length,
+        progress,
     )
-
-    def feed():
-        for src, ratio in zip(sources, weight_ratios(sources), strict=True):
-            for doc, copies in zip(src.docs, repeat_counts(len(src.docs), ratio), strict=True):
-                for _ in range(copies):
-                    yield doc
-
     if progress:
         print(f"retok: training a BPE of {vocab_size:,} tokens with the old pipeline", flush=True)
-    trainer_tok.train_from_iterator(feed(), trainer, length=sum(len(s.docs) for s in sources))
+    trainer_tok.train_from_iterator(
+        _weighted_docs(sources), trainer, length=sum(len(s.docs) for s in sources)
+    )
     learned = json.loads(trainer_tok.to_str())["model"]
+    tok = _compose(data, learned, front, byte_tokens, added, runtime_pre)
 
-    # ---- Compose the new vocabulary.
-    vocab: dict[str, int] = {}
-    for s in [*front, *byte_tokens]:
-        vocab.setdefault(s, len(vocab))
-    for s, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
-        vocab.setdefault(s, len(vocab))
-    new_added = []
-    for t in added:
-        t = dict(t)
-        t["id"] = vocab[t["content"]] if t["content"] in front else len(vocab) + len(new_added)
-        new_added.append(t)
-    id_of = {t["content"]: t["id"] for t in new_added} | vocab
-    unk = model.get("unk_token")
-    if unk is not None and unk not in vocab:
-        raise RetokError(
-            f"the old tokenizer's unk_token {unk!r} is not one of its added tokens; retok cannot keep it"
-        )
-
-    out = json.loads(json.dumps({k: v for k, v in data.items() if k != "model"}))
-    out["added_tokens"] = sorted(new_added, key=lambda t: t["id"])
-    out["pre_tokenizer"] = runtime_pre
-    out["post_processor"] = _remap_post_processor(data.get("post_processor"), id_of)
-    out["model"] = dict(model, vocab=vocab, merges=learned["merges"])
-    tok = Tokenizer.from_str(json.dumps(out, ensure_ascii=False))
     warnings = []
     size = tok.get_vocab_size(with_added_tokens=True)
     if size < vocab_size:

