@@ -16,7 +16,20 @@ from retok.stages import STAGES, entry_function
 
 ROOT = Path(__file__).resolve().parents[1] / "retok"
 STAGE_PACKAGES = ("tokenizer", "embeddings", "train", "evaluate", "export")
-CORE = ("config", "config_doc", "data", "errors", "metrics", "safetensors_io", "sources", "stages", "tokens")
+CORE = (
+    "alignment",
+    "config",
+    "config_doc",
+    "data",
+    "errors",
+    "metrics",
+    "model_io",
+    "safetensors_io",
+    "sources",
+    "stages",
+    "teacher",
+    "tokens",
+)
 ORCHESTRATORS = ("cli", "pipeline", "summary")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from retok.embeddings import methods
 from retok.embeddings.rows import Plan, matrix_chunks
-from retok.errors import RetokError
+from retok.model_io import IoNames
 from retok.safetensors_io import (
     DTYPES,
     INDEX_FILE,
@@ -31,79 +30,6 @@ from retok.safetensors_io import (
     write_all,
     write_shard,
 )
-
-TESTED_ARCHITECTURES = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM"
-
-
-@dataclass
-class IoNames:
-    """Checkpoint keys of the input embedding and LM head."""
-
-    embed: str
-    head: str | None  # None: tied model without a head tensor in the checkpoint
-    head_to_write: str | None  # key of the head tensor in the new checkpoint (None: tied, no head tensor)
-    tied: bool  # the old model ties them
-    separate: bool  # the new model has its own head rows (untied, or a tied model untied by init.untie_head)
-
-
-def _match_key(name: str, keys: set[str]) -> str | None:
-    """The checkpoint key of a module weight: exact, else the one key that ends with it (a wrapper prefix
-    such as ``language_model.``), else the one key it ends with (a prefix the checkpoint dropped)."""
-    if name in keys:
-        return name
-    longer = [k for k in keys if k.endswith("." + name)]
-    if len(longer) == 1:
-        return longer[0]
-    shorter = [k for k in keys if name.endswith("." + k)]
-    if len(shorter) == 1:
-        return shorter[0]
-    return None
-
-
-def find_io_names(
-    model_dir: Path, keys: set[str], *, untie: bool, trust_remote_code: bool = False
-) -> IoNames:
-    """Instantiate the architecture on the meta device (no memory, no weights) and ask it which modules are
-    the input embedding and the LM head; match their weight names to the checkpoint's keys."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    unknown = (
-        f"retok cannot find the input embedding / LM head of the model in {model_dir}; it finds them through "
-        f"transformers' get_input_embeddings()/get_output_embeddings() and is tested on {TESTED_ARCHITECTURES}"
-    )
-    try:
-        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise RetokError(f"{unknown} (loading its architecture failed: {e.__class__.__name__})") from None
-    names = {id(m): n for n, m in model.named_modules()}
-    emb_mod, head_mod = model.get_input_embeddings(), model.get_output_embeddings()
-    if emb_mod is None or id(emb_mod) not in names or not hasattr(emb_mod, "weight"):
-        raise RetokError(unknown)
-    embed = _match_key(names[id(emb_mod)] + ".weight", keys)
-    if embed is None:
-        raise RetokError(f"{unknown} (no checkpoint key matches {names[id(emb_mod)]}.weight)")
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    head_name = names[id(head_mod)] + ".weight" if head_mod is not None and id(head_mod) in names else None
-    head = _match_key(head_name, keys) if head_name else None
-    if not tied and head is None:
-        raise RetokError(
-            f"{unknown} (the model is untied but no checkpoint key matches its LM head {head_name})"
-        )
-    if head == embed:
-        head = None
-    if tied and not untie:
-        return IoNames(embed, head, head, True, False)
-    if head is None:
-        # Untying a tied model without a head tensor: name it as the architecture does, with the same
-        # wrapper prefix the checkpoint puts in front of the embedding.
-        if head_name is None:
-            raise RetokError(f"{unknown} (the architecture has no separate LM head, so it cannot be untied)")
-        emb_module_name = names[id(emb_mod)] + ".weight"
-        prefix = embed[: -len(emb_module_name)] if embed.endswith(emb_module_name) else ""
-        return IoNames(embed, None, prefix + head_name, tied, True)
-    return IoNames(embed, head, head, tied, True)
 
 
 def write_model(

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from retok.config import RetokConfig
-from retok.embeddings.checkpoint import IoNames, find_io_names, write_model
+from retok.embeddings.checkpoint import write_model
 from retok.embeddings.folder import copy_tokenizer_files, verify_folder, write_configs
 from retok.embeddings.headshift import fit_head_shift
 from retok.embeddings.mapping import build_token_map, pick_pad_donor
 from retok.embeddings.report import examples, measure_bpb, pieces_histogram, write_report
 from retok.embeddings.rows import Plan
 from retok.errors import RetokError
+from retok.model_io import IoNames, find_io_names
 from retok.safetensors_io import TensorInfo, load_tensor, read_checkpoint
 from retok.stages import read_tokenizer_meta, require_stage
 
