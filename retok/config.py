@@ -223,8 +223,10 @@ class InitConfig(_Section):
         description="weighted: each piece further from the favoured end gets this factor less weight.",
     )
     untie_head: bool = Field(
-        False,
-        description="Give a tied model a separate LM head (tie_word_embeddings becomes false on export).",
+        True,
+        description="Give a tied model a separate LM head (tie_word_embeddings becomes false on export), so that "
+        "head rows of new tokens can differ from their input rows (fit_head needs it). Costs vocab x hidden "
+        "more weights; false keeps the model tied (ReTok's plain recipe).",
     )
     pad_to_multiple_of: int = Field(
         64,
@@ -265,6 +267,32 @@ class InitConfig(_Section):
         60000,
         ge=1000,
         description="head_shift: bytes of data.train text (split over its domains) the shift is fitted on.",
+    )
+    fit_head: bool = Field(
+        True,
+        description="Fit the LM-head rows of new tokens on the new model's own final states over data.train (every "
+        "domain, so they also learn where not to fire), with the original model's next-token distribution as a "
+        "soft target; no backprop through the body. Needs a separate head (an untied model, or untie_head).",
+    )
+    fit_bytes: int = Field(
+        150_000,
+        ge=1000,
+        le=10**10,
+        description="fit_head: bytes of data.train text (split evenly over its domains) the head is fitted on.",
+    )
+    fit_window: int = Field(512, ge=16, le=1 << 20, description="fit_head: tokens per forward window.")
+    fit_teacher_weight: float = Field(
+        1.0,
+        ge=0,
+        description="fit_head: weight of KL(original model's next-token distribution || the new model's, summed "
+        "onto first old pieces); 0 = the next token only (and no teacher pass).",
+    )
+    fit_lr: float = Field(1e-3, gt=0, description="fit_head: Adam learning rate of the fitted rows.")
+    fit_epochs: float = Field(
+        8.0,
+        gt=0,
+        le=1000,
+        description="fit_head: most epochs; the fit stops when held-out loss stops falling.",
     )
 
 

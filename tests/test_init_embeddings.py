@@ -118,7 +118,11 @@ def make_tokenizer_stage(
 
 
 def make_cfg(tmp: Path, model_dir: Path, **init) -> RetokConfig:
+    """The plain ReTok recipe unless a test asks for more: tied models stay tied, no head fit (it needs
+    data.train; tests/test_headfit.py covers it), no BPB report."""
     init.setdefault("eval_bpb", False)
+    init.setdefault("untie_head", False)
+    init.setdefault("fit_head", False)
     return RetokConfig(output_dir=str(tmp / "run"), model={"path": str(model_dir)}, init=init)
 
 
@@ -512,6 +516,7 @@ def test_bpb_report_compare_and_head_shift(tmp_path):
         },
         init={
             "untie_head": True,
+            "fit_head": False,  # the shift alone is what is measured here
             "head_shift": 3.0,
             "compare_methods": ["mean", "zero"],
             "calibration_bytes": 3000,
@@ -539,7 +544,7 @@ def test_bpb_report_compare_and_head_shift(tmp_path):
     drop = (h @ (emb[new_ids] - head[new_ids]).T).mean()  # input rows = unshifted means here
     assert 2.5 < float(drop) < 3.5
     assert torch.equal(head[: len(old)], emb[: len(old)])
-    cal = report["calibration"]
+    cal = report["calibration"]["head_shift"]
     assert (
         cal["positions"]["mix"] > 100
         and cal["fit_mse_all"] < 0.05
@@ -562,7 +567,13 @@ def test_head_shift_outside_target_domains(tmp_path):
         {"name": "zh", "path": str(tmp_path / "zh.txt"), "txt_unit": "line"},
         {"name": "en", "path": str(tmp_path / "en.txt"), "txt_unit": "line"},
     ]
-    init = {"untie_head": True, "head_shift_outside": 4.0, "eval_bpb": False, "calibration_bytes": 4000}
+    init = {
+        "untie_head": True,
+        "fit_head": False,
+        "head_shift_outside": 4.0,
+        "eval_bpb": False,
+        "calibration_bytes": 4000,
+    }
     cfg = RetokConfig(
         output_dir=str(tmp_path / "run"),
         model={"path": str(model_dir)},
@@ -572,7 +583,7 @@ def test_head_shift_outside_target_domains(tmp_path):
         eval={"window": 64, "stride": 32},
     )
     make_tokenizer_stage(cfg, new, len(old), "byte_level")
-    drop = init_embeddings(cfg, tmp_path / "out")["calibration"]["logit_drop_nats"]
+    drop = init_embeddings(cfg, tmp_path / "out")["calibration"]["head_shift"]["logit_drop_nats"]
     assert drop["en"] > 3.0 and drop["zh"] < 1.0, drop
 
     # Without tokenizer.domains there is nothing to tell inside from outside: the config is refused up front.

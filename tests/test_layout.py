@@ -22,6 +22,7 @@ CORE = (
     "config_doc",
     "data",
     "errors",
+    "headfit",
     "metrics",
     "model_io",
     "safetensors_io",

@@ -244,10 +244,17 @@ def measure_bpb(
     compare: dict[str, dict[str, float]] = {}
     emb_param = model.get_input_embeddings().weight
     head_param = model.get_output_embeddings().weight
-    variants = {m: dataclasses.replace(plan, method=m, head_method=m) for m in cfg.init.compare_methods}
-    if variants and (plan.head_shift is not None or plan.head_method != "mean" or plan.method != "mean"):
+    # A compared method is the plain rows of that method (no fitted head).
+    variants = {
+        m: dataclasses.replace(plan, method=m, head_method=m, head_rows=None)
+        for m in cfg.init.compare_methods
+    }
+    changed = plan.head_shift is not None or plan.head_rows is not None or "mean" != plan.head_method
+    if variants and (changed or plan.method != "mean"):
         # The paper's init as the reference every other line is read against: mean rows, no shift.
-        variants[PAPER] = dataclasses.replace(plan, method="mean", head_method="mean", head_shift=None)
+        variants[PAPER] = dataclasses.replace(
+            plan, method="mean", head_method="mean", head_shift=None, head_rows=None
+        )
     for m, p in variants.items():
         with torch.no_grad():
             emb_param.copy_(build_matrix(old_emb, p, "input").to(emb_param.dtype))

@@ -22,6 +22,7 @@ class Plan:
     decay: float
     seed: int
     head_shift: torch.Tensor | None = None  # subtracted from new tokens' head rows (methods.shift_vector)
+    head_rows: torch.Tensor | None = None  # the whole head, fitted (init.fit_head): written as it is
 
 
 def matrix_chunks(
@@ -29,6 +30,12 @@ def matrix_chunks(
 ) -> Iterator[torch.Tensor]:
     """The new matrix built from ``old`` for ``side`` ("input" or "head"), in row chunks, in order."""
     tmap = plan.tmap
+    if side == "head" and plan.head_rows is not None:
+        rows = plan.head_rows
+        step = chunk_rows or max(256, (1 << 24) // max(1, rows.shape[1]))
+        for start in range(0, rows.shape[0], step):
+            yield rows[start : start + step].to(old.dtype)
+        return
     method = plan.method if side == "input" else plan.head_method
     if (tmap.source[tmap.ids(PADDING)] < 0).any():
         raise AssertionError("padding rows need a donor: call pick_pad_donor first")

@@ -16,6 +16,7 @@ from typing import Any
 
 from retok.config import RetokConfig
 from retok.embeddings.checkpoint import write_model
+from retok.embeddings.fit import fit_head
 from retok.embeddings.folder import copy_tokenizer_files, verify_folder, write_configs
 from retok.embeddings.headshift import fit_head_shift
 from retok.embeddings.mapping import build_token_map, pick_pad_donor
@@ -34,6 +35,11 @@ def _check_init_config(cfg: RetokConfig, names: IoNames) -> None:
             raise RetokError(
                 "init.head_method: the model ties its LM head to the input embedding, so head rows ARE input rows; "
                 "set init.untie_head: true to give the head its own rows, or drop init.head_method"
+            )
+        if init.fit_head:
+            raise RetokError(
+                "init.fit_head: the model ties its LM head to the input embedding, so fitting head rows would move "
+                "input rows too; set init.untie_head: true (the default), or init.fit_head: false"
             )
         if init.head_shift or init.head_shift_outside:
             raise RetokError(
@@ -121,10 +127,22 @@ def make_plan(cfg: RetokConfig, inputs: Inputs, layout: Layout) -> tuple[Plan, d
         cfg.init.weighted_decay,
         cfg.seed,
     )
-    calibration = None
+    calibration: dict[str, Any] = {}
     if (cfg.init.head_shift or cfg.init.head_shift_outside) and names.separate:
-        plan.head_shift, calibration = fit_head_shift(cfg, inputs.model_dir, inputs.old_hf)
-    return plan, calibration
+        plan.head_shift, calibration["head_shift"] = fit_head_shift(cfg, inputs.model_dir, inputs.old_hf)
+    if cfg.init.fit_head and names.separate and not cfg.data.train:
+        print(
+            "retok: note: init.fit_head skipped: data.train is empty (the head keeps its initial rows)",
+            flush=True,
+        )
+        calibration["head_fit"] = {"skipped": "data.train is empty"}
+    elif cfg.init.fit_head and names.separate:
+        old_embed = load_tensor(layout.infos[names.embed])
+        old_head = load_tensor(layout.infos[names.head]) if names.head is not None else old_embed
+        plan.head_rows, calibration["head_fit"] = fit_head(
+            cfg, inputs.model_dir, inputs.old_hf, inputs.new_hf, plan, old_embed, old_head
+        )
+    return plan, calibration or None
 
 
 def init_embeddings(cfg: RetokConfig, out: Path) -> dict[str, Any]:

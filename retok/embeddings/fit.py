@@ -1,0 +1,107 @@
+"""init.fit_head: the LM-head rows of new tokens fitted on the new model's own states (retok.headfit).
+
+The new model is the ORIGINAL body with the new input rows (built in memory from the plan, not yet written):
+it runs over ``init.fit_bytes`` of every data.train domain; the original model (the same body with the old
+embedding and head) gives the soft target at the aligned positions. Only the rows of new tokens are fitted;
+the fitted head goes into the folder init-embeddings writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from retok.config import RetokConfig
+from retok.embeddings.mapping import AVERAGED, COPY, FALLBACK, SPECIAL
+from retok.embeddings.rows import Plan, build_matrix
+from retok.errors import RetokError
+
+
+def fit_head(
+    cfg: RetokConfig,
+    model_dir: Any,
+    old_hf: Any,
+    new_hf: Any,
+    plan: Plan,
+    old_embed: torch.Tensor,
+    old_head: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """(the fitted head matrix, a report of the fit)."""
+    from retok.data import domains as domain_names
+    from retok.data import load_domains
+    from retok.headfit import collect_states, first_pieces, fit_rows
+    from retok.sources import load_model
+    from retok.teacher import Teacher
+
+    init = cfg.init
+    if not cfg.data.train:
+        raise RetokError(
+            "init.fit_head needs data.train text to fit the head on; add sources or set it to false"
+        )
+    tmap = plan.tmap
+    new_input = build_matrix(old_embed, plan, "input")
+    head0 = build_matrix(old_head, plan, "head")
+    names = domain_names(cfg.data.train)
+    docs = load_domains(cfg.data.train, "data.train", max(1000, init.fit_bytes // len(names)))
+    model = load_model(
+        model_dir,
+        dtype=cfg.compute.dtype,
+        device=cfg.compute.device,
+        trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle=cfg.model.allow_pickle,
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    teacher = Teacher(model, old_embed, old_head) if init.fit_teacher_weight > 0 else None
+    states = collect_states(
+        model,
+        new_hf,
+        docs,
+        window=init.fit_window,
+        teacher=teacher,
+        old_tok=old_hf,
+        embed_weight=new_input.to(device=device, dtype=dtype),
+        desc="fit head: forward",
+    )
+    del model, teacher
+    learn = torch.zeros(tmap.n_rows, dtype=torch.bool)
+    learn[torch.as_tensor(tmap.ids(AVERAGED))] = True
+    learn[torch.as_tensor(tmap.ids(FALLBACK), dtype=torch.long)] = True
+    copies = {int(i): int(tmap.source[i]) for kind in (COPY, SPECIAL) for i in tmap.ids(kind)}
+    first = first_pieces(tmap.n_rows, tmap.pieces, copies)
+    result = fit_rows(
+        states,
+        head0,
+        learn,
+        first_piece=first,
+        kl_weight=init.fit_teacher_weight,
+        lr=init.fit_lr,
+        max_epochs=init.fit_epochs,
+        seed=cfg.seed,
+        log=lambda m: print(f"retok: {m}", flush=True),
+    )
+    per_domain = {n: int((states.domain == k).sum()) for k, n in enumerate(states.domains)}
+    report = {
+        "states": per_domain,
+        "held_out_states": int(states.held_out.sum()),
+        "rows_fitted": int(learn.sum()),
+        "teacher_weight": init.fit_teacher_weight,
+        "held_out_ce": {"start": round(result.held_out_ce_start, 4), "fitted": round(result.held_out_ce, 4)},
+        "best_epoch": round(result.epochs, 2),
+        "steps": result.steps,
+        "tokens": states.tokens,
+        "seconds": {
+            "forward_student": round(states.seconds["student"], 1),
+            "forward_teacher": round(states.seconds["teacher"], 1),
+            "fit": round(result.seconds, 1),
+        },
+    }
+    print(
+        f"retok: head fit on {sum(per_domain.values()):,} states ({', '.join(f'{k} {v:,}' for k, v in per_domain.items())}): "
+        f"held-out CE {result.held_out_ce_start:.3f} -> {result.held_out_ce:.3f} nats/token at epoch {result.epochs:.1f}",
+        flush=True,
+    )
+    return result.head.to(old_head.dtype), report

@@ -1,0 +1,341 @@
+"""Head rows of new tokens fitted on the states the new model really produces, with the original model's
+next-token distribution as a soft target. No backprop through the body: a softmax regression over cached
+final hidden states, minutes on a CPU.
+
+1. :func:`collect_states` runs the model (the frozen body with the new input rows) over text of EVERY
+   training domain, so the new rows also learn where NOT to fire (English, code), and keeps each position's
+   final state (float16), the next token, and, at the aligned teacher position, the original model's top-k
+   next-OLD-token probabilities (retok.teacher, retok.alignment).
+2. :func:`fit_rows` fits the rows that may learn (the new tokens') by cross-entropy on the next token, plus
+   ``kl_weight`` x KL(teacher || student), where the student's distribution is marginalised onto first old
+   pieces (a new token counts for the old token it starts with) over the teacher's top-k and one "rest"
+   bucket. Rows that do not learn are constant, so their log-sum-exp is computed once per state and each step
+   touches only the learning rows. Held-out states (every 20th window) stop the fit when it starts to overfit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from retok.alignment import ByteLengths, align
+from retok.teacher import Teacher, body_forward
+
+
+@dataclass
+class States:
+    """Final states of the new model at every scored position, and what follows each."""
+
+    hidden: torch.Tensor  # (N, H) float16
+    target: torch.Tensor  # (N,) the next token (new vocabulary)
+    held_out: torch.Tensor  # (N,) bool: states of every 20th window, for early stopping
+    domain: torch.Tensor  # (N,) index into ``domains``
+    domains: list[str]
+    teacher_p: torch.Tensor | None = None  # (N, K) the teacher's top-k next-old-token probabilities
+    teacher_i: torch.Tensor | None = None  # (N, K) their old ids
+    tokens: dict[str, int] = field(default_factory=dict)  # tokens run through the model, per side
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _windows(n: int, window: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + window)) for s in range(0, max(0, n - 1), window) if min(n, s + window) - s >= 2]
+
+
+@torch.no_grad()
+def collect_states(
+    model: nn.Module,
+    new_tok: Any,
+    docs: dict[str, list[str]],
+    *,
+    window: int,
+    teacher: Teacher | None = None,
+    old_tok: Any = None,
+    top_k: int = 64,
+    held_out_every: int = 20,
+    embed_weight: torch.Tensor | None = None,
+    desc: str = "collect states",
+) -> States:
+    """Windows of ``window`` new tokens over every document of every domain, through ``model``'s body (with
+    ``embed_weight`` as its input embedding when given: the new rows on the original model's body)."""
+    from retok.metrics import bos_id
+
+    device = next(model.parameters()).device
+    bos = bos_id(new_tok)
+    lengths = (ByteLengths(old_tok), ByteLengths(new_tok)) if teacher is not None else None
+    hidden, target, held, dom, tp, ti = [], [], [], [], [], []
+    n_win = 0
+    tokens = {"student": 0, "teacher": 0}
+    seconds = {"student": 0.0, "teacher": 0.0}
+    total = sum(len(d) for ds in docs.values() for d in ds)
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False) as bar:
+        for d_idx, texts in enumerate(docs.values()):
+            for text in texts:
+                bar.update(len(text))
+                new_ids = new_tok(text, add_special_tokens=False)["input_ids"]
+                old_ids = (
+                    old_tok(text, add_special_tokens=False)["input_ids"] if teacher is not None else None
+                )
+                amap = align(*lengths, old_ids, new_ids).teacher if teacher is not None else None
+                for s, e in _windows(len(new_ids), window):
+                    ids = ([bos] if bos is not None else []) + new_ids[s:e]
+                    x = torch.tensor([ids], device=device)
+                    t0 = time.perf_counter()
+                    h = body_forward(model, x, embed_weight=embed_weight).last[0]
+                    seconds["student"] += time.perf_counter() - t0
+                    tokens["student"] += len(ids)
+                    off = 1 if bos is not None else 0
+                    # the state after new token p (p in s..e-2) predicts token p+1
+                    hidden.append(h[off : off + e - s - 1].to(torch.float16).cpu())
+                    target.append(torch.tensor(new_ids[s + 1 : e]))
+                    held.append(torch.full((e - s - 1,), n_win % held_out_every == held_out_every - 1))
+                    dom.append(torch.full((e - s - 1,), d_idx))
+                    if teacher is not None:
+                        p, i = _teacher_topk(
+                            teacher, old_ids, amap, s, e, bos, top_k, device, tokens, seconds
+                        )
+                        tp.append(p)
+                        ti.append(i)
+                    n_win += 1
+    if not hidden:
+        raise ValueError("no text to collect states from")
+    return States(
+        hidden=torch.cat(hidden),
+        target=torch.cat(target),
+        held_out=torch.cat(held),
+        domain=torch.cat(dom),
+        domains=list(docs),
+        teacher_p=torch.cat(tp) if tp else None,
+        teacher_i=torch.cat(ti) if ti else None,
+        tokens=tokens,
+        seconds=seconds,
+    )
+
+
+def _teacher_topk(
+    teacher: Teacher,
+    old_ids: list[int],
+    amap: Any,
+    s: int,
+    e: int,
+    bos: int | None,
+    k: int,
+    device: Any,
+    tokens: dict[str, int],
+    seconds: dict[str, float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k next-old-token probabilities at the old positions aligned with new s..e-2 (zeros
+    where a new position has no teacher: train-mode tokenizers)."""
+    pos = torch.as_tensor(amap[s : e - 1])
+    probs = torch.zeros(len(pos), k)
+    idx = torch.zeros(len(pos), k, dtype=torch.long)
+    ok = pos >= 0
+    if not ok.any():
+        return probs, idx
+    first = 0 if s == 0 else int(amap[s - 1]) + 1 if amap[s - 1] >= 0 else int(pos[ok].min())
+    last = int(pos[ok].max()) + 1
+    old = ([bos] if bos is not None else []) + old_ids[first:last]
+    t0 = time.perf_counter()
+    states = teacher.forward(torch.tensor([old], device=device)).last[0]
+    off = 1 if bos is not None else 0
+    rel = pos[ok] - first + off
+    keep = rel >= 0
+    logits = teacher.logits(states[rel[keep]]).float()
+    seconds["teacher"] += time.perf_counter() - t0
+    tokens["teacher"] += len(old)
+    top = torch.softmax(logits, -1).topk(k, dim=-1)
+    rows = torch.nonzero(ok).squeeze(1)[keep]
+    probs[rows] = top.values.cpu()
+    idx[rows] = top.indices.cpu()
+    return probs, idx
+
+
+# --------------------------------------------------------------------------------------------- the fit
+
+
+@dataclass
+class FitResult:
+    head: torch.Tensor  # the whole head matrix, fitted rows replaced
+    held_out_ce: float  # nats/token on the held-out states, best
+    held_out_ce_start: float
+    epochs: float  # where the best was reached
+    steps: int
+    seconds: float
+    history: list[tuple[int, float]]
+
+
+def _kl_to_teacher(
+    lse: torch.Tensor,
+    fixed_at_top: torch.Tensor,
+    learn_logits: torch.Tensor,
+    learn_first: torch.Tensor,
+    n_old: int,
+    p: torch.Tensor,
+    i: torch.Tensor,
+) -> torch.Tensor:
+    """KL(teacher top-k + rest || student marginalised onto first old pieces), per state."""
+    probs = torch.exp(learn_logits - lse[:, None])
+    mass = torch.zeros(probs.shape[0], n_old, dtype=probs.dtype).index_add(1, learn_first, probs)
+    q = (torch.exp(fixed_at_top - lse[:, None]) + mass.gather(1, i)).clamp_min(1e-8)
+    rest_p = (1.0 - p.sum(1)).clamp_min(1e-6)
+    rest_q = (1.0 - q.sum(1)).clamp_min(1e-6)
+    pk = p.clamp_min(1e-12)
+    return (pk * (pk.log() - q.log())).sum(1) + rest_p * (rest_p.log() - rest_q.log())
+
+
+def fit_rows(
+    states: States,
+    head: torch.Tensor,
+    learn: torch.Tensor,
+    *,
+    first_piece: torch.Tensor | None = None,
+    kl_weight: float = 0.0,
+    lr: float = 1e-3,
+    max_epochs: float = 8.0,
+    batch: int = 1024,
+    patience: int = 2,
+    seed: int = 0,
+    softcap: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Fit the rows of ``head`` marked in ``learn`` (bool per row); every other row stays as it is.
+
+    ``first_piece[t]``: the old token new token t starts with (needed for ``kl_weight`` > 0, where the
+    learning rows must all be new tokens). Adam (0.9, 0.95), cosine decay to 10%, evaluation on the held-out
+    states every half epoch, the best rows kept.
+    """
+    if softcap:
+        raise ValueError("head fitting does not support soft-capped logits yet")
+    t0 = time.perf_counter()
+    H = states.hidden.float()
+    Y = states.target.long()
+    learn_ids = torch.nonzero(learn).squeeze(1)
+    fixed_ids = torch.nonzero(~learn).squeeze(1)
+    pos_in_learn = torch.full((head.shape[0],), -1, dtype=torch.long)
+    pos_in_learn[learn_ids] = torch.arange(len(learn_ids))
+    W0 = head.float()
+    use_kl = kl_weight > 0 and states.teacher_p is not None
+    n_old = int(first_piece.max()) + 1 if use_kl else 0
+    learn_first = first_piece[learn_ids] if use_kl else None
+
+    # What does not change: log-sum-exp of the fixed rows, the fixed target logit, fixed logits at the
+    # teacher's top-k ids.
+    lse_fixed = torch.empty(len(Y))
+    tgt_fixed = torch.full((len(Y),), -math.inf)
+    top_fixed = torch.full_like(states.teacher_p, -math.inf) if use_kl else None
+    fixed_pos = torch.full((head.shape[0],), -1, dtype=torch.long)
+    fixed_pos[fixed_ids] = torch.arange(len(fixed_ids))
+    Wf = W0[fixed_ids]
+    with torch.no_grad():
+        for s in range(0, len(Y), 2048):
+            lo = H[s : s + 2048] @ Wf.T
+            lse_fixed[s : s + 2048] = torch.logsumexp(lo, 1)
+            fp = fixed_pos[Y[s : s + 2048]]
+            hit = fp >= 0
+            tgt_fixed[s : s + 2048][hit] = lo[hit].gather(1, fp[hit][:, None])[:, 0]
+            if use_kl:
+                ti = states.teacher_i[s : s + 2048]
+                fpi = fixed_pos[ti]
+                vals = lo.gather(1, fpi.clamp(min=0))
+                top_fixed[s : s + 2048] = torch.where(fpi >= 0, vals, torch.full_like(vals, -math.inf))
+    param = nn.Parameter(W0[learn_ids].clone())
+    tgt_learn = pos_in_learn[Y]
+
+    def losses(idx: torch.Tensor, with_kl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ll = H[idx] @ param.T
+        lse = torch.logaddexp(lse_fixed[idx], torch.logsumexp(ll, 1))
+        tl = tgt_learn[idx]
+        tgt = torch.where(tl >= 0, ll.gather(1, tl.clamp(min=0)[:, None])[:, 0], tgt_fixed[idx])
+        ce = (lse - tgt).mean()
+        kl = None
+        if with_kl:
+            has = states.teacher_p[idx].sum(1) > 0
+            if has.any():
+                kl = _kl_to_teacher(
+                    lse[has],
+                    top_fixed[idx][has],
+                    ll[has],
+                    learn_first,
+                    n_old,
+                    states.teacher_p[idx][has].float(),
+                    states.teacher_i[idx][has],
+                ).mean()
+        return ce, kl
+
+    train_idx = torch.nonzero(~states.held_out).squeeze(1)
+    val_idx = torch.nonzero(states.held_out).squeeze(1)
+
+    @torch.no_grad()
+    def held_out_ce() -> float:
+        if not len(val_idx):
+            return float("nan")
+        total = 0.0
+        for s in range(0, len(val_idx), 4096):
+            idx = val_idx[s : s + 4096]
+            total += float(losses(idx, False)[0]) * len(idx)
+        return total / len(val_idx)
+
+    opt = torch.optim.Adam([param], lr=lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(seed)
+    per_epoch = max(1, math.ceil(len(train_idx) / batch))
+    total = max(1, int(max_epochs * per_epoch))
+    check = max(1, per_epoch // 2)
+    best = start = held_out_ce()
+    best_rows, best_step, worse = param.detach().clone(), 0, 0
+    history = [(0, start)]
+    order = torch.empty(0, dtype=torch.long)
+    step = 0
+    while step < total:
+        if len(order) < batch:
+            order = torch.cat([order, train_idx[torch.randperm(len(train_idx), generator=gen)]])
+        idx, order = order[:batch], order[batch:]
+        for g in opt.param_groups:
+            g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+        ce, kl = losses(idx, use_kl)
+        loss = ce + kl_weight * kl if kl is not None else ce
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % check == 0 or step == total:
+            v = held_out_ce()
+            history.append((step, v))
+            if log:
+                log(f"head fit: epoch {step / per_epoch:.1f}, held-out CE {v:.4f} (start {start:.4f})")
+            if not len(val_idx):
+                best_rows, best_step = param.detach().clone(), step
+            elif v < best - 1e-4:
+                best, best_rows, best_step, worse = v, param.detach().clone(), step, 0
+            else:
+                worse += 1
+                if worse >= patience:
+                    break
+    out = head.clone()
+    out[learn_ids] = best_rows.to(head.dtype)
+    return FitResult(
+        head=out,
+        held_out_ce=best,
+        held_out_ce_start=start,
+        epochs=best_step / per_epoch,
+        steps=step,
+        seconds=time.perf_counter() - t0,
+        history=history,
+    )
+
+
+def first_pieces(n_rows: int, pieces: dict[int, Sequence[int]], copy_source: dict[int, int]) -> torch.Tensor:
+    """first_piece[t] for every row: an old token is its own first piece; a new token the first of its old
+    pieces; rows with neither get 0 (they never carry mass: padding)."""
+    out = torch.zeros(n_rows, dtype=torch.long)
+    for new_id, old_id in copy_source.items():
+        out[new_id] = old_id
+    for new_id, ps in pieces.items():
+        if ps:
+            out[new_id] = ps[0]
+    return out

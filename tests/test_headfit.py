@@ -1,0 +1,140 @@
+"""init.fit_head: the head rows of new tokens fitted on the new model's own states (retok.headfit).
+
+- fit_rows lowers its own loss and the held-out loss, touches only the rows that may learn, and the teacher
+  term pulls the first-piece marginal towards the teacher's distribution;
+- through init-embeddings on a tiny project: input rows stay piece means, old head rows stay bit for bit,
+  new head rows move, the held-out CE of the fit drops, the folder passes `retok check`;
+- a tied head without untie_head is refused with the key to change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from retok.config import validate_dict
+from retok.errors import RetokError
+from retok.export.check import check_folder
+from retok.headfit import States, _kl_to_teacher, first_pieces, fit_rows
+from retok.pipeline import run_stage
+from retok.stages import stage_dir
+from tests.tiny import tiny_project
+
+
+def _synthetic(n: int = 6000, hidden: int = 16, old: int = 30, new: int = 10, seed: int = 0):
+    """States drawn from a known softmax head: the fixed (old) rows are the truth, the new rows start off."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randn(old + new, hidden, generator=g)
+    H = torch.randn(n, hidden, generator=g)
+    Y = torch.multinomial(torch.softmax(H @ truth.T, -1), 1, generator=g)[:, 0]
+    states = States(
+        hidden=H.half(),
+        target=Y,
+        held_out=torch.arange(n) % 10 == 9,
+        domain=torch.zeros(n, dtype=torch.long),
+        domains=["x"],
+    )
+    start = truth.clone()
+    start[old:] = torch.randn(new, hidden, generator=g) * 0.1
+    learn = torch.zeros(old + new, dtype=torch.bool)
+    learn[old:] = True
+    return states, truth, start, learn
+
+
+def _ce(states: States, head: torch.Tensor, which: torch.Tensor) -> float:
+    logits = states.hidden[which].float() @ head.T
+    return float(torch.nn.functional.cross_entropy(logits, states.target[which]))
+
+
+def test_fit_rows_lowers_train_and_held_out_loss_and_keeps_fixed_rows():
+    states, truth, start, learn = _synthetic()
+    res = fit_rows(states, start, learn, lr=5e-2, max_epochs=30, batch=256)
+    train, held = ~states.held_out, states.held_out
+    assert _ce(states, res.head, train) < _ce(states, start, train) - 0.1
+    assert res.held_out_ce < res.held_out_ce_start - 0.1
+    assert res.held_out_ce == pytest.approx(_ce(states, res.head, held), rel=1e-3)
+    assert _ce(states, res.head, held) < _ce(states, truth, held) + 0.05  # close to the truth's loss
+    assert torch.equal(res.head[~learn], start[~learn])  # fixed rows bit for bit
+
+
+def test_teacher_term_pulls_the_first_piece_marginal():
+    states, truth, start, learn = _synthetic(n=3000)
+    old = int((~learn).sum())
+    # every new token t starts with old token t - old (a made-up decomposition)
+    first = first_pieces(
+        len(truth), {old + k: [k] for k in range(int(learn.sum()))}, {i: i for i in range(old)}
+    )
+    assert first[old + 3] == 3 and first[5] == 5
+    # the teacher: the truth's distribution marginalised onto first pieces, top 8
+    with torch.no_grad():
+        probs = torch.softmax(states.hidden.float() @ truth.T, -1)
+        marg = torch.zeros(len(probs), old).index_add(1, first, probs)
+        top = marg.topk(8, dim=-1)
+    states.teacher_p, states.teacher_i = top.values, top.indices
+
+    def kl(head: torch.Tensor) -> float:
+        logits = states.hidden.float() @ head.T
+        lse = torch.logsumexp(logits, 1)
+        fixed_at_top = logits[:, :old].gather(1, states.teacher_i)
+        return float(
+            _kl_to_teacher(
+                lse, fixed_at_top, logits[:, old:], first[old:], old, states.teacher_p, states.teacher_i
+            ).mean()
+        )
+
+    res = fit_rows(states, start, learn, first_piece=first, kl_weight=1.0, lr=5e-2, max_epochs=20, batch=256)
+    assert kl(res.head) < kl(start) * 0.7
+    assert kl(truth) < kl(start)  # the term measures the right thing: the truth is closer than the start
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("headfit")
+    data = tiny_project(root, init={"eval_max_bytes": 300, "fit_bytes": 6000, "fit_window": 64})
+    cfg = validate_dict(data)
+    run_stage(cfg, "tokenizer")
+    out = run_stage(cfg, "model-init")
+    return cfg, out
+
+
+def test_init_embeddings_fits_only_the_new_head_rows(fitted):
+    from safetensors.torch import load_file
+
+    cfg, out = fitted
+    report = json.loads((out / "init_report.json").read_text())
+    fit = report["calibration"]["head_fit"]
+    assert fit["held_out_ce"]["fitted"] < fit["held_out_ce"]["start"]
+    assert set(fit["states"]) == {"zh", "en"} and all(v > 50 for v in fit["states"].values())
+    assert fit["tokens"]["teacher"] > 0 and fit["rows_fitted"] == report["averaged"] + report["fallback"]
+
+    new = load_file(str(out / "model.safetensors"))
+    old = load_file(str(Path(cfg.model.path) / "model.safetensors"))
+    n_old = old["model.embed_tokens.weight"].shape[0]
+    head, emb = new["lm_head.weight"], new["model.embed_tokens.weight"]
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    # old rows: the old (tied) matrix, bit for bit, in the head and in the embedding
+    assert torch.equal(head[:n_old], old["model.embed_tokens.weight"])
+    assert torch.equal(emb[:n_old], old["model.embed_tokens.weight"])
+    # new rows: the head moved away from the input rows' piece means
+    new_ids = torch.arange(n_old, n_old + report["averaged"])
+    assert not torch.allclose(head[new_ids], emb[new_ids])
+    assert math.isfinite(report["bpb"]["zh"]["init"])
+
+
+def test_fitted_model_init_passes_check(fitted):
+    _, out = fitted
+    assert [(r.name, r.detail) for r in check_folder(out) if not r.ok] == []
+
+
+def test_a_tied_head_cannot_be_fitted_without_untie(tmp_path: Path):
+    cfg = validate_dict(tiny_project(tmp_path, init={"untie_head": False, "fit_head": True}))
+    run_stage(cfg, "tokenizer")
+    with pytest.raises(
+        RetokError, match="init.fit_head: the model ties its LM head .* set init.untie_head: true"
+    ):
+        run_stage(cfg, "model-init")
+    assert not stage_dir(cfg, "model-init").exists()
