@@ -1,7 +1,7 @@
 """Benchmark init-embeddings at Llama-3-8B scale: retok's tensor-by-tensor surgery vs the naive way.
 
-    /work/venv/bin/python scripts/bench_init_embeddings.py            # ~10 min on 2 cores, ~8 GB of disk
-    /work/venv/bin/python scripts/bench_init_embeddings.py --repeats 1 --layers 1
+    .venv/bin/python scripts/bench_init_embeddings.py            # ~10 min on 2 cores, ~8 GB of disk
+    .venv/bin/python scripts/bench_init_embeddings.py --repeats 1 --layers 1
 
 A synthetic checkpoint with Llama-3-8B's embedding and head shapes (128,256 x 4,096, bf16, untied) and a few
 body layers, written shard by shard (the full model is never built in RAM), a synthetic byte-level BPE with

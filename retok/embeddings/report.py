@@ -207,6 +207,11 @@ def measure_bpb(
     from retok.sources import load_model
 
     docs = load_domains(cfg.data.eval, "data.eval", cfg.init.eval_max_bytes)
+    print(
+        f"retok: init report: BPB of the original and the new model on {cfg.init.eval_max_bytes:,} held-out bytes "
+        f"of each of {', '.join(docs)} (init.eval_max_bytes; init.eval_bpb: false skips it)",
+        flush=True,
+    )
     kw = {"window": cfg.eval.window, "stride": cfg.eval.stride}
     load = {
         "dtype": cfg.compute.dtype,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,54 +194,16 @@ def _quality(
 
 
 def _speed(
-    models: list[_Loaded], cfg: RetokConfig, speed_texts: dict[str, str]
+    models: list[_Loaded], cfg: RetokConfig, speed_texts: dict[str, list[str]]
 ) -> dict[str, dict[str, dict]]:
-    """Reference-continuation (and greedy) timings of the given models: the reference steps of both models
-    interleaved within each run (speed.reference_run), greedy runs alternated round by round.
+    """Reference-continuation (and greedy) timings of the given models on every speed domain.
 
     Returns {role: {domain: figures}}.
     """
-    from retok.evaluate.speed import (
-        cut_text,
-        default_max_tokens,
-        greedy_run,
-        greedy_stats,
-        reference_run,
-        reference_stats,
-        run_rounds,
-        split_tokens,
-    )
-
-    ev = cfg.eval
     res: dict[str, dict[str, dict]] = {m.role: {} for m in models}
-    nbytes_of = {m.role: _token_nbytes(m.tok) for m in models} if ev.generate_bytes else {}
     for name, pieces in speed_texts.items():
-        texts: dict[str, list] = {m.role: [] for m in models}
-        for piece in pieces:
-            text, boundary, end = cut_text(piece, ev.prompt_bytes, piece_bytes(cfg))
-            for m in models:
-                st = split_tokens(m.tok, text, boundary, end)
-                if not st.prompt_ids or not st.continuation_ids:
-                    raise RetokError(
-                        f"data.eval domain {name!r}: the {m.role} tokenizer gives no whole token within "
-                        f"{piece_bytes(cfg)} bytes of continuation; raise eval.continuation_bytes or lower "
-                        "eval.speed_pieces"
-                    )
-                texts[m.role].append(st)
-        runs: dict[str, list[tuple[float, float]]] = {m.role: [] for m in models}
-        for r in range(ev.warmup + ev.repeats):
-            order = models if r % 2 == 0 else models[::-1]  # who prefills first alternates too
-            sums = {m.role: [0.0, 0.0] for m in models}
-            for j in range(len(pieces)):
-                timings = reference_run([(m.model, texts[m.role][j], m.device) for m in order])
-                for m, (pre, dec) in zip(order, timings, strict=True):
-                    sums[m.role][0] += pre
-                    sums[m.role][1] += dec
-            if r >= ev.warmup:
-                for m in models:
-                    runs[m.role].append((sums[m.role][0], sums[m.role][1]))
-        for m in models:
-            ref = reference_stats(texts[m.role], runs[m.role])
+        texts = _piece_tokens(models, cfg, name, pieces)
+        for m, ref in zip(models, _time_reference(models, texts, cfg), strict=True):
             figures = {k: ref.pop(k) for k in ("tokens_per_s", "bytes_per_s", "prefill_ms", "ms_per_token")}
             res[m.role][name] = {**figures, "speed": ref}
             print(
@@ -250,35 +213,90 @@ def _speed(
                 f"{ref['continuation_bytes']} bytes",
                 flush=True,
             )
-        if not ev.generate_bytes:
-            continue
-        cap = default_max_tokens(ev.generate_bytes)
-        gruns = run_rounds(
-            {
-                m.role: (
-                    lambda m=m, st=texts[m.role][0], cap=cap: greedy_run(
-                        m.model, st.prompt_ids, nbytes_of[m.role], ev.generate_bytes, cap, m.device
-                    )
+        if cfg.eval.generate_bytes:
+            for m, gen in zip(models, _time_greedy(models, texts, cfg), strict=True):
+                res[m.role][name]["greedy"] = gen
+                print(
+                    f"retok: {m.role} {name} greedy: {gen['generated_tokens']} tokens, "
+                    f"{gen['bytes_per_s']:.1f} bytes/s",
+                    flush=True,
                 )
-                for m in models
-            },
-            repeats=ev.repeats,
-            warmup=ev.warmup,
-        )
-        for m in models:
-            gen = greedy_stats(
-                gruns[m.role],
-                nbytes_of[m.role],
-                valid_ids=set(m.tok.get_vocab().values()),
-                stop_ids=_stop_ids(m.model, m.tok),
-            )
-            gen["sample"] = m.tok.decode(gen.pop("ids")[:64], skip_special_tokens=False)
-            res[m.role][name]["greedy"] = gen
-            print(
-                f"retok: {m.role} {name} greedy: {gen['generated_tokens']} tokens, {gen['bytes_per_s']:.1f} bytes/s",
-                flush=True,
-            )
     return res
+
+
+def _piece_tokens(models: list[_Loaded], cfg: RetokConfig, name: str, pieces: list[str]) -> dict[str, list]:
+    """Each model's prompt and continuation ids of every piece (retok.evaluate.speed.split_tokens)."""
+    from retok.evaluate.speed import cut_text, split_tokens
+
+    ev = cfg.eval
+    texts: dict[str, list] = {m.role: [] for m in models}
+    for piece in pieces:
+        text, boundary, end = cut_text(piece, ev.prompt_bytes, piece_bytes(cfg))
+        for m in models:
+            st = split_tokens(m.tok, text, boundary, end)
+            if not st.prompt_ids or not st.continuation_ids:
+                raise RetokError(
+                    f"data.eval domain {name!r}: the {m.role} tokenizer gives no whole token within "
+                    f"{piece_bytes(cfg)} bytes of continuation; raise eval.continuation_bytes or lower "
+                    "eval.speed_pieces"
+                )
+            texts[m.role].append(st)
+    return texts
+
+
+def _time_reference(models: list[_Loaded], texts: dict[str, list], cfg: RetokConfig) -> list[dict[str, Any]]:
+    """Warm-up + timed rounds; in each round every piece is run once, the models' steps interleaved within a
+    piece (speed.reference_run) and who prefills first alternating; a round's times are summed over the
+    pieces. Returns each model's medians (speed.reference_stats)."""
+    from retok.evaluate.speed import reference_run, reference_stats
+
+    ev = cfg.eval
+    runs: dict[str, list[tuple[float, float]]] = {m.role: [] for m in models}
+    n_pieces = len(texts[models[0].role])
+    for r in range(ev.warmup + ev.repeats):
+        order = models if r % 2 == 0 else models[::-1]
+        sums = {m.role: [0.0, 0.0] for m in models}
+        for j in range(n_pieces):
+            timings = reference_run([(m.model, texts[m.role][j], m.device) for m in order])
+            for m, (pre, dec) in zip(order, timings, strict=True):
+                sums[m.role][0] += pre
+                sums[m.role][1] += dec
+        if r >= ev.warmup:
+            for m in models:
+                runs[m.role].append((sums[m.role][0], sums[m.role][1]))
+    return [reference_stats(texts[m.role], runs[m.role]) for m in models]
+
+
+def _time_greedy(models: list[_Loaded], texts: dict[str, list], cfg: RetokConfig) -> list[dict[str, Any]]:
+    """Free greedy generation of eval.generate_bytes from the first piece's prompt, rounds alternated."""
+    from retok.evaluate.speed import default_max_tokens, greedy_run, greedy_stats, run_rounds
+
+    ev = cfg.eval
+    cap = default_max_tokens(ev.generate_bytes)
+    nbytes_of = {m.role: _token_nbytes(m.tok) for m in models}
+    gruns = run_rounds(
+        {
+            m.role: (
+                lambda m=m, st=texts[m.role][0]: greedy_run(
+                    m.model, st.prompt_ids, nbytes_of[m.role], ev.generate_bytes, cap, m.device
+                )
+            )
+            for m in models
+        },
+        repeats=ev.repeats,
+        warmup=ev.warmup,
+    )
+    out = []
+    for m in models:
+        gen = greedy_stats(
+            gruns[m.role],
+            nbytes_of[m.role],
+            valid_ids=set(m.tok.get_vocab().values()),
+            stop_ids=_stop_ids(m.model, m.tok),
+        )
+        gen["sample"] = m.tok.decode(gen.pop("ids")[:64], skip_special_tokens=False)
+        out.append(gen)
+    return out
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -310,67 +328,81 @@ def _interleave(cfg: RetokConfig, folders: list[Path], device: str) -> bool:
 # -------------------------------------------------------------------------------------------- stage
 
 
-def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
-    """Measure old vs new on every eval domain; write report.json, report.md and charts into ``out``."""
-    import torch
-    import transformers
+@dataclass
+class Inputs:
+    """What eval-speed measures on, all read before any model is loaded."""
 
+    domains: list[str]
+    docs: dict[str, list[str]]  # held-out text per domain, for bytes/token and BPB
+    speed_texts: dict[str, list[str]]  # the pieces timed per speed domain
+    configs: tuple[ModelConfig, ModelConfig]  # baseline, candidate
+    folders: tuple[Path, Path]
+    toks: tuple[Any, Any]
+    starts: dict[str, list[int]]  # where scoring starts in each document: the same bytes for both models
+
+
+def read_inputs(cfg: RetokConfig) -> Inputs:
+    """Text, models and tokenizers, checked: bad input fails before minutes of model loading."""
     from retok.metrics import score_starts
-    from retok.sources import (
-        check_config_rows,
-        load_tokenizer,
-        pick_device,
-        pick_dtype,
-        require_causal_lm,
-        resolve_model,
-        set_threads,
-    )
+    from retok.sources import check_config_rows, load_tokenizer, require_causal_lm, resolve_model
 
     ev = cfg.eval
-    device = pick_device(cfg.compute.device)  # an unknown device fails here, before anything is loaded
-    set_threads(cfg.compute.threads)
     if not cfg.data.eval:
         raise RetokError("eval-speed needs held-out text: add data.eval sources (name + path) to the config")
     chosen = _pick_domains(ev.domains, domain_names(cfg.data.eval), "eval.domains")
     speed_names = _pick_domains(ev.speed_domains, chosen, "eval.speed_domains")
-    base, cand = pick_models(cfg)
-
-    # All text and both tokenizers first, so bad input fails before minutes of model loading.
+    configs = pick_models(cfg)
     docs = load_domains(cfg.data.eval, "data.eval", ev.max_bytes, only=chosen)
     speed_texts = {name: speed_pieces(cfg, name) for name in speed_names}
-    folders = [resolve_model(base, cfg.cache), resolve_model(cand, cfg.cache)]
+    folders = tuple(resolve_model(m, cfg.cache) for m in configs)
     toks = []
     for folder, key, mcfg in zip(
-        folders, ("eval.baseline_model", "eval.candidate_model"), (base, cand), strict=True
+        folders, ("eval.baseline_model", "eval.candidate_model"), configs, strict=True
     ):
         require_causal_lm(folder, f"eval-speed ({key})")
         tok = load_tokenizer(folder, trust_remote_code=mcfg.trust_remote_code)
         check_config_rows(folder, tok, f"eval-speed ({key})")
         toks.append(tok)
-    # Both models score exactly the same bytes of every document.
     starts = {name: score_starts(toks, texts) for name, texts in docs.items()}
-    both = _interleave(cfg, folders, device)
+    return Inputs(chosen, docs, speed_texts, configs, folders, tuple(toks), starts)
+
+
+def measure(cfg: RetokConfig, inp: Inputs, device: str) -> tuple[dict, dict, dict, dict, bool]:
+    """Quality and speed of both models: (old figures, new figures, old info, new info, interleaved)."""
+    both = _interleave(cfg, list(inp.folders), device)
     print(
         f"retok: eval-speed: timing the models {'alternately' if both else 'one after the other'}", flush=True
     )
-    old_m = _Loaded(cfg, "old", base, folders[0], toks[0])
-    old = _quality(old_m, cfg, docs, starts)
+    old_m = _Loaded(cfg, "old", inp.configs[0], inp.folders[0], inp.toks[0])
+    old = _quality(old_m, cfg, inp.docs, inp.starts)
     if not both:
-        for name, figs in _speed([old_m], cfg, speed_texts)["old"].items():
+        for name, figs in _speed([old_m], cfg, inp.speed_texts)["old"].items():
             old[name].update(figs)
         old_m.free()
-    new_m = _Loaded(cfg, "new", cand, folders[1], toks[1])
-    new = _quality(new_m, cfg, docs, starts)
-    timed = _speed([old_m, new_m] if both else [new_m], cfg, speed_texts)
+    new_m = _Loaded(cfg, "new", inp.configs[1], inp.folders[1], inp.toks[1])
+    new = _quality(new_m, cfg, inp.docs, inp.starts)
+    timed = _speed([old_m, new_m] if both else [new_m], cfg, inp.speed_texts)
     for role, side in (("old", old), ("new", new)):
         for name, figs in timed.get(role, {}).items():
             side[name].update(figs)
-    base_info, cand_info = old_m.info, new_m.info
     new_m.free()
     if both:
         old_m.free()
-    interleaved = both
+    return old, new, old_m.info, new_m.info, both
 
+
+def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
+    """Measure old vs new on every eval domain; write report.json, report.md, table.md and charts into
+    ``out``."""
+    import torch
+    import transformers
+
+    from retok.sources import pick_device, pick_dtype, set_threads
+
+    device = pick_device(cfg.compute.device)  # an unknown device fails here, before anything is loaded
+    set_threads(cfg.compute.threads)
+    inp = read_inputs(cfg)
+    old, new, base_info, cand_info, interleaved = measure(cfg, inp, device)
     report: dict[str, Any] = {
         "baseline": base_info,
         "candidate": cand_info,
@@ -383,8 +415,8 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
             "transformers": transformers.__version__,
             "interleaved": interleaved,
         },
-        "settings": ev.model_dump(mode="json"),
-        "domains": {name: compare(old[name], new[name]) for name in chosen},
+        "settings": cfg.eval.model_dump(mode="json"),
+        "domains": {name: compare(old[name], new[name]) for name in inp.domains},
     }
     report = clean(report)
     out.mkdir(parents=True, exist_ok=True)
