@@ -311,9 +311,30 @@ class FullPhase(_Section):
 class TrainConfig(_Section):
     """train-io: training of the input embedding and LM head with the body frozen."""
 
+    @field_validator("distill_layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError("layers count from 1 (the first decoder layer's output)")
+        return sorted(set(v))
+
     trainable: Literal["io", "io_new_rows"] = Field(
         "io", description="io: whole embedding and head; io_new_rows: only the rows of new tokens learn."
     )
+    objective: Literal["lm", "distill", "lm+distill"] = Field(
+        "lm",
+        description="What the io phase learns from. lm: the next token. distill: the original model itself (the "
+        "same frozen body with the old embedding, on the old segmentation of the same text): the new input rows "
+        "learn to reproduce its hidden states at distill_layers, at every position where both have read the same "
+        "bytes (the head does not learn). lm+distill: both.",
+    )
+    distill_layers: list[int] = Field(
+        default_factory=lambda: [8],
+        min_length=1,
+        description="Decoder layers (1 = the first) whose outputs are distilled; the deepest decides the cost "
+        "(objective distill runs only the layers up to it).",
+    )
+    distill_weight: float = Field(1.0, ge=0, description="Weight of the distillation term in lm+distill.")
     max_steps: int = Field(200, ge=1, le=10**9, description="Optimizer steps of the io phase.")
     seq_len: int = Field(512, ge=8, le=1 << 20, description="Tokens per packed training block.")
     batch_size: int = Field(4, ge=1, le=1 << 16, description="Blocks per device per micro-batch.")

@@ -73,7 +73,7 @@ def collect_states(
     n_win = 0
     tokens = {"student": 0, "teacher": 0}
     seconds = {"student": 0.0, "teacher": 0.0}
-    total = sum(len(d) for ds in docs.values() for d in ds)
+    total = sum(len(d.encode("utf-8")) for ds in docs.values() for d in ds)
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False) as bar:
         for d_idx, texts in enumerate(docs.values()):
             for text in texts:

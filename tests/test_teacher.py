@@ -36,7 +36,12 @@ def _extended(old: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     ext = extend_tokenizer(
         old.backend_tokenizer, [TrainingText("zh", [ZH * 20, SAMPLE_TEXT])], new_tokens=60, progress=False
     )
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(ext.tokenizer.to_str()))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(ext.tokenizer.to_str()),
+        bos_token=old.bos_token,
+        eos_token=old.eos_token,
+        unk_token=old.unk_token,
+    )
 
 
 @pytest.mark.parametrize("family", ["byte_level", "sentencepiece"])
@@ -117,3 +122,16 @@ def test_shared_body_teacher_equals_the_original_model(kind):
     torch.testing.assert_close(teacher.logits(got.last), want.logits, rtol=1e-4, atol=1e-4)
     # and the student (new rows) differs: the teacher did not simply run the new embedding
     assert not torch.allclose(body_forward(new, ids).last, got.last)
+
+
+def test_a_forward_stopped_after_a_layer_gives_that_layer_and_grads():
+    tok = byte_level_tokenizer()
+    model = tiny_llama(tok, tied=True).eval()
+    ids = torch.tensor([tok(ZH, add_special_tokens=False)["input_ids"][:40]])
+    full = body_forward(model, ids, layers=(1, 2))
+    w = model.get_input_embeddings().weight.detach().clone().requires_grad_(True)
+    part = body_forward(model, ids, layers=(1,), embed_weight=w, last=False)
+    assert part.last is None and set(part.layers) == {1}
+    torch.testing.assert_close(part.layers[1], full.layers[1])
+    part.layers[1].pow(2).mean().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0

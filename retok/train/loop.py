@@ -56,6 +56,7 @@ class Run:
     eval_starts: dict[str, list[int]]  # where scoring starts in each eval document (same for both models)
     old_tok: Any  # the original model's tokenizer
     tokens_per_step: int
+    teacher: Any = None  # retok.teacher.Teacher for the distillation objectives
     wall_start: float = 0.0  # time.time() when this invocation started
     stop: list[bool] = field(default_factory=lambda: [False])  # set by the Ctrl-C handler
     shown: dict = field(default_factory=dict)  # latest loss / BPB / tokens/s for the progress bar
@@ -113,6 +114,25 @@ def original_bpb(run: Run) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ the loop
+
+
+def objective(run: Run, phase: Phase) -> nn.Module:
+    """What a phase minimises: the next-token loss, or (io phase, train.objective) distillation from the
+    original model with or without it. The joint phase trains the body, which the shared-body teacher IS, so
+    it always uses the next-token loss."""
+    t = run.cfg.train
+    if phase == "all" or t.objective == "lm" or run.teacher is None:
+        return IOLoss(run.model, t.loss_chunk_tokens)
+    from retok.train.distill import DistillLoss
+
+    return DistillLoss(
+        run.model,
+        run.teacher,
+        tuple(t.distill_layers),
+        lm_weight=1.0 if t.objective == "lm+distill" else 0.0,
+        distill_weight=t.distill_weight,
+        chunk_tokens=t.loss_chunk_tokens,
+    )
 
 
 class MetricsLog:
@@ -192,7 +212,7 @@ def run_phase(
     masks = decay_masks(run.io, phase)
     warmup = t.warmup_steps if phase == "io" else min(t.warmup_steps, max(1, (end - first) // 10))
     # DDP (under accelerate launch) is built here, after requires_grad is final for this phase.
-    loss_model, opt = acc.prepare(IOLoss(model, t.loss_chunk_tokens), opt)
+    loss_model, opt = acc.prepare(objective(run, phase), opt)
     trainable = [p for p in model.parameters() if p.requires_grad]
     trimmer = HeapTrimmer() if acc.device.type == "cpu" else None
     model.train()
@@ -204,12 +224,15 @@ def run_phase(
                 g["lr"] = g["base_lr"] * factor
             t0 = time.perf_counter()
             losses = []
+            parts: dict[str, float] = {}
             for k in range(t.grad_accum):
                 x = next(batches).to(acc.device)
                 with acc.no_sync(loss_model) if k < t.grad_accum - 1 else nullcontext():
                     loss = loss_model(x)
                     acc.backward(loss / t.grad_accum if t.grad_accum > 1 else loss)
                 losses.append(loss.detach().float())
+                for name, v in getattr(acc.unwrap_model(loss_model), "last_parts", {}).items():
+                    parts[name] = parts.get(name, 0.0) + v / t.grad_accum
             # One all-reduce carries the loss and whether any process got Ctrl-C, so all stop together.
             flags = torch.stack(
                 [torch.stack(losses).mean(), torch.tensor(float(run.stop[0]), device=acc.device)]
@@ -242,6 +265,7 @@ def run_phase(
                 "step": step + 1,
                 "phase": phase,
                 "loss": loss_val,
+                **{f"loss_{name}": v for name, v in parts.items()},
                 "lr": opt.param_groups[0]["lr"],
                 "grad_norm": grad_norm,
                 "tokens": state.tokens_seen,

@@ -9,6 +9,10 @@ the same blocks: the stream is rebuilt from the seed and the blocks already cons
 
 Each ``data.train`` entry is its own stream (blocks never straddle two sources) and restarts from its first
 document when it runs out (another epoch), so ``weight`` alone decides how often a source is seen.
+
+With a teacher (``old_tokenizer``: the distillation objectives), every block is a :class:`Pair`: the block's
+new ids, the OLD tokenizer's ids of exactly the same bytes, and for each new position the old position that
+ends at the same byte (retok.alignment), so the original model can be run on the same text.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from retok.alignment import ByteLengths, align_ends
 from retok.config import DataSource
 from retok.data import iter_source
 from retok.errors import RetokError
@@ -61,9 +68,84 @@ def pack(token_lists: Iterator[list[int]], seq_len: int) -> Iterator[torch.Tenso
             del buf[:seq_len]
 
 
+@dataclass
+class Pair:
+    """The same text in both segmentations: new ids, old ids, and for each new position the old position
+    that ends at the same byte (-1: none, in train mode)."""
+
+    new: list[int]
+    old: list[int]
+    teacher: list[int]
+
+
+@dataclass
+class PairBatch:
+    """A micro-batch of Pairs: new (B, T), old (B, T_old) right-padded, teacher (B, T) indices into old."""
+
+    new: torch.Tensor
+    old: torch.Tensor
+    teacher: torch.Tensor
+
+    def to(self, device: Any) -> PairBatch:
+        return PairBatch(self.new.to(device), self.old.to(device), self.teacher.to(device))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.new.shape
+
+
+def doc_pairs(
+    new_tok: Any,
+    old_tok: Any,
+    docs: Iterator[str],
+    new_specials: tuple[int | None, int],
+    old_specials: tuple[int | None, int],
+) -> Iterator[Pair]:
+    """Each document in both segmentations (BOS/EOS of each tokenizer around it), aligned by byte ends."""
+    lengths_new, lengths_old = ByteLengths(new_tok), ByteLengths(old_tok)
+    (nb, ne), (ob, oe) = new_specials, old_specials
+    while batch := list(itertools.islice(docs, DOCS_PER_ENCODE)):
+        news = new_tok.backend_tokenizer.encode_batch(batch, add_special_tokens=False)
+        olds = old_tok.backend_tokenizer.encode_batch(batch, add_special_tokens=False)
+        for n, o in zip(news, olds, strict=True):
+            amap = align_ends(lengths_old.ends(o.ids), lengths_new.ends(n.ids)).teacher
+            shift = 1 if ob is not None else 0
+            teacher = np.where(amap >= 0, amap + shift, -1).tolist()
+            new = ([nb] if nb is not None else []) + n.ids + [ne]
+            old = ([ob] if ob is not None else []) + o.ids + [oe]
+            head = [0] if nb is not None and ob is not None else [-1] if nb is not None else []
+            yield Pair(new, old, head + teacher + [len(old) - 1])
+
+
+def pack_pairs(pairs: Iterator[Pair], seq_len: int) -> Iterator[Pair]:
+    """Pairs cut into blocks of exactly ``seq_len`` new ids; each block takes the old ids up to its last aligned
+    position, so the next block's teacher starts at the same byte as its student."""
+    new: list[int] = []
+    old: list[int] = []
+    teacher: list[int] = []
+    for p in pairs:
+        base = len(old)
+        new.extend(p.new)
+        old.extend(p.old)
+        teacher.extend(t + base if t >= 0 else -1 for t in p.teacher)
+        while len(new) >= seq_len:
+            block_t = teacher[:seq_len]
+            cut = max((t for t in block_t if t >= 0), default=-1) + 1
+            yield Pair(new[:seq_len], old[:cut], block_t)
+            del new[:seq_len], teacher[:seq_len], old[:cut]
+            teacher = [t - cut if t >= cut else -1 for t in teacher]
+
+
 def source_blocks(
-    src: DataSource, key: str, tokenizer: Any, seq_len: int, max_bytes: int | None, *, cycle: bool = True
-) -> Iterator[torch.Tensor]:
+    src: DataSource,
+    key: str,
+    tokenizer: Any,
+    seq_len: int,
+    max_bytes: int | None,
+    *,
+    cycle: bool = True,
+    old_tokenizer: Any = None,
+) -> Iterator[torch.Tensor] | Iterator[Pair]:
     """Blocks of one source; with ``cycle`` it starts over at its first document forever (epochs).
 
     A source whose first pass holds at most CACHE_TOKENS tokens is replayed from memory in later epochs
@@ -71,17 +153,21 @@ def source_blocks(
     are streamed again. Raises a RetokError when one whole pass holds fewer than ``seq_len`` tokens.
     """
     bos, eos = special_ids(tokenizer)
+    old_specials = special_ids(old_tokenizer) if old_tokenizer is not None else None
 
-    def one_pass() -> Iterator[list[int]]:
-        return doc_ids(tokenizer, iter_source(src, key, max_bytes), bos, eos)
+    def one_pass() -> Iterator[Any]:
+        docs = iter_source(src, key, max_bytes)
+        if old_tokenizer is not None:
+            return doc_pairs(tokenizer, old_tokenizer, docs, (bos, eos), old_specials)
+        return doc_ids(tokenizer, docs, bos, eos)
 
-    def stream() -> Iterator[list[int]]:
-        cache: list[torch.Tensor] | None = []
+    def stream() -> Iterator[Any]:
+        cache: list[Any] | None = []
         n = 0
         for ids in one_pass():
-            n += len(ids)
+            n += len(ids.new) if isinstance(ids, Pair) else len(ids)
             if cache is not None and n <= CACHE_TOKENS:
-                cache.append(torch.tensor(ids, dtype=torch.int32))
+                cache.append(ids if isinstance(ids, Pair) else torch.tensor(ids, dtype=torch.int32))
             else:
                 cache = None  # too large to hold: later epochs stream it again
             yield ids
@@ -92,11 +178,11 @@ def source_blocks(
             )
         while cycle:
             if cache is not None:
-                yield from (t.tolist() for t in cache)
+                yield from (t if isinstance(t, Pair) else t.tolist() for t in cache)
             else:
                 yield from one_pass()
 
-    return pack(stream(), seq_len)
+    return pack_pairs(stream(), seq_len) if old_tokenizer is not None else pack(stream(), seq_len)
 
 
 def mixed_blocks(
@@ -122,13 +208,28 @@ def mixed_blocks(
         yield item
 
 
-def micro_batches(blocks: Iterator[tuple[torch.Tensor, int]], batch_size: int) -> Iterator[torch.Tensor]:
-    """Stack consecutive blocks into (batch_size, seq_len) int64 batches."""
+def micro_batches(blocks: Iterator[tuple[Any, int]], batch_size: int) -> Iterator[Any]:
+    """Stack consecutive blocks into (batch_size, seq_len) int64 batches (PairBatch for Pairs)."""
     while True:
-        group = list(itertools.islice(blocks, batch_size))
+        group = [b for b, _ in itertools.islice(blocks, batch_size)]
         if len(group) < batch_size:
             return
-        yield torch.stack([b for b, _ in group]).long()
+        if isinstance(group[0], Pair):
+            yield collate_pairs(group)
+        else:
+            yield torch.stack(group).long()
+
+
+def collate_pairs(pairs: list[Pair]) -> PairBatch:
+    """Old ids right-padded with their last id (causal attention: padding after a sequence changes nothing
+    before it; padded positions are never a teacher position)."""
+    width = max(1, max(len(p.old) for p in pairs))
+    old = torch.tensor([p.old + [p.old[-1] if p.old else 0] * (width - len(p.old)) for p in pairs])
+    return PairBatch(
+        torch.tensor([p.new for p in pairs]),
+        old,
+        torch.tensor([p.teacher for p in pairs]),
+    )
 
 
 def train_batches(
@@ -143,14 +244,19 @@ def train_batches(
     skip: int = 0,
     rank: int = 0,
     world: int = 1,
-) -> Iterator[torch.Tensor]:
+    old_tokenizer: Any = None,
+) -> Iterator[torch.Tensor] | Iterator[PairBatch]:
     """This process's micro-batches of the one global stream, after the first ``skip`` global micro-batches.
 
     Global micro-batch m goes to rank m % world, so every process reads the same stream and takes its share;
     the order depends only on the config, which is what makes ``--resume`` exact.
     """
     streams = [
-        (lambda i=i, s=s: source_blocks(s, f"data.train.{i}", tokenizer, seq_len, max_bytes))
+        (
+            lambda i=i, s=s: source_blocks(
+                s, f"data.train.{i}", tokenizer, seq_len, max_bytes, old_tokenizer=old_tokenizer
+            )
+        )
         for i, s in enumerate(sources)
     ]
     blocks = mixed_blocks(streams, [s.weight for s in sources], seed, shuffle_buffer)

@@ -30,10 +30,21 @@ class IOParams:
     head_bias: nn.Parameter | None
     n_tokens: int  # len(tokenizer); rows at or past it are padding and stay inert
     learn_rows: torch.Tensor  # bool (rows,): rows that may change in the io phase
+    head_learns: bool = True  # False: objective distill, which gives the head no gradient
 
     @property
     def matrices(self) -> list[nn.Parameter]:
         return [self.embed] + ([self.head] if self.head is not None else [])
+
+    def trainable(self, phase: Phase) -> list[nn.Parameter]:
+        """The matrices that learn in ``phase`` (biases apart)."""
+        if phase == "io" and not self.head_learns:
+            return [self.embed]
+        return self.matrices
+
+    def biases(self, phase: Phase) -> list[nn.Parameter]:
+        learns = phase == "all" or self.head_learns
+        return [self.head_bias] if self.head_bias is not None and learns else []
 
 
 def io_params(model: nn.Module, n_tokens: int, new_ids: list[int] | None) -> IOParams:
@@ -62,12 +73,12 @@ def freeze(model: nn.Module, io: IOParams, phase: Phase) -> list[Any]:
     """
     for p in model.parameters():
         p.requires_grad_(phase == "all")
-    for p in io.matrices + ([io.head_bias] if io.head_bias is not None else []):
+    for p in io.trainable(phase) + io.biases(phase):
         p.requires_grad_(True)
     rows = io.learn_rows if phase == "io" else torch.arange(io.embed.shape[0]) < io.n_tokens
     hooks = []
     if not bool(rows.all()):
-        for p in io.matrices:
+        for p in io.trainable(phase):
             col = _mask_col(rows, p)
             hooks.append(p.register_hook(lambda g, col=col: g * col))
     return hooks
@@ -75,7 +86,7 @@ def freeze(model: nn.Module, io: IOParams, phase: Phase) -> list[Any]:
 
 def decay_masks(io: IOParams, phase: Phase) -> dict[int, torch.Tensor]:
     rows = io.learn_rows if phase == "io" else torch.arange(io.embed.shape[0]) < io.n_tokens
-    return {id(p): _mask_col(rows, p) for p in io.matrices}
+    return {id(p): _mask_col(rows, p) for p in io.trainable(phase)}
 
 
 def count_params(params: list[nn.Parameter]) -> int:
@@ -97,10 +108,10 @@ def make_optimizer(model: nn.Module, io: IOParams, cfg: RetokConfig, phase: Phas
     t = cfg.train
     if phase == "io":
         groups = [{"params": [io.embed], "lr": t.embed_lr or t.lr, "name": "embed"}]
-        if io.head is not None:
+        if io.head is not None and io.head_learns:
             groups.append({"params": [io.head], "lr": t.head_lr or t.lr, "name": "head"})
-        if io.head_bias is not None:
-            groups.append({"params": [io.head_bias], "lr": t.head_lr or t.lr, "name": "head_bias"})
+        if io.biases(phase):
+            groups.append({"params": io.biases(phase), "lr": t.head_lr or t.lr, "name": "head_bias"})
         decay = 0.0  # applied row-masked by _decay
     else:
         io_ids = {id(p) for p in io.matrices}

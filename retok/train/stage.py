@@ -78,6 +78,42 @@ def _accelerator(cfg: RetokConfig, state_dir: Path) -> Any:
     )
 
 
+def _teacher(cfg: RetokConfig, model: nn.Module, tok: Any, old_tok: Any) -> Any:
+    """The original model for the distillation objectives: this model's body with the original checkpoint's
+    embedding and head (read alone); refused when the layers or the tokenizers do not allow it."""
+    from retok.alignment import ByteLengths, align
+    from retok.data import load_domains
+    from retok.sources import resolve_model
+    from retok.teacher import load_teacher
+
+    t = cfg.train
+    n_layers = model.config.get_text_config().num_hidden_layers
+    if max(t.distill_layers) > n_layers:
+        raise RetokError(
+            f"train.distill_layers: {max(t.distill_layers)} is past the model's {n_layers} decoder layers"
+        )
+    # The two segmentations must meet often enough for the teacher to say anything.
+    sample = next(iter(load_domains(cfg.data.train[:1], "data.train", 20_000).values()), [])
+    lo, ln = ByteLengths(old_tok), ByteLengths(tok)
+    pos = hit = 0
+    for doc in sample:
+        a = align(
+            lo,
+            ln,
+            old_tok(doc, add_special_tokens=False)["input_ids"],
+            tok(doc, add_special_tokens=False)["input_ids"],
+        )
+        pos, hit = pos + len(a.teacher), hit + int(a.matched.sum())
+    if pos and hit / pos < 0.05:
+        raise RetokError(
+            f"train.objective {t.objective}: only {100 * hit / pos:.1f}% of the new tokenizer's positions end where an "
+            "old token ends, so the original model has almost nothing to teach; use objective: lm"
+        )
+    return load_teacher(
+        model, resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
+    )
+
+
 def _tokenizer(cfg: RetokConfig, tok_dir: Path, init_dir: Path) -> Any:
     """The new tokenizer; model-init's copy (which ships with the model) must have the same vocabulary."""
     from retok.sources import load_tokenizer
@@ -157,7 +193,9 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     # ---- the model
     model = _load_init_model(cfg, init_dir, tok, acc.device)
     io = io_params(model, len(tok), new_ids)
+    io.head_learns = t.objective != "distill"
     check_loss_matches(model, first_block[None].long(), t.loss_chunk_tokens)
+    teacher = _teacher(cfg, model, tok, old_tok) if t.objective != "lm" else None
     if t.gradient_checkpointing:
         _activation_checkpointing(model, True)
     run = Run(
@@ -170,6 +208,7 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
         eval_docs=eval_docs,
         eval_starts=eval_starts,
         old_tok=old_tok,
+        teacher=teacher,
         tokens_per_step=t.grad_accum * t.batch_size * t.seq_len * acc.num_processes,
         wall_start=wall0,
     )
@@ -198,7 +237,7 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
 def _announce(run: Run) -> None:
     """The trainable-parameter count and the shape of the run, before the first step."""
     io, acc, t = run.io, run.acc, run.cfg.train
-    n_train = count_params(io.matrices + ([io.head_bias] if io.head_bias is not None else []))
+    n_train = count_params(io.trainable("io") + io.biases("io"))
     n_all = count_params(list(run.model.parameters()))
     n_rows = int(io.learn_rows.sum())
     total = t.max_steps + t.full.steps
@@ -207,7 +246,7 @@ def _announce(run: Run) -> None:
     tied = "tied: one matrix serves embedding and head" if io.head is None else "untied embedding and head"
     print(
         f"train-io: trainable parameters {n_train:,} of {n_all:,} ({100 * n_train / n_all:.1f}%; {tied}); "
-        f"{n_rows:,} of {io.embed.shape[0]:,} rows learn ({n_rows * io.embed.shape[1] * len(io.matrices):,} values); "
+        f"{n_rows:,} of {io.embed.shape[0]:,} rows learn ({n_rows * io.embed.shape[1] * len(io.trainable('io')):,} values); "
         f"{total} steps of {run.tokens_per_step:,} tokens; {acc.num_processes} process(es) on {acc.device}, "
         f"mixed precision {acc.mixed_precision}",
         flush=True,
@@ -232,8 +271,8 @@ def _start_or_resume(run: Run, state: TrainState | None) -> tuple[TrainState, Me
         n_rows = int(io.learn_rows.sum())
         state = TrainState(
             fingerprint=fingerprint(run.cfg, "model-trained"),
-            trainable_params=count_params(io.matrices + ([io.head_bias] if io.head_bias is not None else [])),
-            learning_values=n_rows * io.embed.shape[1] * len(io.matrices),
+            trainable_params=count_params(io.trainable("io") + io.biases("io")),
+            learning_values=n_rows * io.embed.shape[1] * len(io.trainable("io")),
         )
         log = MetricsLog(run, keep_until=None)
         state.original = original_bpb(run)
@@ -263,6 +302,7 @@ def _train(run: Run, state: TrainState, log: MetricsLog) -> None:
         skip=state.consumed,
         rank=acc.process_index,
         world=acc.num_processes,
+        old_tokenizer=run.old_tok if run.teacher is not None else None,
     )
     # Fill the shuffle buffer now, so that its one-off cost is not counted as the first step's time.
     primed = next(batches)
