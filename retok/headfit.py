@@ -189,6 +189,89 @@ def _kl_to_teacher(
     return (pk * (pk.log() - q.log())).sum(1) + rest_p * (rest_p.log() - rest_q.log())
 
 
+class _RowObjective:
+    """The fit's loss with the learning rows as the only parameter: what the fixed rows contribute (their
+    log-sum-exp, the target's logit when the target is a fixed row, their logits at the teacher's top-k) is
+    computed once per state."""
+
+    def __init__(
+        self,
+        states: States,
+        head: torch.Tensor,
+        learn: torch.Tensor,
+        first_piece: torch.Tensor | None,
+        use_kl: bool,
+    ) -> None:
+        self.states = states
+        self.H = states.hidden.float()
+        Y = states.target.long()
+        self.learn_ids = torch.nonzero(learn).squeeze(1)
+        fixed_ids = torch.nonzero(~learn).squeeze(1)
+        pos_in_learn = torch.full((head.shape[0],), -1, dtype=torch.long)
+        pos_in_learn[self.learn_ids] = torch.arange(len(self.learn_ids))
+        self.tgt_learn = pos_in_learn[Y]
+        self.use_kl = use_kl
+        self.n_old = int(first_piece.max()) + 1 if use_kl else 0
+        self.learn_first = first_piece[self.learn_ids] if use_kl else None
+        self.param = nn.Parameter(head.float()[self.learn_ids].clone())
+        self.lse_fixed, self.tgt_fixed, self.top_fixed = self._fixed_parts(head.float(), fixed_ids, Y)
+
+    def _fixed_parts(self, W: torch.Tensor, fixed_ids: torch.Tensor, Y: torch.Tensor) -> tuple:
+        n = len(Y)
+        lse = torch.empty(n)
+        tgt = torch.full((n,), -math.inf)
+        top = torch.full_like(self.states.teacher_p, -math.inf) if self.use_kl else None
+        fixed_pos = torch.full((W.shape[0],), -1, dtype=torch.long)
+        fixed_pos[fixed_ids] = torch.arange(len(fixed_ids))
+        Wf = W[fixed_ids]
+        with torch.no_grad():
+            for s in range(0, n, 2048):
+                lo = self.H[s : s + 2048] @ Wf.T
+                lse[s : s + 2048] = torch.logsumexp(lo, 1)
+                fp = fixed_pos[Y[s : s + 2048]]
+                hit = fp >= 0
+                tgt[s : s + 2048][hit] = lo[hit].gather(1, fp[hit][:, None])[:, 0]
+                if top is not None:
+                    fpi = fixed_pos[self.states.teacher_i[s : s + 2048]]
+                    vals = lo.gather(1, fpi.clamp(min=0))
+                    top[s : s + 2048] = torch.where(fpi >= 0, vals, torch.full_like(vals, -math.inf))
+        return lse, tgt, top
+
+    def __call__(self, idx: torch.Tensor, with_kl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean next-token CE, mean KL to the teacher or None) of the states ``idx``."""
+        ll = self.H[idx] @ self.param.T
+        lse = torch.logaddexp(self.lse_fixed[idx], torch.logsumexp(ll, 1))
+        tl = self.tgt_learn[idx]
+        tgt = torch.where(tl >= 0, ll.gather(1, tl.clamp(min=0)[:, None])[:, 0], self.tgt_fixed[idx])
+        ce = (lse - tgt).mean()
+        if not (with_kl and self.use_kl):
+            return ce, None
+        st = self.states
+        has = st.teacher_p[idx].sum(1) > 0
+        if not has.any():
+            return ce, None
+        kl = _kl_to_teacher(
+            lse[has],
+            self.top_fixed[idx][has],
+            ll[has],
+            self.learn_first,
+            self.n_old,
+            st.teacher_p[idx][has].float(),
+            st.teacher_i[idx][has],
+        )
+        return ce, kl.mean()
+
+    @torch.no_grad()
+    def mean_ce(self, idx: torch.Tensor) -> float:
+        if not len(idx):
+            return float("nan")
+        total = sum(
+            float(self(idx[s : s + 4096], False)[0]) * len(idx[s : s + 4096])
+            for s in range(0, len(idx), 4096)
+        )
+        return total / len(idx)
+
+
 def fit_rows(
     states: States,
     head: torch.Tensor,
@@ -201,7 +284,6 @@ def fit_rows(
     batch: int = 1024,
     patience: int = 2,
     seed: int = 0,
-    softcap: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Fit the rows of ``head`` marked in ``learn`` (bool per row); every other row stays as it is.
@@ -210,84 +292,17 @@ def fit_rows(
     learning rows must all be new tokens). Adam (0.9, 0.95), cosine decay to 10%, evaluation on the held-out
     states every half epoch, the best rows kept.
     """
-    if softcap:
-        raise ValueError("head fitting does not support soft-capped logits yet")
     t0 = time.perf_counter()
-    H = states.hidden.float()
-    Y = states.target.long()
-    learn_ids = torch.nonzero(learn).squeeze(1)
-    fixed_ids = torch.nonzero(~learn).squeeze(1)
-    pos_in_learn = torch.full((head.shape[0],), -1, dtype=torch.long)
-    pos_in_learn[learn_ids] = torch.arange(len(learn_ids))
-    W0 = head.float()
     use_kl = kl_weight > 0 and states.teacher_p is not None
-    n_old = int(first_piece.max()) + 1 if use_kl else 0
-    learn_first = first_piece[learn_ids] if use_kl else None
-
-    # What does not change: log-sum-exp of the fixed rows, the fixed target logit, fixed logits at the
-    # teacher's top-k ids.
-    lse_fixed = torch.empty(len(Y))
-    tgt_fixed = torch.full((len(Y),), -math.inf)
-    top_fixed = torch.full_like(states.teacher_p, -math.inf) if use_kl else None
-    fixed_pos = torch.full((head.shape[0],), -1, dtype=torch.long)
-    fixed_pos[fixed_ids] = torch.arange(len(fixed_ids))
-    Wf = W0[fixed_ids]
-    with torch.no_grad():
-        for s in range(0, len(Y), 2048):
-            lo = H[s : s + 2048] @ Wf.T
-            lse_fixed[s : s + 2048] = torch.logsumexp(lo, 1)
-            fp = fixed_pos[Y[s : s + 2048]]
-            hit = fp >= 0
-            tgt_fixed[s : s + 2048][hit] = lo[hit].gather(1, fp[hit][:, None])[:, 0]
-            if use_kl:
-                ti = states.teacher_i[s : s + 2048]
-                fpi = fixed_pos[ti]
-                vals = lo.gather(1, fpi.clamp(min=0))
-                top_fixed[s : s + 2048] = torch.where(fpi >= 0, vals, torch.full_like(vals, -math.inf))
-    param = nn.Parameter(W0[learn_ids].clone())
-    tgt_learn = pos_in_learn[Y]
-
-    def losses(idx: torch.Tensor, with_kl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        ll = H[idx] @ param.T
-        lse = torch.logaddexp(lse_fixed[idx], torch.logsumexp(ll, 1))
-        tl = tgt_learn[idx]
-        tgt = torch.where(tl >= 0, ll.gather(1, tl.clamp(min=0)[:, None])[:, 0], tgt_fixed[idx])
-        ce = (lse - tgt).mean()
-        kl = None
-        if with_kl:
-            has = states.teacher_p[idx].sum(1) > 0
-            if has.any():
-                kl = _kl_to_teacher(
-                    lse[has],
-                    top_fixed[idx][has],
-                    ll[has],
-                    learn_first,
-                    n_old,
-                    states.teacher_p[idx][has].float(),
-                    states.teacher_i[idx][has],
-                ).mean()
-        return ce, kl
-
+    obj = _RowObjective(states, head, learn, first_piece, use_kl)
     train_idx = torch.nonzero(~states.held_out).squeeze(1)
     val_idx = torch.nonzero(states.held_out).squeeze(1)
-
-    @torch.no_grad()
-    def held_out_ce() -> float:
-        if not len(val_idx):
-            return float("nan")
-        total = 0.0
-        for s in range(0, len(val_idx), 4096):
-            idx = val_idx[s : s + 4096]
-            total += float(losses(idx, False)[0]) * len(idx)
-        return total / len(val_idx)
-
-    opt = torch.optim.Adam([param], lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.Adam([obj.param], lr=lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(seed)
     per_epoch = max(1, math.ceil(len(train_idx) / batch))
     total = max(1, int(max_epochs * per_epoch))
-    check = max(1, per_epoch // 2)
-    best = start = held_out_ce()
-    best_rows, best_step, worse = param.detach().clone(), 0, 0
+    best = start = obj.mean_ce(val_idx)
+    best_rows, best_step, worse = obj.param.detach().clone(), 0, 0
     history = [(0, start)]
     order = torch.empty(0, dtype=torch.long)
     step = 0
@@ -297,27 +312,26 @@ def fit_rows(
         idx, order = order[:batch], order[batch:]
         for g in opt.param_groups:
             g["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
-        ce, kl = losses(idx, use_kl)
-        loss = ce + kl_weight * kl if kl is not None else ce
+        ce, kl = obj(idx, use_kl)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (ce + kl_weight * kl if kl is not None else ce).backward()
         opt.step()
         step += 1
-        if step % check == 0 or step == total:
-            v = held_out_ce()
-            history.append((step, v))
-            if log:
-                log(f"head fit: epoch {step / per_epoch:.1f}, held-out CE {v:.4f} (start {start:.4f})")
-            if not len(val_idx):
-                best_rows, best_step = param.detach().clone(), step
-            elif v < best - 1e-4:
-                best, best_rows, best_step, worse = v, param.detach().clone(), step, 0
-            else:
-                worse += 1
-                if worse >= patience:
-                    break
+        if step % max(1, per_epoch // 2) and step != total:
+            continue
+        # every half epoch: keep the best rows on the held-out states, stop when they stop improving
+        v = obj.mean_ce(val_idx)
+        history.append((step, v))
+        if log:
+            log(f"head fit: epoch {step / per_epoch:.1f}, held-out CE {v:.4f} (start {start:.4f})")
+        if not len(val_idx) or v < best - 1e-4:
+            best, best_rows, best_step, worse = v, obj.param.detach().clone(), step, 0
+        else:
+            worse += 1
+            if worse >= patience:
+                break
     out = head.clone()
-    out[learn_ids] = best_rows.to(head.dtype)
+    out[obj.learn_ids] = best_rows.to(head.dtype)
     return FitResult(
         head=out,
         held_out_ce=best,

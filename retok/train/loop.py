@@ -192,113 +192,156 @@ def _checkpoint(run: Run, model: nn.Module, opt: Any, state: TrainState, phase: 
     run.acc.wait_for_everyone()
 
 
+@dataclass
+class _Phase:
+    """One phase's optimizer, objective and masks (built after requires_grad is final for the phase)."""
+
+    name: Phase
+    first: int
+    end: int
+    warmup: int
+    opt: Any
+    loss_model: Any
+    masks: dict
+    trainable: list
+    hooks: list
+    trimmer: HeapTrimmer | None
+
+
+def _start_phase(run: Run, phase: Phase, first: int, end: int, resume_optimizer: bool) -> _Phase:
+    acc, t, model = run.acc, run.cfg.train, run.model
+    hooks = freeze(model, run.io, phase)
+    opt = make_optimizer(model, run.io, run.cfg, phase)
+    if resume_optimizer:
+        load_optimizer(run.state_dir, opt)
+    warmup = t.warmup_steps if phase == "io" else min(t.warmup_steps, max(1, (end - first) // 10))
+    # DDP (under accelerate launch) is built here, after requires_grad is final for this phase.
+    loss_model, opt = acc.prepare(objective(run, phase), opt)
+    return _Phase(
+        name=phase,
+        first=first,
+        end=end,
+        warmup=warmup,
+        opt=opt,
+        loss_model=loss_model,
+        masks=decay_masks(run.io, phase),
+        trainable=[p for p in model.parameters() if p.requires_grad],
+        hooks=hooks,
+        trimmer=HeapTrimmer() if acc.device.type == "cpu" else None,
+    )
+
+
+def _optimizer_step(
+    run: Run, ph: _Phase, batches: Iterator[Any], step: int
+) -> tuple[float, dict[str, float], float | None, bool]:
+    """grad_accum micro-batches and one optimizer step: (loss, loss parts, grad norm, Ctrl-C seen anywhere)."""
+    acc, t = run.acc, run.cfg.train
+    losses = []
+    parts: dict[str, float] = {}
+    for k in range(t.grad_accum):
+        x = next(batches).to(acc.device)
+        with acc.no_sync(ph.loss_model) if k < t.grad_accum - 1 else nullcontext():
+            loss = ph.loss_model(x)
+            acc.backward(loss / t.grad_accum if t.grad_accum > 1 else loss)
+        losses.append(loss.detach().float())
+        for name, v in getattr(acc.unwrap_model(ph.loss_model), "last_parts", {}).items():
+            parts[name] = parts.get(name, 0.0) + v / t.grad_accum
+    # One all-reduce carries the loss and whether any process got Ctrl-C, so all stop together.
+    flags = torch.stack([torch.stack(losses).mean(), torch.tensor(float(run.stop[0]), device=acc.device)])
+    flags = acc.reduce(flags, "sum")
+    loss_val = float(flags[0]) / acc.num_processes
+    if not math.isfinite(loss_val):
+        last = read_state(run.state_dir)
+        kept = (
+            f"the last good checkpoint (step {last.step}) is kept in {run.state_dir}"
+            if last
+            else "no checkpoint was saved yet"
+        )
+        raise RetokError(
+            f"train-io: the loss became {loss_val} at step {step} (lr {ph.opt.param_groups[0]['lr']:.2e}); stopped "
+            "without saving, "
+            f"{kept}; lower train.lr (embed_lr, head_lr, full.lr) and start over"
+        )
+    grad_norm = float(acc.clip_grad_norm_(ph.trainable, t.max_grad_norm)) if t.max_grad_norm else None
+    apply_decay(ph.opt, ph.masks, t.weight_decay)
+    ph.opt.step()
+    ph.opt.zero_grad(set_to_none=True)
+    if ph.trimmer is not None:
+        ph.trimmer.after_step()
+    return loss_val, parts, grad_norm, bool(flags[1] > 0)
+
+
 def run_phase(
     run: Run,
     phase: Phase,
     first: int,
     end: int,
     state: TrainState,
-    batches: Iterator[torch.Tensor],
+    batches: Iterator[Any],
     log: MetricsLog,
     bar: Any,
     resume_optimizer: bool,
 ) -> None:
     """Optimizer steps state.step .. end of one phase, with evals, checkpoints, Ctrl-C and NaN checks."""
-    acc, t, model = run.acc, run.cfg.train, run.model
-    hooks = freeze(model, run.io, phase)
-    opt = make_optimizer(model, run.io, run.cfg, phase)
-    if resume_optimizer:
-        load_optimizer(run.state_dir, opt)
-    masks = decay_masks(run.io, phase)
-    warmup = t.warmup_steps if phase == "io" else min(t.warmup_steps, max(1, (end - first) // 10))
-    # DDP (under accelerate launch) is built here, after requires_grad is final for this phase.
-    loss_model, opt = acc.prepare(objective(run, phase), opt)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    trimmer = HeapTrimmer() if acc.device.type == "cpu" else None
-    model.train()
+    acc, t = run.acc, run.cfg.train
+    ph = _start_phase(run, phase, first, end, resume_optimizer)
+    run.model.train()
     try:
         while state.step < end:
             step = state.step
-            factor = lr_factor(step - first, warmup, end - first, t.min_lr_ratio)
-            for g in opt.param_groups:
+            factor = lr_factor(step - first, ph.warmup, end - first, t.min_lr_ratio)
+            for g in ph.opt.param_groups:
                 g["lr"] = g["base_lr"] * factor
             t0 = time.perf_counter()
-            losses = []
-            parts: dict[str, float] = {}
-            for k in range(t.grad_accum):
-                x = next(batches).to(acc.device)
-                with acc.no_sync(loss_model) if k < t.grad_accum - 1 else nullcontext():
-                    loss = loss_model(x)
-                    acc.backward(loss / t.grad_accum if t.grad_accum > 1 else loss)
-                losses.append(loss.detach().float())
-                for name, v in getattr(acc.unwrap_model(loss_model), "last_parts", {}).items():
-                    parts[name] = parts.get(name, 0.0) + v / t.grad_accum
-            # One all-reduce carries the loss and whether any process got Ctrl-C, so all stop together.
-            flags = torch.stack(
-                [torch.stack(losses).mean(), torch.tensor(float(run.stop[0]), device=acc.device)]
-            )
-            flags = acc.reduce(flags, "sum")
-            loss_val = float(flags[0]) / acc.num_processes
-            if not math.isfinite(loss_val):
-                last = read_state(run.state_dir)
-                kept = (
-                    f"the last good checkpoint (step {last.step}) is kept in {run.state_dir}"
-                    if last
-                    else "no checkpoint was saved yet"
-                )
-                raise RetokError(
-                    f"train-io: the loss became {loss_val} at step {step + 1} (lr {opt.param_groups[0]['lr']:.2e}); "
-                    f"stopped without saving, {kept}; lower train.lr (embed_lr, head_lr, full.lr) and start over"
-                )
-            grad_norm = float(acc.clip_grad_norm_(trainable, t.max_grad_norm)) if t.max_grad_norm else None
-            apply_decay(opt, masks, t.weight_decay)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if trimmer is not None:
-                trimmer.after_step()
+            loss_val, parts, grad_norm, stopping = _optimizer_step(run, ph, batches, step + 1)
             secs = time.perf_counter() - t0
             state.step = step + 1
             state.consumed += t.grad_accum * acc.num_processes
             state.tokens_seen += run.tokens_per_step
             state.train_seconds += secs
-            rec = {
-                "step": step + 1,
-                "phase": phase,
-                "loss": loss_val,
-                **{f"loss_{name}": v for name, v in parts.items()},
-                "lr": opt.param_groups[0]["lr"],
-                "grad_norm": grad_norm,
-                "tokens": state.tokens_seen,
-                "step_seconds": secs,
-                "tokens_per_second": run.tokens_per_step / secs,
-            }
-            log.write(rec)
-            run.shown.update(loss=loss_val, tps=rec["tokens_per_second"])
-            if (step + 1) % t.eval_every == 0 or step + 1 == end:
-                bpb = evaluate(run, acc.unwrap_model(loss_model).model, f"step {step + 1}")
-                if bpb:
-                    log.write({"step": step + 1, "phase": phase, "bpb": bpb, "tokens": state.tokens_seen})
-                    run.shown["bpb"] = bpb
-                model.train()
-            bar.set_postfix(_postfix(run.shown), refresh=False)
-            bar.update(1)
-            stopping = bool(flags[1] > 0)
-            if (step + 1) % t.save_every == 0 or step + 1 == end or stopping:
-                _checkpoint(run, model, opt, state, phase)
-            if _on_step is not None:
-                _on_step(step + 1)
-            if stopping:
-                if acc.is_main_process:
-                    print(
-                        f"train-io: checkpoint at step {step + 1} saved in {run.state_dir}; "
-                        "continue with `retok train-io --resume`",
-                        flush=True,
-                    )
-                raise KeyboardInterrupt
+            log.write(
+                {
+                    "step": step + 1,
+                    "phase": phase,
+                    "loss": loss_val,
+                    **{f"loss_{name}": v for name, v in parts.items()},
+                    "lr": ph.opt.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "tokens": state.tokens_seen,
+                    "step_seconds": secs,
+                    "tokens_per_second": run.tokens_per_step / secs,
+                }
+            )
+            run.shown.update(loss=loss_val, tps=run.tokens_per_step / secs)
+            _after_step(run, ph, state, log, bar, stopping)
     finally:
-        for h in hooks:
+        for h in ph.hooks:
             h.remove()
         acc.free_memory()
+
+
+def _after_step(run: Run, ph: _Phase, state: TrainState, log: MetricsLog, bar: Any, stopping: bool) -> None:
+    """Held-out BPB, the progress bar, checkpoints; a Ctrl-C stops here, after a checkpoint."""
+    acc, t, step = run.acc, run.cfg.train, state.step
+    if step % t.eval_every == 0 or step == ph.end:
+        bpb = evaluate(run, acc.unwrap_model(ph.loss_model).model, f"step {step}")
+        if bpb:
+            log.write({"step": step, "phase": ph.name, "bpb": bpb, "tokens": state.tokens_seen})
+            run.shown["bpb"] = bpb
+        run.model.train()
+    bar.set_postfix(_postfix(run.shown), refresh=False)
+    bar.update(1)
+    if step % t.save_every == 0 or step == ph.end or stopping:
+        _checkpoint(run, run.model, ph.opt, state, ph.name)
+    if _on_step is not None:
+        _on_step(step)
+    if stopping:
+        if acc.is_main_process:
+            print(
+                f"train-io: checkpoint at step {step} saved in {run.state_dir}; continue with `retok train-io --resume`",
+                flush=True,
+            )
+        raise KeyboardInterrupt
 
 
 class HeapTrimmer:
