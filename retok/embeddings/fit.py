@@ -51,6 +51,11 @@ def fit_head(
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle=cfg.model.allow_pickle,
     )
+    if getattr(model.config.get_text_config(), "final_logit_softcapping", None):
+        raise RetokError(
+            "init.fit_head: this model soft-caps its logits (final_logit_softcapping), which the head fit does not "
+            "model yet; set init.fit_head: false"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
