@@ -149,12 +149,23 @@ def write_report(
         "seq_len": t.seq_len,
         "batch_size": t.batch_size,
         "grad_accum": t.grad_accum,
+        "objective": t.objective,
+        "peak_rss_mb": peak_rss_mb(),
         "curve": CURVE,
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(out / CURVE, losses, evals, bpb)
     (out / "train_report.md").write_text(_markdown(report, cfg), encoding="utf-8")
     return report
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux/macOS), in MB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 def _f(x: float | None, nd: int = 4) -> str:
@@ -169,7 +180,8 @@ def _markdown(r: dict, cfg: RetokConfig) -> str:
         f"trainable parameters, {r['learning_values']:,} values allowed to move) for {r['steps']} steps "
         f"({r['steps_io']} io + {r['steps_all']} all), {r['tokens_seen']:,} tokens, {r['minutes']:.1f} min "
         f"({r['train_minutes']:.1f} min in training steps, {r['tokens_per_second']:.0f} tokens/s) on "
-        f"{r['processes']} process(es), {r['device']}, mixed precision {r['mixed_precision']}.",
+        f"{r['processes']} process(es), {r['device']}, mixed precision {r['mixed_precision']}; objective "
+        f"{r['objective']}; peak resident memory {r['peak_rss_mb']:.0f} MB.",
         "",
         "## Bits per byte on held-out text (lower is better)",
         "",
