@@ -278,7 +278,8 @@ class InitConfig(_Section):
         150_000,
         ge=1000,
         le=10**10,
-        description="fit_head: bytes of data.train text (split evenly over its domains) the head is fitted on.",
+        description="fit_head: bytes of data.train text the head is fitted on: half from tokenizer.domains (where "
+        "the new tokens are), half from the other domains (where they must not fire).",
     )
     fit_window: int = Field(512, ge=16, le=1 << 20, description="fit_head: tokens per forward window.")
     fit_teacher_weight: float = Field(

@@ -138,3 +138,11 @@ def test_a_tied_head_cannot_be_fitted_without_untie(tmp_path: Path):
     ):
         run_stage(cfg, "model-init")
     assert not stage_dir(cfg, "model-init").exists()
+
+
+def test_fit_text_is_half_target_domains_half_the_rest():
+    from retok.embeddings.fit import fit_budgets
+
+    assert fit_budgets(["zh", "en", "code"], ["zh"], 200_000) == {"zh": 100_000, "en": 50_000, "code": 50_000}
+    assert fit_budgets(["zh", "en"], None, 100_000) == {"zh": 50_000, "en": 50_000}  # one group: even
+    assert fit_budgets(["zh"], ["zh"], 30_000) == {"zh": 30_000}

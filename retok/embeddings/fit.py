@@ -18,6 +18,25 @@ from retok.embeddings.rows import Plan, build_matrix
 from retok.errors import RetokError
 
 
+def fit_budgets(names: list[str], targets: list[str] | None, total: int) -> dict[str, int]:
+    """Bytes per domain: half for the domains the new tokens are for (tokenizer.domains), half for the others
+    (where the new rows must learn NOT to fire), evenly within each half; all even when there is one group."""
+    inside = [n for n in names if targets and n in targets]
+    outside = [n for n in names if n not in inside]
+    if not inside or not outside:
+        return {n: max(1000, total // len(names)) for n in names}
+    return {n: max(1000, total // 2 // len(group)) for group in (inside, outside) for n in group}
+
+
+def _fit_text(cfg: RetokConfig) -> dict[str, list[str]]:
+    from retok.data import domains as domain_names
+    from retok.data import load_domains
+
+    names = domain_names(cfg.data.train)
+    budgets = fit_budgets(names, cfg.tokenizer.domains, cfg.init.fit_bytes)
+    return {n: load_domains(cfg.data.train, "data.train", b, only=[n])[n] for n, b in budgets.items()}
+
+
 def fit_head(
     cfg: RetokConfig,
     model_dir: Any,
@@ -28,8 +47,6 @@ def fit_head(
     old_head: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """(the fitted head matrix, a report of the fit)."""
-    from retok.data import domains as domain_names
-    from retok.data import load_domains
     from retok.headfit import collect_states, first_pieces, fit_rows
     from retok.sources import load_model
     from retok.teacher import Teacher
@@ -42,8 +59,7 @@ def fit_head(
     tmap = plan.tmap
     new_input = build_matrix(old_embed, plan, "input")
     head0 = build_matrix(old_head, plan, "head")
-    names = domain_names(cfg.data.train)
-    docs = load_domains(cfg.data.train, "data.train", max(1000, init.fit_bytes // len(names)))
+    docs = _fit_text(cfg)
     model = load_model(
         model_dir,
         dtype=cfg.compute.dtype,
