@@ -282,6 +282,12 @@ class InitConfig(_Section):
         "the new tokens are), half from the other domains (where they must not fire).",
     )
     fit_window: int = Field(512, ge=16, le=1 << 20, description="fit_head: tokens per forward window.")
+    fit_max_memory_mb: int = Field(
+        8000,
+        ge=1,
+        description="fit_head: the most memory the cached states may take; a larger fit_bytes is refused before "
+        "any forward pass.",
+    )
     fit_teacher_weight: float = Field(
         1.0,
         ge=0,

@@ -151,3 +151,20 @@ def test_distill_layers_past_the_model_are_refused(tmp_path):
     with pytest.raises(RetokError, match=r"train.distill_layers: 8 is past the model's 2 decoder layers"):
         run_stage(cfg, "model-trained")
     assert not stage_dir(cfg, "model-trained").exists()
+
+
+def test_a_tokenizer_that_cannot_be_aligned_is_refused(tmp_path):
+    """A new tokenizer whose normaliser spells the text with other bytes has no teacher positions."""
+    from tokenizers import normalizers
+    from transformers import AutoModelForCausalLM
+
+    from retok.sources import load_tokenizer
+    from retok.train.stage import _teacher
+
+    cfg = validate_dict(tiny_project(tmp_path, train={"objective": "distill", "distill_layers": [1]}))
+    old = load_tokenizer(cfg.model.path)
+    other = load_tokenizer(cfg.model.path)
+    other.backend_tokenizer.normalizer = normalizers.Replace("\n", "\n\n")  # every line break becomes two
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
+    with pytest.raises(RetokError, match="do not share a normaliser, so their positions cannot be aligned"):
+        _teacher(cfg, model, other, old)

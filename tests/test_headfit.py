@@ -146,3 +146,14 @@ def test_fit_text_is_half_target_domains_half_the_rest():
     assert fit_budgets(["zh", "en", "code"], ["zh"], 200_000) == {"zh": 100_000, "en": 50_000, "code": 50_000}
     assert fit_budgets(["zh", "en"], None, 100_000) == {"zh": 50_000, "en": 50_000}  # one group: even
     assert fit_budgets(["zh"], ["zh"], 30_000) == {"zh": 30_000}
+
+
+def test_states_that_would_not_fit_the_memory_cap_are_refused_up_front(tmp_path: Path):
+    cfg = validate_dict(tiny_project(tmp_path, init={"fit_max_memory_mb": 1, "fit_bytes": 6000}))
+    run_stage(cfg, "tokenizer")
+    with pytest.raises(
+        RetokError,
+        match=r"init.fit_bytes: the head fit would cache [\d,]+ states .* over init.fit_max_memory_mb=1",
+    ):
+        run_stage(cfg, "model-init")
+    assert not stage_dir(cfg, "model-init").exists()

@@ -37,6 +37,34 @@ def _fit_text(cfg: RetokConfig) -> dict[str, list[str]]:
     return {n: load_domains(cfg.data.train, "data.train", b, only=[n])[n] for n, b in budgets.items()}
 
 
+TOP_K = 64  # teacher probabilities kept per state
+
+
+def _check_fit_inputs(
+    cfg: RetokConfig, docs: dict[str, list[str]], old_hf: Any, new_hf: Any, old_embed: torch.Tensor
+) -> None:
+    """Refuse, before any forward pass: an original tokenizer with ids past the original rows (the teacher
+    would index past its embedding), and cached states that would not fit init.fit_max_memory_mb."""
+    top = max(old_hf.get_vocab().values())
+    if top >= old_embed.shape[0]:
+        raise RetokError(
+            f"init.fit_head: model.path's tokenizer has id {top} but its embedding has {old_embed.shape[0]} rows: "
+            "the tokenizer does not belong to this checkpoint; give the model's own tokenizer"
+        )
+    n = sum(
+        len(ids) for texts in docs.values() for ids in new_hf(texts, add_special_tokens=False)["input_ids"]
+    )
+    per_state = old_embed.shape[1] * 2 + 8 + (TOP_K * 12 if cfg.init.fit_teacher_weight > 0 else 0)
+    need_mb = (
+        n * per_state * 2 / 1e6
+    )  # float16 states, targets, teacher top-k; x2 for the float32 copy in the fit
+    if need_mb > cfg.init.fit_max_memory_mb:
+        raise RetokError(
+            f"init.fit_bytes: the head fit would cache {n:,} states ({need_mb:,.0f} MB), over "
+            f"init.fit_max_memory_mb={cfg.init.fit_max_memory_mb}; lower init.fit_bytes or raise the cap"
+        )
+
+
 def fit_head(
     cfg: RetokConfig,
     model_dir: Any,
@@ -57,9 +85,10 @@ def fit_head(
             "init.fit_head needs data.train text to fit the head on; add sources or set it to false"
         )
     tmap = plan.tmap
+    docs = _fit_text(cfg)
+    _check_fit_inputs(cfg, docs, old_hf, new_hf, old_embed)
     new_input = build_matrix(old_embed, plan, "input")
     head0 = build_matrix(old_head, plan, "head")
-    docs = _fit_text(cfg)
     model = load_model(
         model_dir,
         dtype=cfg.compute.dtype,
@@ -84,6 +113,7 @@ def fit_head(
         window=init.fit_window,
         teacher=teacher,
         old_tok=old_hf,
+        top_k=TOP_K,
         embed_weight=new_input.to(device=device, dtype=dtype),
         desc="fit head: forward",
     )
