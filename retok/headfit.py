@@ -181,7 +181,9 @@ def _kl_to_teacher(
 ) -> torch.Tensor:
     """KL(teacher top-k + rest || student marginalised onto first old pieces), per state."""
     probs = torch.exp(learn_logits - lse[:, None])
-    mass = torch.zeros(probs.shape[0], n_old, dtype=probs.dtype).index_add(1, learn_first, probs)
+    mass = torch.zeros(probs.shape[0], n_old, dtype=probs.dtype, device=probs.device).index_add(
+        1, learn_first, probs
+    )
     q = (torch.exp(fixed_at_top - lse[:, None]) + mass.gather(1, i)).clamp_min(1e-8)
     rest_p = (1.0 - p.sum(1)).clamp_min(1e-6)
     rest_q = (1.0 - q.sum(1)).clamp_min(1e-6)
@@ -201,63 +203,66 @@ class _RowObjective:
         learn: torch.Tensor,
         first_piece: torch.Tensor | None,
         use_kl: bool,
+        device: torch.device | str = "cpu",
     ) -> None:
+        # The cache stays where it is (host memory, float16); a batch at a time goes to ``device`` in float32.
+        self.device = torch.device(device)
         self.states = states
-        self.H = states.hidden.float()
+        self.H = states.hidden
         Y = states.target.long()
         self.learn_ids = torch.nonzero(learn).squeeze(1)
         fixed_ids = torch.nonzero(~learn).squeeze(1)
         pos_in_learn = torch.full((head.shape[0],), -1, dtype=torch.long)
         pos_in_learn[self.learn_ids] = torch.arange(len(self.learn_ids))
-        self.tgt_learn = pos_in_learn[Y]
+        self.tgt_learn = pos_in_learn[Y].to(self.device)
         self.use_kl = use_kl
         self.n_old = int(first_piece.max()) + 1 if use_kl else 0
-        self.learn_first = first_piece[self.learn_ids] if use_kl else None
-        self.param = nn.Parameter(head.float()[self.learn_ids].clone())
-        self.lse_fixed, self.tgt_fixed, self.top_fixed = self._fixed_parts(head.float(), fixed_ids, Y)
+        self.learn_first = first_piece[self.learn_ids].to(self.device) if use_kl else None
+        W = head.to(self.device, torch.float32)
+        self.param = nn.Parameter(W[self.learn_ids.to(self.device)].clone())
+        self.lse_fixed, self.tgt_fixed, self.top_fixed = self._fixed_parts(W, fixed_ids.to(self.device), Y)
+
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.H[idx].to(self.device, torch.float32)
 
     def _fixed_parts(self, W: torch.Tensor, fixed_ids: torch.Tensor, Y: torch.Tensor) -> tuple:
-        n = len(Y)
-        lse = torch.empty(n)
-        tgt = torch.full((n,), -math.inf)
-        top = torch.full_like(self.states.teacher_p, -math.inf) if self.use_kl else None
-        fixed_pos = torch.full((W.shape[0],), -1, dtype=torch.long)
-        fixed_pos[fixed_ids] = torch.arange(len(fixed_ids))
+        n, dev = len(Y), self.device
+        lse = torch.empty(n, device=dev)
+        tgt = torch.full((n,), -math.inf, device=dev)
+        top = torch.full(self.states.teacher_p.shape, -math.inf, device=dev) if self.use_kl else None
+        fixed_pos = torch.full((W.shape[0],), -1, dtype=torch.long, device=dev)
+        fixed_pos[fixed_ids] = torch.arange(len(fixed_ids), device=dev)
         Wf = W[fixed_ids]
         with torch.no_grad():
             for s in range(0, n, 2048):
-                lo = self.H[s : s + 2048] @ Wf.T
+                lo = self._rows(torch.arange(s, min(n, s + 2048))) @ Wf.T
                 lse[s : s + 2048] = torch.logsumexp(lo, 1)
-                fp = fixed_pos[Y[s : s + 2048]]
+                fp = fixed_pos[Y[s : s + 2048].to(dev)]
                 hit = fp >= 0
                 tgt[s : s + 2048][hit] = lo[hit].gather(1, fp[hit][:, None])[:, 0]
                 if top is not None:
-                    fpi = fixed_pos[self.states.teacher_i[s : s + 2048]]
+                    fpi = fixed_pos[self.states.teacher_i[s : s + 2048].to(dev)]
                     vals = lo.gather(1, fpi.clamp(min=0))
                     top[s : s + 2048] = torch.where(fpi >= 0, vals, torch.full_like(vals, -math.inf))
         return lse, tgt, top
 
     def __call__(self, idx: torch.Tensor, with_kl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean next-token CE, mean KL to the teacher or None) of the states ``idx``."""
-        ll = self.H[idx] @ self.param.T
-        lse = torch.logaddexp(self.lse_fixed[idx], torch.logsumexp(ll, 1))
-        tl = self.tgt_learn[idx]
-        tgt = torch.where(tl >= 0, ll.gather(1, tl.clamp(min=0)[:, None])[:, 0], self.tgt_fixed[idx])
+        ll = self._rows(idx) @ self.param.T
+        d = idx.to(self.device)
+        lse = torch.logaddexp(self.lse_fixed[d], torch.logsumexp(ll, 1))
+        tl = self.tgt_learn[d]
+        tgt = torch.where(tl >= 0, ll.gather(1, tl.clamp(min=0)[:, None])[:, 0], self.tgt_fixed[d])
         ce = (lse - tgt).mean()
         if not (with_kl and self.use_kl):
             return ce, None
-        st = self.states
-        has = st.teacher_p[idx].sum(1) > 0
+        p = self.states.teacher_p[idx].to(self.device, torch.float32)
+        i = self.states.teacher_i[idx].to(self.device)
+        has = p.sum(1) > 0
         if not has.any():
             return ce, None
         kl = _kl_to_teacher(
-            lse[has],
-            self.top_fixed[idx][has],
-            ll[has],
-            self.learn_first,
-            self.n_old,
-            st.teacher_p[idx][has].float(),
-            st.teacher_i[idx][has],
+            lse[has], self.top_fixed[d][has], ll[has], self.learn_first, self.n_old, p[has], i[has]
         )
         return ce, kl.mean()
 
@@ -284,6 +289,7 @@ def fit_rows(
     batch: int = 1024,
     patience: int = 2,
     seed: int = 0,
+    device: torch.device | str = "cpu",
     log: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Fit the rows of ``head`` marked in ``learn`` (bool per row); every other row stays as it is.
@@ -294,7 +300,7 @@ def fit_rows(
     """
     t0 = time.perf_counter()
     use_kl = kl_weight > 0 and states.teacher_p is not None
-    obj = _RowObjective(states, head, learn, first_piece, use_kl)
+    obj = _RowObjective(states, head, learn, first_piece, use_kl, device)
     train_idx = torch.nonzero(~states.held_out).squeeze(1)
     val_idx = torch.nonzero(states.held_out).squeeze(1)
     opt = torch.optim.Adam([obj.param], lr=lr, betas=(0.9, 0.95))
@@ -331,7 +337,7 @@ def fit_rows(
             if worse >= patience:
                 break
     out = head.clone()
-    out[obj.learn_ids] = best_rows.to(head.dtype)
+    out[obj.learn_ids] = best_rows.to("cpu", head.dtype)
     return FitResult(
         head=out,
         held_out_ce=best,

@@ -132,6 +132,7 @@ def fit_head(
         lr=init.fit_lr,
         max_epochs=init.fit_epochs,
         seed=cfg.seed,
+        device=device,
         log=lambda m: print(f"retok: {m}", flush=True),
     )
     per_domain = {n: int((states.domain == k).sum()) for k, n in enumerate(states.domains)}
