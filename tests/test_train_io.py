@@ -87,6 +87,7 @@ def make_project(
     if not orig.exists():
         save_model_folder(tiny_llama(old, tied=tied), old, orig)
     settings = {
+        "objective": "lm",  # these tests are about the next-token path (tests/test_distill.py: distillation)
         "max_steps": 8,
         "seq_len": SEQ,
         "batch_size": BATCH,

@@ -18,9 +18,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from retok.config import RetokConfig
 from retok.teacher import Teacher, body_forward
 from retok.train.loss import chunked_lm_loss
 from retok.train.packing import PairBatch
+
+
+def distill_layers(cfg: RetokConfig, model: nn.Module) -> tuple[int, ...]:
+    """train.distill_layers, or (null) the layer at a quarter of the depth plus one (8 of 30)."""
+    if cfg.train.distill_layers:
+        return tuple(cfg.train.distill_layers)
+    return (model.config.get_text_config().num_hidden_layers // 4 + 1,)
 
 
 def normalised_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -123,12 +123,12 @@ def objective(run: Run, phase: Phase) -> nn.Module:
     t = run.cfg.train
     if phase == "all" or t.objective == "lm" or run.teacher is None:
         return IOLoss(run.model, t.loss_chunk_tokens)
-    from retok.train.distill import DistillLoss
+    from retok.train.distill import DistillLoss, distill_layers
 
     return DistillLoss(
         run.model,
         run.teacher,
-        tuple(t.distill_layers),
+        distill_layers(run.cfg, run.model),
         lm_weight=1.0 if t.objective == "lm+distill" else 0.0,
         distill_weight=t.distill_weight,
         chunk_tokens=t.loss_chunk_tokens,

@@ -105,6 +105,8 @@ class IOLoss(nn.Module):
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):  # a PairBatch (a distillation run's joint phase)
+            input_ids = input_ids.new
         hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         head = self.model.get_output_embeddings()
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])

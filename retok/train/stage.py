@@ -88,10 +88,11 @@ def _teacher(cfg: RetokConfig, model: nn.Module, tok: Any, old_tok: Any) -> Any:
 
     t = cfg.train
     n_layers = model.config.get_text_config().num_hidden_layers
-    if max(t.distill_layers) > n_layers:
-        raise RetokError(
-            f"train.distill_layers: {max(t.distill_layers)} is past the model's {n_layers} decoder layers"
-        )
+    from retok.train.distill import distill_layers
+
+    layers = distill_layers(cfg, model)
+    if max(layers) > n_layers:
+        raise RetokError(f"train.distill_layers: {max(layers)} is past the model's {n_layers} decoder layers")
     # The two segmentations must meet often enough for the teacher to say anything.
     sample = next(iter(load_domains(cfg.data.train[:1], "data.train", 20_000).values()), [])
     lo, ln = ByteLengths(old_tok), ByteLengths(tok)
