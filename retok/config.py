@@ -275,7 +275,7 @@ class InitConfig(_Section):
         "soft target; no backprop through the body. Needs a separate head (an untied model, or untie_head).",
     )
     fit_bytes: int = Field(
-        150_000,
+        400_000,
         ge=1000,
         le=10**10,
         description="fit_head: bytes of data.train text the head is fitted on: half from tokenizer.domains (where "
@@ -359,6 +359,11 @@ class TrainConfig(_Section):
         "one (8 of SmolLM2's 30: as good per token as 8/16/24/30 and 4-5x cheaper).",
     )
     distill_weight: float = Field(1.0, ge=0, description="Weight of the distillation term in lm+distill.")
+    domains: list[str] | None = Field(
+        None,
+        description="data.train domains train-io reads; null = every domain, except for objective distill: "
+        "tokenizer.domains (text without new tokens gives distillation of new rows nothing to learn).",
+    )
     max_steps: int = Field(200, ge=1, le=10**9, description="Optimizer steps of the io phase.")
     seq_len: int = Field(512, ge=8, le=1 << 20, description="Tokens per packed training block.")
     batch_size: int = Field(4, ge=1, le=1 << 16, description="Blocks per device per micro-batch.")
@@ -542,9 +547,13 @@ class RetokConfig(_Section):
     @model_validator(mode="after")
     def _tokenizer_domains_exist(self) -> RetokConfig:
         names = [s.name for s in self.data.train]
-        missing = sorted(set(self.tokenizer.domains or []) - set(names))
-        if missing:
-            raise ValueError(f"tokenizer.domains names {missing}, which no data.train source has")
+        for key, wanted in (
+            ("tokenizer.domains", self.tokenizer.domains),
+            ("train.domains", self.train.domains),
+        ):
+            missing = sorted(set(wanted or []) - set(names))
+            if missing:
+                raise ValueError(f"{key} names {missing}, which no data.train source has")
         return self
 
     @model_validator(mode="after")

@@ -69,6 +69,7 @@ def collect_states(
     device = next(model.parameters()).device
     bos = bos_id(new_tok)
     lengths = (ByteLengths(old_tok), ByteLengths(new_tok)) if teacher is not None else None
+    same_rows = _same_rows(teacher, embed_weight if embed_weight is not None else model) if teacher else None
     hidden, target, held, dom, tp, ti = [], [], [], [], [], []
     n_win = 0
     tokens = {"student": 0, "teacher": 0}
@@ -97,8 +98,23 @@ def collect_states(
                     held.append(torch.full((e - s - 1,), n_win % held_out_every == held_out_every - 1))
                     dom.append(torch.full((e - s - 1,), d_idx))
                     if teacher is not None:
+                        # Same ids with the same input rows through the same body: the teacher's states
+                        # are this window's own, and only its head differs (English and code in extend mode).
+                        shared = same_rows is not None and _same_window(
+                            old_ids, new_ids, amap, s, e, same_rows
+                        )
                         p, i = _teacher_topk(
-                            teacher, old_ids, amap, s, e, bos, top_k, device, tokens, seconds
+                            teacher,
+                            old_ids,
+                            amap,
+                            s,
+                            e,
+                            bos,
+                            top_k,
+                            device,
+                            tokens,
+                            seconds,
+                            states=h if shared else None,
                         )
                         tp.append(p)
                         ti.append(i)
@@ -129,9 +145,11 @@ def _teacher_topk(
     device: Any,
     tokens: dict[str, int],
     seconds: dict[str, float],
+    states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's top-k next-old-token probabilities at the old positions aligned with new s..e-2 (zeros
-    where a new position has no teacher: train-mode tokenizers)."""
+    where a new position has no teacher: train-mode tokenizers). ``states``: the teacher's final states of
+    this window when they are known to equal the student's (see :func:`_same_window`), so no forward pass."""
     pos = torch.as_tensor(amap[s : e - 1])
     probs = torch.zeros(len(pos), k)
     idx = torch.zeros(len(pos), k, dtype=torch.long)
@@ -142,18 +160,46 @@ def _teacher_topk(
     last = int(pos[ok].max()) + 1
     old = ([bos] if bos is not None else []) + old_ids[first:last]
     t0 = time.perf_counter()
-    states = teacher.forward(torch.tensor([old], device=device)).last[0]
+    if states is None:
+        states = teacher.forward(torch.tensor([old], device=device)).last[0]
+        tokens["teacher"] += len(old)
+    else:
+        tokens["teacher_shared"] = tokens.get("teacher_shared", 0) + len(old)
     off = 1 if bos is not None else 0
     rel = pos[ok] - first + off
     keep = rel >= 0
     logits = teacher.logits(states[rel[keep]]).float()
     seconds["teacher"] += time.perf_counter() - t0
-    tokens["teacher"] += len(old)
     top = torch.softmax(logits, -1).topk(k, dim=-1)
     rows = torch.nonzero(ok).squeeze(1)[keep]
     probs[rows] = top.values.cpu()
     idx[rows] = top.indices.cpu()
     return probs, idx
+
+
+def _same_rows(teacher: Teacher, student: nn.Module | torch.Tensor) -> torch.Tensor:
+    """Per old id: is the student's input row for that id bit-identical to the teacher's (a copied row)?"""
+    weight = student if isinstance(student, torch.Tensor) else student.get_input_embeddings().weight
+    n = min(len(weight), len(teacher.embed))
+    same = torch.zeros(len(teacher.embed), dtype=torch.bool)
+    same[:n] = (
+        (weight[:n].to(teacher.embed.device, teacher.embed.dtype) == teacher.embed[:n]).all(dim=1).cpu()
+    )
+    return same
+
+
+def _same_window(
+    old_ids: list[int], new_ids: list[int], amap: Any, s: int, e: int, same_rows: torch.Tensor
+) -> bool:
+    """Does the teacher read exactly this window: the old ids that :func:`_teacher_topk` would run equal the new
+    window's ids, position for position, and each of those ids has the same input row on both sides?"""
+    if s > 0 and amap[s - 1] < 0:
+        return False
+    first = 0 if s == 0 else int(amap[s - 1]) + 1
+    window = new_ids[s:e]
+    if old_ids[first : first + len(window)] != window or int(amap[e - 2]) != first + len(window) - 2:
+        return False
+    return all(t < len(same_rows) and bool(same_rows[t]) for t in window)
 
 
 # --------------------------------------------------------------------------------------------- the fit

@@ -168,3 +168,18 @@ def test_a_tokenizer_that_cannot_be_aligned_is_refused(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path)
     with pytest.raises(RetokError, match="do not share a normaliser, so their positions cannot be aligned"):
         _teacher(cfg, model, other, old)
+
+
+def test_distillation_reads_the_new_tokens_domains_unless_train_domains_says(tmp_path: Path):
+    from retok.train.stage import training_sources
+
+    def names(**train):
+        cfg = validate_dict(tiny_project(tmp_path, tokenizer={"domains": ["zh"]}, train=train))
+        return [s.name for s in training_sources(cfg)]
+
+    assert names(objective="distill") == ["zh"]  # English blocks hold no new token: no gradient
+    assert names(objective="lm") == ["zh", "en"]
+    assert names(objective="lm+distill") == ["zh", "en"]
+    assert names(objective="distill", domains=["zh", "en"]) == ["zh", "en"]
+    with pytest.raises(Exception, match=r"train.domains names \['fr'\]"):
+        names(domains=["fr"])

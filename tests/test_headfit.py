@@ -157,3 +157,40 @@ def test_states_that_would_not_fit_the_memory_cap_are_refused_up_front(tmp_path:
     ):
         run_stage(cfg, "model-init")
     assert not stage_dir(cfg, "model-init").exists()
+
+
+def test_windows_the_teacher_reads_identically_reuse_the_students_states(fitted, monkeypatch):
+    """Where a window's new ids are old ids with copied rows (English in extend mode), the teacher's forward
+    pass is skipped: its top-k must equal what its own forward pass gives, and windows with new tokens still
+    run the teacher."""
+    import retok.headfit as hf
+    from retok.sources import load_model, load_tokenizer
+    from retok.teacher import Teacher
+
+    cfg, out = fitted
+    old_tok, new_tok = load_tokenizer(cfg.model.path), load_tokenizer(out)
+    original = load_model(cfg.model.path, dtype="float32", device="cpu")
+    old_w = original.get_input_embeddings().weight.detach().clone()
+    student = load_model(out, dtype="float32", device="cpu")
+    teacher = Teacher(student, old_w, old_w)
+    en = [
+        ln
+        for x in Path(cfg.data.eval[1].path).read_text().splitlines()
+        for ln in json.loads(x)["text"].split("\n")
+    ]
+    zh = [json.loads(x)["text"] for x in Path(cfg.data.eval[0].path).read_text().splitlines()][:2]
+    # English lines the new tokenizer splits exactly as the old one (old ids only)
+    lines = [t for t in en if len(t) > 20 and old_tok(t)["input_ids"] == new_tok(t)["input_ids"]][:4]
+    assert len(lines) >= 2 and all(old_tok(t)["input_ids"] != new_tok(t)["input_ids"] for t in zh)
+    docs = {"en": lines, "zh": zh}
+
+    def collect():
+        return hf.collect_states(student, new_tok, docs, window=32, teacher=teacher, old_tok=old_tok, top_k=8)
+
+    fast = collect()
+    monkeypatch.setattr(hf, "_same_window", lambda *a: False)
+    slow = collect()
+    assert fast.tokens["teacher_shared"] > 0 and "teacher_shared" not in slow.tokens
+    assert 0 < fast.tokens["teacher"] < slow.tokens["teacher"]  # the zh windows still ran the teacher
+    assert torch.allclose(fast.teacher_p, slow.teacher_p, atol=1e-5)
+    assert torch.equal(fast.hidden, slow.hidden) and torch.equal(fast.target, slow.target)

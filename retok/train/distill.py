@@ -6,7 +6,8 @@ embedding and head, on the OLD segmentation of the same bytes (retok.teacher: no
 At every student position that has a teacher position (they end at the same byte, retok.alignment), the
 student's hidden state after decoder layer l is pulled towards the teacher's, for each l in
 ``train.distill_layers``: mean squared error normalised by the teacher's mean squared norm at that layer,
-so layers of different scales weigh alike. The deepest layer decides the cost: without the next-token term
+so layers of different scales weigh alike; a block's first position is left out (see forward). The deepest
+layer decides the cost: without the next-token term
 only the first ``max(distill_layers)`` layers run.
 
 ``objective: distill`` trains the input rows this way (the head gets no gradient); ``lm+distill`` adds the
@@ -64,6 +65,10 @@ class DistillLoss(nn.Module):
         student = body_forward(self.model, batch.new, self.layers, last=need_lm)
         teacher = self.teacher.forward(batch.old, self.layers, last=False)
         matched = batch.teacher >= 0
+        # A block's first position carries the attention-sink activations of a sequence start (norms hundreds of
+        # times the rest) in the student but not at its teacher position (the teacher has read the whole token
+        # there): matching it would swamp every other position's signal.
+        matched[:, 0] = False
         idx = batch.teacher.clamp(min=0)
         distill = torch.zeros((), device=batch.new.device)
         for k in self.layers:

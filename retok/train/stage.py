@@ -78,6 +78,16 @@ def _accelerator(cfg: RetokConfig, state_dir: Path) -> Any:
     )
 
 
+def training_sources(cfg: RetokConfig) -> list:
+    """The data.train sources train-io reads: train.domains, or for objective distill tokenizer.domains (blocks
+    without new tokens give the new rows no gradient), else all."""
+    t = cfg.train
+    wanted = (
+        t.domains if t.domains is not None else cfg.tokenizer.domains if t.objective == "distill" else None
+    )
+    return [s for s in cfg.data.train if wanted is None or s.name in wanted]
+
+
 def _teacher(cfg: RetokConfig, model: nn.Module, tok: Any, old_tok: Any) -> Any:
     """The original model for the distillation objectives: this model's body with the original checkpoint's
     embedding and head (read alone); refused when the layers or the tokenizers do not allow it."""
@@ -94,7 +104,7 @@ def _teacher(cfg: RetokConfig, model: nn.Module, tok: Any, old_tok: Any) -> Any:
     if max(layers) > n_layers:
         raise RetokError(f"train.distill_layers: {max(layers)} is past the model's {n_layers} decoder layers")
     # The two segmentations must meet often enough for the teacher to say anything.
-    sample = next(iter(load_domains(cfg.data.train[:1], "data.train", 20_000).values()), [])
+    sample = next(iter(load_domains(training_sources(cfg)[:1], "data.train", 20_000).values()), [])
     lo, ln = ByteLengths(old_tok), ByteLengths(tok)
     pos = hit = 0
     for doc in sample:
@@ -184,7 +194,8 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     state = check_state(state_dir, fingerprint(cfg, "model-trained"), resume)
     tok = _tokenizer(cfg, tok_dir, init_dir)
     new_ids = new_token_ids(tok_dir, len(tok)) if t.trainable == "io_new_rows" else None
-    first_block = check_sources(cfg.data.train, tok, t.seq_len, t.max_bytes_per_source)
+    sources = training_sources(cfg)
+    first_block = check_sources(sources, tok, t.seq_len, t.max_bytes_per_source)
     eval_docs = load_domains(cfg.data.eval, "data.eval", t.eval_max_bytes) if cfg.data.eval else {}
     old_tok = load_tokenizer(
         resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
@@ -293,7 +304,7 @@ def _train(run: Run, state: TrainState, log: MetricsLog) -> None:
 
     cfg, acc, t = run.cfg, run.acc, run.cfg.train
     batches = train_batches(
-        cfg.data.train,
+        training_sources(cfg),
         run.tok,
         seq_len=t.seq_len,
         batch_size=t.batch_size,
