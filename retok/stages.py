@@ -180,9 +180,10 @@ def upstream_fields(key: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ metadata
 
 
-def mark_stage(folder: Path, cfg: RetokConfig, key: str) -> None:
+def mark_stage(folder: Path, cfg: RetokConfig, key: str, *, seconds: float | None = None) -> None:
     """Write ``retok_config.yaml`` and ``retok_stage.json`` into ``folder``: this is what makes a folder a
-    stage output (stages, tests and benchmarks all mark their folders through here)."""
+    stage output (stages, tests and benchmarks all mark their folders through here). ``seconds``: the stage's
+    wall time, recorded when known."""
     plain = _unwrap(cfg)
     (folder / CONFIG_FILE).write_text(to_yaml(plain), encoding="utf-8")
     meta = {
@@ -193,6 +194,8 @@ def mark_stage(folder: Path, cfg: RetokConfig, key: str) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
     }
+    if seconds is not None:
+        meta["seconds"] = round(seconds, 1)
     (folder / STAGE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -369,6 +372,7 @@ def _make_out(cfg: RetokConfig) -> Path:
 def stage_output(cfg: RetokConfig, key: str, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it is marked and becomes ``output_dir/<key>``, on failure
     it is removed and the previous folder (if any) is left as it was."""
+    start = time.perf_counter()
     final = stage_dir(cfg, key)
     out = _make_out(cfg)
     if final.exists() and not final.is_dir():
@@ -389,7 +393,7 @@ def stage_output(cfg: RetokConfig, key: str, *, overwrite: bool = False) -> Iter
     tmp.chmod(0o755)  # mkdtemp makes 0700; the finished folder should read like any other
     try:
         yield tmp
-        mark_stage(tmp, cfg, key)
+        mark_stage(tmp, cfg, key, seconds=time.perf_counter() - start)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{key}.old-{os.getpid()}-", dir=out))
             old.rmdir()

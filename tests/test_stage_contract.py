@@ -180,3 +180,4 @@ def test_stage_metadata_records_inputs(project: dict, tmp_path: Path):
     meta = json.loads((stage_dir(cfg, "model-init") / STAGE_FILE).read_text())
     assert meta["stage"] == "model-init" and meta["fingerprint"] == fingerprint(cfg, "model-init")
     assert meta["inputs"] == {"tokenizer": fingerprint(cfg, "tokenizer")}
+    assert 0 < meta["seconds"] < 600  # the stage's own wall time, for benchmarks that reuse a folder
