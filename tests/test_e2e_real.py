@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory, assets) -> Path:
             ],
         },
         "tokenizer": {"mode": "extend", "new_tokens": 1000, "domains": ["zh"]},
-        "init": {"method": "mean"},
+        "init": {"method": "mean", "fit_bytes": 30_000},
         "train": {
             "max_steps": 3,
             "seq_len": 64,

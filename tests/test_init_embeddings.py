@@ -622,15 +622,10 @@ def test_piece_weights_and_combine():
 # ------------------------------------------------------------------------------------------ real model
 
 ROOT = Path(__file__).resolve().parents[1]
-# The head settings the demo should use (measured: METHOD.md's trap is +1.0% en / +3.5% code BPB with the
-# paper's tied mean; these keep both within 1%, see the report of this test's folder).
-KEEP_BPB_INIT = [
-    "init.method=mean",
-    "init.untie_head=true",
-    "init.head_method=weighted",
-    "init.head_shift=1.0",
-    "init.head_shift_outside=2.0",
-]
+# The demo's init (mean input rows, untied head, new head rows fitted on the new model's states with the original
+# as teacher) on less fitting text. Plain mean rows start at 1.379x the original's zh BPB on the demo's 8 KB
+# (measured); the fitted head must beat that and keep English and code where they were.
+DEMO_INIT_SMALLER = ["init.fit_bytes=100000", "init.compare_methods=[]"]
 
 
 @pytest.mark.real
@@ -641,8 +636,7 @@ def test_real_smollm2_zh_extension_keeps_en_and_code_bpb(tmp_path, assets):
 
     assets.need(assets.gguf, assets.corpora)
     cfg = load_config(
-        ROOT / "configs" / "smollm2-zh.yaml",
-        [f"output_dir={tmp_path / 'run'}", "eval.max_bytes=6000", "init.compare_methods=[]", *KEEP_BPB_INIT],
+        ROOT / "configs" / "smollm2-zh.yaml", [f"output_dir={tmp_path / 'run'}", *DEMO_INIT_SMALLER]
     )
     run_stage(cfg, "tokenizer")
     out = run_stage(cfg, "model-init")
@@ -650,8 +644,10 @@ def test_real_smollm2_zh_extension_keeps_en_and_code_bpb(tmp_path, assets):
     assert report["averaged"] >= 15000 and report["fallback"] == 0 and report["special"] >= 3
     bpb = report["bpb"]
     for domain in ("en", "code"):
-        assert bpb[domain]["init"] <= 1.01 * bpb[domain]["original"], (domain, bpb[domain])
-    assert math.isfinite(bpb["zh"]["init"]) and bpb["zh"]["init"] < 1.6 * bpb["zh"]["original"]
+        assert bpb[domain]["init"] <= 1.005 * bpb[domain]["original"], (domain, bpb[domain])
+    assert bpb["zh"]["init"] < 1.36 * bpb["zh"]["original"], bpb["zh"]
+    fit = report["calibration"]["head_fit"]
+    assert fit["held_out_ce"]["fitted"] < fit["held_out_ce"]["start"] and fit["tokens"]["teacher_shared"] > 0
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
