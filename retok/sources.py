@@ -303,6 +303,9 @@ def load_tokenizer(folder: str | Path, *, trust_remote_code: bool = False) -> An
         raise RetokError(
             f"the tokenizer in {folder} has no fast (tokenizers) backend; retok needs tokenizer.json"
         )
+    # retok tokenizes whole documents and cuts them into windows itself: transformers' once-per-tokenizer "longer
+    # than the maximum sequence length ... will result in indexing errors" would only alarm (nothing is saved).
+    tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tok
 
 

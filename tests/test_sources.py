@@ -101,3 +101,34 @@ def test_real_smollm2_gguf_converts_and_says_paris(assets):
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+
+
+def test_long_documents_do_not_warn_of_indexing_errors(tmp_path):
+    """retok windows long documents itself: loading a tokenizer silences transformers' "longer than the maximum
+    sequence length ... will result in indexing errors" warning, without changing what the folder says."""
+    import logging
+
+    from retok.sources import load_tokenizer
+
+    tok = byte_level_tokenizer()
+    tok.model_max_length = 16
+    tok.save_pretrained(tmp_path)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("transformers.tokenization_utils_base")
+    log.addHandler(handler)
+    try:
+        plain = byte_level_tokenizer()
+        plain.model_max_length = 16
+        plain("a long document " * 20)  # transformers' own tokenizer warns: the check can see it
+        assert any("indexing errors" in m for m in seen)
+        seen.clear()
+        loaded = load_tokenizer(tmp_path)
+        assert len(loaded("a long document " * 20)["input_ids"]) > 16
+    finally:
+        log.removeHandler(handler)
+    assert not any("indexing errors" in m for m in seen)
+    assert loaded.model_max_length == 16
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())["model_max_length"] == 16
