@@ -503,6 +503,17 @@ class ExportConfig(_Section):
 # -------------------------------------------------------------------------------------------- root
 
 
+def _require_domains(
+    names: list[str], section: str, wanted: dict[str, list[str] | None], show: bool = False
+) -> None:
+    """Every domain each key of ``wanted`` names must be one of ``names``, the domains of ``section``."""
+    for key, domains in wanted.items():
+        missing = sorted(set(domains or []) - set(names))
+        if missing:
+            where = f" ({section}: {names})" if show else ""
+            raise ValueError(f"{key} names {missing}, which no {section} source has{where}")
+
+
 class RetokConfig(_Section):
     """A retok run: every stage reads this one config."""
 
@@ -547,13 +558,11 @@ class RetokConfig(_Section):
     @model_validator(mode="after")
     def _tokenizer_domains_exist(self) -> RetokConfig:
         names = [s.name for s in self.data.train]
-        for key, wanted in (
-            ("tokenizer.domains", self.tokenizer.domains),
-            ("train.domains", self.train.domains),
-        ):
-            missing = sorted(set(wanted or []) - set(names))
-            if missing:
-                raise ValueError(f"{key} names {missing}, which no data.train source has")
+        _require_domains(
+            names,
+            "data.train",
+            {"tokenizer.domains": self.tokenizer.domains, "train.domains": self.train.domains},
+        )
         return self
 
     @model_validator(mode="after")
@@ -572,13 +581,8 @@ class RetokConfig(_Section):
     @model_validator(mode="after")
     def _eval_domains_exist(self) -> RetokConfig:
         names = [s.name for s in self.data.eval]
-        for key, wanted in (
-            ("eval.domains", self.eval.domains),
-            ("eval.speed_domains", self.eval.speed_domains),
-        ):
-            missing = sorted(set(wanted or []) - set(names))
-            if missing:
-                raise ValueError(f"{key} names {missing}, which no data.eval source has (data.eval: {names})")
+        wanted = {"eval.domains": self.eval.domains, "eval.speed_domains": self.eval.speed_domains}
+        _require_domains(names, "data.eval", wanted, show=True)
         outside = sorted(set(self.eval.speed_domains or []) - set(self.eval.domains or names))
         if outside:
             raise ValueError(f"eval.speed_domains names {outside}, which eval.domains leaves out")
