@@ -493,10 +493,22 @@ class ExportConfig(_Section):
     model_name: str | None = Field(
         None, description="Name shown in the model card; null = derived from model.path."
     )
+    gguf: Literal["off", "f32", "f16", "bf16", "q8_0"] = Field(
+        "off",
+        description="Also write export/<name>-<type>.gguf for llama.cpp (Ollama, LM Studio): off, or the type of its "
+        "matrices (f32, f16, bf16, q8_0; norms stay f32).",
+    )
+
+    @field_validator("gguf", mode="before")
+    @classmethod
+    def _gguf_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
     gguf_pre: str | None = Field(
         None,
-        description="llama.cpp pre-tokenizer name of the original tokenizer (tokenizer.ggml.pre, e.g. smollm) for "
-        "the GGUF conversion line in the model card; null = read from model.path when it is a .gguf, else known hashes.",
+        description="llama.cpp pre-tokenizer name written to the GGUF (tokenizer.ggml.pre, e.g. smollm); null = the "
+        "original tokenizer's (read from model.path when it is a .gguf, else from its hash) when the new tokenizer "
+        "splits text the same way; a tokenizer trained with its own pre-tokenizer needs it set.",
     )
 
 

@@ -39,7 +39,7 @@ import yaml
 
 from retok import __version__
 from retok.config import RetokConfig, to_yaml
-from retok.errors import RetokError
+from retok.errors import PartialOutput, RetokError
 
 STAGE_FILE = "retok_stage.json"
 CONFIG_FILE = "retok_config.yaml"
@@ -391,8 +391,12 @@ def stage_output(cfg: RetokConfig, key: str, *, overwrite: bool = False) -> Iter
             "set output_dir to a writable folder with a shorter path"
         ) from None
     tmp.chmod(0o755)  # mkdtemp makes 0700; the finished folder should read like any other
+    partial: PartialOutput | None = None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except PartialOutput as e:
+            partial = e  # the main output is complete: keep it, then report what is missing
         mark_stage(tmp, cfg, key, seconds=time.perf_counter() - start)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{key}.old-{os.getpid()}-", dir=out))
@@ -405,6 +409,8 @@ def stage_output(cfg: RetokConfig, key: str, *, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if partial is not None:
+        raise partial
 
 
 def entry_function(key: str) -> Any:

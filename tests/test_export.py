@@ -21,7 +21,7 @@ from retok.config import parse_size, validate_dict
 from retok.errors import RetokError
 from retok.evaluate.report import markdown_table
 from retok.export.check import check_folder
-from retok.export.llamacpp import CHKTXT, KNOWN_HASHES, chkhsh, gguf_advice, mapping_line
+from retok.export.llamacpp import CHKTXT, KNOWN_HASHES, chkhsh, gguf_advice
 from retok.export.shards import plan_shards, weight_files
 from retok.pipeline import run_stage
 from retok.safetensors_io import read_header
@@ -116,8 +116,10 @@ def test_export_writes_consistent_ids_card_and_chkhsh(project: Path, exported: P
     assert llama["old_chkhsh"] == chkhsh(old_tok) != llama["new_chkhsh"] == chkhsh(tok)
     assert llama["pre_tokenizer_unchanged"] is True
     card = (exported / "README.md").read_text(encoding="utf-8")
-    # The mapping line maps the NEW hash to the old name, as convert_hf_to_gguf.py needs it.
-    assert f'if chkhsh == "{chkhsh(tok)}":\n    res = "smollm"' in card
+    # No GGUF asked for: the card says how to get one, and asks nobody to patch llama.cpp's scripts.
+    assert "No GGUF was written (export.gguf: off)" in card and "export.gguf: f16" in card
+    assert "convert_hf_to_gguf" not in card and "get_vocab_base_pre" not in card
+    assert report["gguf"] == {"written": False, "reason": "export.gguf: off"}
     assert "max_shard_size: 20KB" in card and "gguf_pre: smollm" in card  # the resolved config
     assert "Not measured" in card  # no eval/report.json in this project
     assert (exported / "retok_config.yaml").is_file()
@@ -355,7 +357,6 @@ def test_chkhsh_is_llamacpp_hash_of_probe_ids():
     tok = byte_level_tokenizer()
     assert chkhsh(tok) == sha256(str(tok.encode(CHKTXT)).encode()).hexdigest()
     assert CHKTXT.startswith("\n \n\n \n\n\n \t \t\t \t\n") and CHKTXT.endswith("We'Ve a'lL")
-    assert mapping_line("abc", "smollm") == 'if chkhsh == "abc":\n    res = "smollm"'
 
 
 def test_gguf_advice_cases():
@@ -364,20 +365,16 @@ def test_gguf_advice_cases():
     old = byte_level_tokenizer()
     new = byte_level_tokenizer(extra_text=ZH_EXTRA, vocab_size=640)
     same = gguf_advice(old, new, "smollm", "byte_level")
-    assert same["mapping_line"] == mapping_line(chkhsh(new), "smollm")
-    unknown = gguf_advice(old, new, None, "byte_level")
-    assert unknown["mapping_line"] is None and chkhsh(old) in unknown["explanation"]
+    assert same["pre_tokenizer_unchanged"] is True and same["pre_name"] == "smollm"
+    assert same["old_chkhsh"] == chkhsh(old) != same["new_chkhsh"] == chkhsh(new)
+    # No name given and the tiny tokenizer's hash is not a known one: no name is invented.
+    assert gguf_advice(old, new, None, "byte_level")["pre_name"] is None
     changed = byte_level_tokenizer(extra_text=ZH_EXTRA, vocab_size=640)
     changed.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(
         add_prefix_space=False
     )  # digits no longer split
     diff = gguf_advice(old, changed, "smollm", "byte_level")
-    assert diff["pre_tokenizer_unchanged"] is False and diff["mapping_line"] is None
-    assert "pre-tokenizer differs" in diff["explanation"]
-    assert gguf_advice(old, old, "smollm", "byte_level")["explanation"].startswith(
-        "The probe string tokenizes to the same"
-    )
-    assert "SentencePiece" in gguf_advice(old, new, None, "sentencepiece")["explanation"]
+    assert diff["pre_tokenizer_unchanged"] is False
     assert "smollm" in KNOWN_HASHES.values()
 
 

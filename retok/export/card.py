@@ -7,13 +7,47 @@ from pathlib import Path
 from typing import Any
 
 from retok.config import RetokConfig
-from retok.export.check import Check
+from retok.export.verdict import Check
 from retok.stages import CONFIG_FILE
 
 
 def _looks_like_hub_id(s: str) -> bool:
     parts = s.split("/")
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~")) and not s.endswith(".gguf")
+
+
+def _llamacpp_section(gguf: dict[str, Any], llama: dict[str, Any]) -> list[str]:
+    """How to run the model in llama.cpp: the GGUF export wrote, or how to get one."""
+    lines = ["## llama.cpp / GGUF", ""]
+    if gguf.get("written"):
+        f = gguf["file"]
+        lines += [
+            f"`{f}` ({gguf['type']}, {gguf['bytes'] / 1e6:.0f} MB) runs in an unmodified llama.cpp (and Ollama, LM Studio): "
+            f"architecture `{gguf['architecture']}`, tokenizer `{gguf['tokenizer_model']}` with pre-tokenizer "
+            f"`{gguf['pre']}`, {gguf['tokens']} tokens"
+            + (f" + {gguf['padding_tokens']} unused padding rows" if gguf["padding_tokens"] else "")
+            + ".",
+            "",
+            "```bash",
+            f'llama-cli -m {f} -p "Hello" -n 64',
+            f"llama-server -m {f} --port 8080",
+            "```",
+        ]
+    else:
+        lines += [
+            "No GGUF was written ("
+            + str(gguf.get("reason", "export.gguf: off"))
+            + "). Set `export.gguf: f16` "
+            "(or `q8_0`) and run `retok export --overwrite` to get one that llama.cpp loads as is.",
+        ]
+    lines += [
+        "",
+        f"- chkhsh of the old tokenizer: `{llama['old_chkhsh']}`"
+        + (f" (llama.cpp name `{llama['pre_name']}`)" if llama.get("pre_name") else ""),
+        f"- chkhsh of the new tokenizer: `{llama['new_chkhsh']}`",
+        f"- normalizer and pre-tokenizer unchanged: {llama['pre_tokenizer_unchanged']}",
+    ]
+    return lines
 
 
 def model_card(
@@ -25,8 +59,10 @@ def model_card(
     llama: dict[str, Any],
     checks: list[Check],
     eval_table: str | None,
+    gguf: dict[str, Any] | None = None,
 ) -> str:
-    """The card's Markdown. ``eval_table``: eval-speed's table.md for this model, or None when not measured."""
+    """The card's Markdown. ``eval_table``: eval-speed's table.md for this model, or None when not measured;
+    ``gguf``: export's GGUF report (written or why not)."""
     head = [
         "---",
         "library_name: transformers",
@@ -75,17 +111,8 @@ def model_card(
         'model = AutoModelForCausalLM.from_pretrained("PATH")',
         "```",
         "",
-        "## llama.cpp / GGUF",
-        "",
-        f"- chkhsh of the old tokenizer: `{llama['old_chkhsh']}`"
-        + (f" (llama.cpp name `{llama['pre_name']}`)" if llama.get("pre_name") else ""),
-        f"- chkhsh of the new tokenizer: `{llama['new_chkhsh']}`",
-        f"- normalizer and pre-tokenizer unchanged: {llama['pre_tokenizer_unchanged']}",
-        "",
-        llama["explanation"],
+        *_llamacpp_section(gguf or {"written": False, "reason": "export.gguf: off"}, llama),
     ]
-    if llama.get("mapping_line"):
-        parts += ["", "```python", llama["mapping_line"], "```"]
     parts += ["", "## Checks (`retok check`)", ""]
     parts += [f"- {'PASS' if c.ok else 'FAIL'} {c.name}: {c.detail}" for c in checks]
     # The config that made the exported model (its stage folder keeps it).

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from retok.errors import RetokError
+from retok.export.verdict import Check
 from retok.safetensors_io import TensorInfo, tensor_table
 from retok.sources import require_causal_lm
 
@@ -32,16 +32,6 @@ def ids_list(value: Any) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
-
-
-@dataclass
-class Check:
-    """One finding of ``retok check``."""
-
-    name: str
-    ok: bool
-    detail: str
-    internal: bool = False  # the check itself crashed: a retok bug, not a verdict on the folder
 
 
 class _Ctx:
@@ -469,6 +459,7 @@ def _gate(ctx: _Ctx, need: str, name: str, fn: Callable[[_Ctx], Check]) -> Check
 
 def check_folder(path: str | Path) -> list[Check]:
     """Check a model folder the way its users will meet it; every check runs, failures say what to fix.
+    A .gguf file in the folder gets the GGUF section (check_gguf.py).
 
     Raises RetokError (exit 2) only when ``path`` is not a model folder at all or not a causal LM.
     """
@@ -486,6 +477,15 @@ def check_folder(path: str | Path) -> list[Check]:
         _gate(ctx, "tok", "round trip", _check_round_trip),
         _gate(ctx, "model", "greedy generation", _check_generation),
     ]
+    ggufs = sorted(folder.glob("*.gguf"))
+    if ggufs:
+        from retok.export.check_gguf import check_gguf
+
+        for path in ggufs:
+            if ctx.tok is None:
+                results.append(Check(f"gguf {path.name}", False, "not run: the tokenizer did not load"))
+            else:
+                results += check_gguf(folder, path, ctx.tok)
     return results
 
 

@@ -1,9 +1,9 @@
-"""llama.cpp's pre-tokenizer fingerprint (``chkhsh``) and the line a user needs to convert a new vocabulary to GGUF.
+"""llama.cpp's pre-tokenizer fingerprint (``chkhsh``) and the old tokenizer's llama.cpp name.
 
 llama.cpp's ``convert_hf_to_gguf.py`` recognises a BPE pre-tokenizer by hashing the token ids that the
-tokenizer gives for a fixed probe string. A new vocabulary changes the ids, so the hash is unknown and the
-conversion stops with "BPE pre-tokenizer was not recognized". When retok kept the pre-tokenizer (extend
-mode), the new hash can be mapped to the OLD pre-tokenizer name with one line in ``get_vocab_base_pre``.
+tokenizer gives for a fixed probe string. A new vocabulary changes the ids, so that script would stop with
+"BPE pre-tokenizer was not recognized". retok writes the GGUF itself (gguf_out.py): when the text splitting is
+unchanged (extend mode) it keeps the OLD pre-tokenizer name, found here from the source GGUF or the hash.
 """
 
 from __future__ import annotations
@@ -41,60 +41,27 @@ def chkhsh(tokenizer: Any) -> str:
     return sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
 
 
-def mapping_line(new_hash: str, pre_name: str) -> str:
-    """The two lines to add to ``get_vocab_base_pre`` in convert_hf_to_gguf.py."""
-    return f'if chkhsh == "{new_hash}":\n    res = "{pre_name}"'
-
-
 def _pipeline_part(tokenizer: Any, key: str) -> Any:
     """The normalizer or pre_tokenizer of a fast tokenizer as JSON (what decides how text is split)."""
     return json.loads(tokenizer.backend_tokenizer.to_str()).get(key)
 
 
 def gguf_advice(old_tok: Any, new_tok: Any, old_pre: str | None, family: str | None = None) -> dict[str, Any]:
-    """What a user needs to convert the new model with llama.cpp: both hashes, whether the text splitting
-    (normalizer + pre-tokenizer) is unchanged, the mapping line when it is, and a sentence saying why or why not.
+    """What llama.cpp needs to know about the new tokenizer: both hashes, whether the text splitting
+    (normalizer + pre-tokenizer) is unchanged, and the old tokenizer's llama.cpp name.
 
     ``old_pre`` is the old tokenizer's llama.cpp name (from its GGUF's ``tokenizer.ggml.pre``) or None, in
-    which case the known-hash table is tried. ``family`` is retok.tokens' family of the new tokenizer.
+    which case the known-hash table is tried. ``family`` is retok.tokens' family of the new tokenizer. When the
+    split is unchanged, the GGUF retok writes keeps that name (export.gguf); no script needs patching.
     """
     old_hash, new_hash = chkhsh(old_tok), chkhsh(new_tok)
-    pre_name = old_pre or KNOWN_HASHES.get(old_hash)
     same_split = all(
         _pipeline_part(old_tok, k) == _pipeline_part(new_tok, k) for k in ("normalizer", "pre_tokenizer")
     )
-    advice: dict[str, Any] = {
+    return {
         "old_chkhsh": old_hash,
         "new_chkhsh": new_hash,
         "pre_tokenizer_unchanged": same_split,
-        "pre_name": pre_name,
-        "mapping_line": None,
+        "pre_name": old_pre or KNOWN_HASHES.get(old_hash),
+        "family": family,
     }
-    if family == "sentencepiece":
-        advice["explanation"] = (
-            "This is a SentencePiece-style vocabulary: llama.cpp converts it without the BPE pre-tokenizer hash "
-            "(tokenizer.ggml.pre = default), so no mapping line is needed."
-        )
-    elif old_hash == new_hash:
-        advice["explanation"] = (
-            "The probe string tokenizes to the same ids as before: llama.cpp recognises it as is."
-        )
-    elif not same_split:
-        advice["explanation"] = (
-            "The normalizer or pre-tokenizer differs from the old tokenizer's, so mapping the new hash to the old "
-            "name would make llama.cpp split text differently from transformers; llama.cpp needs its own "
-            "pre-tokenizer entry for this tokenizer (build it with tokenizer.mode: extend to keep the old one)."
-        )
-    elif pre_name is None:
-        advice["explanation"] = (
-            f"The pre-tokenizer is unchanged. Find the old hash {old_hash} in get_vocab_base_pre of llama.cpp's "
-            f'convert_hf_to_gguf.py, note its `res = "NAME"`, and add there: if chkhsh == "{new_hash}": res = "NAME".'
-        )
-    else:
-        advice["mapping_line"] = mapping_line(new_hash, pre_name)
-        advice["explanation"] = (
-            f"The pre-tokenizer is unchanged (llama.cpp name {pre_name!r}), only the vocabulary grew, so the new "
-            "hash maps to the old name: add these lines to get_vocab_base_pre in convert_hf_to_gguf.py, next to "
-            "the other `if chkhsh == ...` lines, before converting."
-        )
-    return advice

@@ -3,9 +3,11 @@
     retok export --config configs/demo.yaml
 
 Streams the weights (safetensors in, safetensors out, shards.py), writes config.json, generation_config.json
-and the tokenizer with every special-token id agreeing, a model card (card.py) with the resolved config, the
-eval table and the llama.cpp conversion line, then runs ``retok check`` (check.py) on its own output and
-fails if anything is wrong.
+and the tokenizer with every special-token id agreeing, a model card (card.py) with the resolved config and
+the eval table, then runs ``retok check`` (check.py) on its own output and fails if anything is wrong. With
+``export.gguf`` set it also writes ``<name>-<type>.gguf`` for llama.cpp (gguf_out.py) and checks it against
+the folder (check_gguf.py); a GGUF that cannot be made for this model leaves the checked folder in place and
+exits 2 with the reason.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from retok.config import RetokConfig, parse_size
-from retok.errors import RetokError
+from retok.errors import PartialOutput, RetokError
 from retok.export.card import model_card
 from retok.export.check import check_folder, ids_list, print_checks
 from retok.export.shards import stream_weights
@@ -102,17 +104,73 @@ def _model_name(cfg: RetokConfig) -> str:
     return f"{stem}-retok"
 
 
-def _old_pre_name(cfg: RetokConfig) -> str | None:
+def _source_gguf(cfg: RetokConfig) -> Path | None:
+    """model.path when it is a GGUF file (its metadata is carried into the exported GGUF), else None."""
     from retok.config import expand
+
+    path = Path(expand(cfg.model.path))
+    return path if path.suffix.lower() == ".gguf" and path.is_file() else None
+
+
+def _old_pre_name(cfg: RetokConfig) -> str | None:
     from retok.sources import read_gguf_metadata
 
     if cfg.export.gguf_pre:
         return cfg.export.gguf_pre
-    path = Path(expand(cfg.model.path))
-    if path.suffix.lower() == ".gguf" and path.is_file():
+    path = _source_gguf(cfg)
+    if path is not None:
         pre = read_gguf_metadata(path).get("tokenizer.ggml.pre")
         return str(pre) if pre else None
     return None
+
+
+def gguf_pre_name(cfg: RetokConfig, llama: dict[str, Any], family: str | None) -> str | None:
+    """tokenizer.ggml.pre for the new GGUF, or RetokError saying what to set.
+
+    An explicit export.gguf_pre wins. SentencePiece-style vocabularies have none (llama.cpp's "default").
+    Otherwise the new tokenizer may keep the original's name only when it splits text the same way.
+    """
+    if cfg.export.gguf_pre:
+        return cfg.export.gguf_pre
+    if family == "sentencepiece":
+        return None
+    if not llama["pre_tokenizer_unchanged"]:
+        raise RetokError(
+            "export.gguf: the new tokenizer splits text differently from the original (a trained pre-tokenizer), "
+            "so it cannot claim the original's llama.cpp pre-tokenizer; set export.gguf_pre to a llama.cpp "
+            "pre-tokenizer that splits text like it, or export.gguf: off"
+        )
+    if not llama.get("pre_name"):
+        raise RetokError(
+            f"export.gguf: the original tokenizer's llama.cpp pre-tokenizer is unknown (hash "
+            f"{llama['old_chkhsh'][:16]}...); set export.gguf_pre to its name (tokenizer.ggml.pre in a GGUF "
+            "of the original model, e.g. llama-bpe, qwen2, smollm)"
+        )
+    return str(llama["pre_name"])
+
+
+def export_gguf(
+    cfg: RetokConfig, out: Path, tok: Any, conf: dict[str, Any], llama: dict[str, Any], name: str
+):
+    """Write ``out/<name>-<type>.gguf`` from the exported folder and check it; returns (report, checks)."""
+    from retok.export.check_gguf import check_gguf
+    from retok.export.gguf_out import write_gguf
+
+    pre = gguf_pre_name(cfg, llama, llama.get("family"))
+    path = out / f"{name}-{cfg.export.gguf}.gguf"
+    print(f"retok: export: writing {path.name} ({cfg.export.gguf})", flush=True)
+    info = write_gguf(
+        out,
+        path,
+        ftype=cfg.export.gguf,
+        tok=tok,
+        conf=conf,
+        pre=pre,
+        name=name,
+        source_gguf=_source_gguf(cfg),
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    return info, check_gguf(out, path, tok)
 
 
 def _llamacpp(cfg: RetokConfig, new_tok: Any) -> dict[str, Any]:
@@ -175,8 +233,25 @@ def export_model(cfg: RetokConfig, out: Path) -> dict[str, Any]:
             + "; ".join(f"{c.name}: {c.detail}" for c in failed)
         )
     name = _model_name(cfg)
+    gguf: dict[str, Any] = {"written": False, "reason": "export.gguf: off"}
+    gguf_error: RetokError | None = None
+    if cfg.export.gguf != "off":
+        try:
+            info, gguf_checks = export_gguf(cfg, out, tok, conf, llama, name)
+        except RetokError as e:
+            gguf_error = e
+            gguf = {"written": False, "reason": str(e)}
+        else:
+            bad = [c for c in gguf_checks if not c.ok]
+            if bad:
+                print_checks(gguf_checks)
+                raise RetokError(
+                    "export: the GGUF fails `retok check`: " + "; ".join(f"{c.name}: {c.detail}" for c in bad)
+                )
+            gguf = {"written": True, **info}
+            checks += gguf_checks
     (out / "README.md").write_text(
-        model_card(cfg, src, name, tok, conf, llama, checks, eval_table(cfg, src)), encoding="utf-8"
+        model_card(cfg, src, name, tok, conf, llama, checks, eval_table(cfg, src), gguf), encoding="utf-8"
     )
     report = {
         "source": str(src),
@@ -188,8 +263,11 @@ def export_model(cfg: RetokConfig, out: Path) -> dict[str, Any]:
         # `retok check` fails a folder whose chat template went missing after export.
         "chat_template": bool(getattr(tok, "chat_template", None)),
         "llama_cpp": llama,
+        "gguf": gguf,
         "checks": [asdict(c) for c in checks],
     }
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print_checks(checks)
+    if gguf_error is not None:
+        raise PartialOutput(f"{gguf_error} (the Hugging Face folder was written and passes its checks)")
     return report

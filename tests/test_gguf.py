@@ -1,0 +1,262 @@
+"""GGUF out on tiny models: the file is the same model (transformers' own GGUF loader gives the same logits and
+token ids), `retok check`'s GGUF section catches a wrong token, a wrong id and a wrong row, and bad input exits 2
+with the checked Hugging Face folder kept."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from retok.config import validate_dict
+from retok.errors import PartialOutput, RetokError
+from retok.export import gguf_out
+from retok.export.check import check_folder
+from retok.export.check_gguf import check_gguf
+from retok.export.gguf_out import write_gguf
+from retok.pipeline import run_stage
+from retok.stages import mark_stage, stage_dir
+from tests.tiny import (
+    byte_level_tokenizer,
+    save_model_folder,
+    sentencepiece_tokenizer,
+    tiny_llama,
+    tiny_mistral,
+    tiny_qwen2,
+)
+
+TEXT = "Hello world, the model 123 机器学习 def f(x): return x"
+ZH_EXTRA = "机器学习是人工智能的一个分支。语言模型把文本切分成词元，再预测下一个词元。" * 8
+
+
+def _folder(tmp_path: Path, kind: str, family: str) -> tuple[Path, object, object]:
+    tok = byte_level_tokenizer() if family == "byte_level" else sentencepiece_tokenizer()
+    build = {
+        "llama_tied": lambda: tiny_llama(tok, tied=True),
+        "llama_untied": lambda: tiny_llama(tok, tied=False),
+        "qwen2": lambda: tiny_qwen2(tok),
+        "mistral": lambda: tiny_mistral(tok),
+    }[kind]
+    model = build()
+    return save_model_folder(model, tok, tmp_path / kind), tok, model
+
+
+def _write(folder: Path, tok, ftype: str = "f32", **kw) -> Path:
+    conf = json.loads((folder / "config.json").read_text())
+    out = folder / f"m-{ftype}.gguf"
+    write_gguf(folder, out, ftype=ftype, tok=tok, conf=conf, pre="smollm", name="tiny", progress=False, **kw)
+    return out
+
+
+def _names(checks) -> dict:
+    return {c.name: c for c in checks}
+
+
+@pytest.mark.parametrize(
+    "kind,family",
+    [
+        ("llama_tied", "byte_level"),
+        ("llama_untied", "sentencepiece"),
+        ("qwen2", "byte_level"),  # 37 padding rows beyond the tokenizer
+        ("mistral", "byte_level"),
+    ],
+)
+def test_gguf_is_the_same_model_for_transformers(tmp_path: Path, kind: str, family: str):
+    folder, tok, model = _folder(tmp_path, kind, family)
+    path = _write(folder, tok)
+    # transformers reads GGUF with its own loader (undoing llama.cpp's q/k order): same logits, bit for bit.
+    back = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=path.name, dtype=torch.float32)
+    ids = tok(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, back(ids).logits)
+    back_tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name)
+    plain = tok(TEXT, add_special_tokens=False).input_ids
+    assert back_tok(TEXT, add_special_tokens=False).input_ids == plain and len(plain) > 10
+    checks = check_gguf(folder, path, tok)
+    assert [c.name for c in checks] == ["gguf vocab", "gguf tokens", "gguf special tokens", "gguf weights"]
+    assert all(c.ok for c in checks), [c.detail for c in checks if not c.ok]
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert f"{rows - len(tok)} unused padding rows" in checks[0].detail
+
+
+def test_gguf_types_store_matrices_as_asked(tmp_path: Path):
+    from gguf import GGUFReader
+
+    folder, tok, _ = _folder(tmp_path, "llama_untied", "byte_level")
+    sizes = {}
+    for ftype, want in (("f32", "F32"), ("f16", "F16"), ("bf16", "BF16"), ("q8_0", "Q8_0")):
+        path = _write(folder, tok, ftype)
+        reader = GGUFReader(str(path))
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert types["token_embd.weight"] == types["output.weight"] == types["blk.0.attn_q.weight"] == want
+        assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"  # vectors stay f32
+        assert all(c.ok for c in check_gguf(folder, path, tok)), ftype
+        sizes[ftype] = path.stat().st_size
+    assert sizes["f32"] > sizes["f16"] == sizes["bf16"] > sizes["q8_0"]
+
+
+def test_check_gguf_catches_a_wrong_token_id_and_row(tmp_path: Path, monkeypatch):
+    folder, tok, _ = _folder(tmp_path, "llama_untied", "byte_level")
+    good = _write(folder, tok)
+    assert all(c.ok for c in check_folder(folder))  # `retok check` includes the GGUF section
+
+    real_vocab = gguf_out.gguf_vocab
+
+    def one_wrong_token(t, rows):
+        v = real_vocab(t, rows)
+        v.tokens[300] = "WRONG"
+        return v
+
+    monkeypatch.setattr(gguf_out, "gguf_vocab", one_wrong_token)
+    bad = _write(folder, tok, "f16")
+    monkeypatch.undo()
+    tokens = _names(check_gguf(folder, bad, tok))["gguf tokens"]
+    assert not tokens.ok and "token 300 is 'WRONG'" in tokens.detail
+
+    real_kv = gguf_out._tokenizer_kv
+
+    def wrong_eos(w, t, vocab, pre):
+        real_kv(w, t, vocab, pre)
+        w.add_eos_token_id(int(t.eos_token_id) + 1)
+
+    monkeypatch.setattr(gguf_out, "_tokenizer_kv", wrong_eos)
+    bad_ids = _write(folder, tok, "bf16")
+    monkeypatch.undo()
+    special = _names(check_gguf(folder, bad_ids, tok))["gguf special tokens"]
+    assert not special.ok and f"eos {tok.eos_token_id + 1} (tokenizer: {tok.eos_token_id})" in special.detail
+
+    # The folder's head changes after the GGUF was written: the GGUF no longer holds the same rows.
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"][5] += 1.0
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    rows = _names(check_gguf(folder, good, tok))["gguf weights"]
+    assert not rows.ok and "output.weight differs from lm_head.weight" in rows.detail
+
+
+def test_check_gguf_reports_a_damaged_file(tmp_path: Path):
+    folder, tok, _ = _folder(tmp_path, "llama_tied", "byte_level")
+    path = _write(folder, tok)
+    path.write_bytes(path.read_bytes()[:5000])
+    results = check_gguf(folder, path, tok)
+    assert len(results) == 1 and not results[0].ok and "unreadable GGUF" in results[0].detail
+
+
+def test_unsupported_architecture_and_rope_say_what_to_do():
+    with pytest.raises(RetokError, match="not 'gemma3_text'; set export.gguf: off"):
+        gguf_out.gguf_architecture({"model_type": "gemma3_text"}, False)
+    with pytest.raises(RetokError, match="runs remote code"):
+        gguf_out.gguf_architecture({"model_type": "llama"}, True)
+    with pytest.raises(RetokError, match="rope scaling 'yarn'"):
+        gguf_out.check_rope({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    assert gguf_out.gguf_architecture({"model_type": "mistral"}, False) == ("llama", True)
+
+
+def test_llama3_rope_freqs_follow_the_scaling_rule():
+    conf = {
+        "hidden_size": 64,
+        "num_attention_heads": 2,
+        "rope_parameters": {
+            "rope_theta": 500000.0,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    }
+    f = gguf_out._llama3_rope_freqs(conf)
+    assert f.shape == (16,)
+    assert f[0] == 1.0 and f[-1] == 8.0  # short wavelengths untouched, the longest divided by the factor
+    assert all(1.0 <= x <= 8.0 for x in f) and list(f) == sorted(f)
+
+
+# ------------------------------------------------------------------------------------------ export stage
+
+
+def _config(root: Path, **export) -> object:
+    return validate_dict(
+        {
+            "output_dir": str(root / "out"),
+            "model": {"path": str(root / "base")},
+            "export": {"max_shard_size": "20KB", **export},
+        }
+    )
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    old = byte_level_tokenizer()
+    save_model_folder(tiny_llama(old, tied=True), old, tmp_path / "base")
+    new = byte_level_tokenizer(extra_text=ZH_EXTRA, vocab_size=640)
+    init = save_model_folder(tiny_llama(new, tied=False, seed=1), new, tmp_path / "out" / "model-init")
+    mark_stage(init, _config(tmp_path), "model-init")
+    return tmp_path
+
+
+def test_export_writes_a_checked_gguf_and_the_card_says_how_to_run_it(project: Path):
+    cfg = _config(project, gguf="q8_0", gguf_pre="smollm")
+    out = run_stage(cfg, "export")
+    path = out / "base-retok-q8_0.gguf"
+    report = json.loads((out / "retok_export.json").read_text())
+    assert report["gguf"]["written"] and report["gguf"]["file"] == path.name and path.is_file()
+    assert report["gguf"]["pre"] == "smollm" and report["gguf"]["tokenizer_model"] == "gpt2"
+    names = [c["name"] for c in report["checks"]]
+    assert names[-4:] == ["gguf vocab", "gguf tokens", "gguf special tokens", "gguf weights"]
+    assert all(c["ok"] for c in report["checks"])
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert f"llama-cli -m {path.name}" in card and "convert_hf_to_gguf" not in card
+
+
+def test_yaml_off_means_no_gguf():
+    import yaml
+
+    cfg = validate_dict(yaml.safe_load("output_dir: o\nmodel: {path: x}\nexport: {gguf: off}\n"))
+    assert cfg.export.gguf == "off"
+    with pytest.raises(RetokError, match="export.gguf"):
+        validate_dict({"output_dir": "o", "model": {"path": "x"}, "export": {"gguf": "q4_k"}})
+
+
+def _assert_folder_kept(out: Path) -> None:
+    assert (out / "config.json").is_file() and not list(out.glob("*.gguf"))
+    assert not list(out.glob(".*.part"))
+    assert all(c.ok for c in check_folder(out))
+
+
+def test_train_mode_tokenizer_without_a_pre_name_keeps_the_folder_and_exits_2(project: Path):
+    from tokenizers import pre_tokenizers
+
+    init = project / "out" / "model-init"
+    tok = AutoTokenizer.from_pretrained(init)
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.save_pretrained(init)
+    mark_stage(init, _config(project), "model-init")
+    cfg = _config(project, gguf="f16")
+    with pytest.raises(PartialOutput, match="splits text differently.*export.gguf_pre") as e:
+        run_stage(cfg, "export")
+    assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    out = stage_dir(cfg, "export")
+    _assert_folder_kept(out)
+    report = json.loads((out / "retok_export.json").read_text())
+    assert report["gguf"]["written"] is False and "splits text differently" in report["gguf"]["reason"]
+    # Naming a llama.cpp pre-tokenizer explicitly is the way out.
+    out = run_stage(_config(project, gguf="f16", gguf_pre="gpt2"), "export", overwrite=True)
+    assert (out / "base-retok-f16.gguf").is_file()
+
+
+def test_unknown_original_pre_tokenizer_exits_2_with_the_folder(project: Path):
+    with pytest.raises(PartialOutput, match="pre-tokenizer is unknown.*set export.gguf_pre"):
+        run_stage(_config(project, gguf="f16"), "export")  # tiny tokenizer: no GGUF source, unknown hash
+    _assert_folder_kept(stage_dir(_config(project), "export"))
+
+
+def test_unsupported_architecture_keeps_the_folder(project: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(gguf_out, "ARCHS", {"qwen2": ("qwen2", False)})  # as if llama were not supported
+    with pytest.raises(PartialOutput, match="model_type qwen2, not 'llama'"):
+        run_stage(_config(project, gguf="f16", gguf_pre="smollm"), "export")
+    _assert_folder_kept(stage_dir(_config(project), "export"))
+    shutil.rmtree(stage_dir(_config(project), "export"))
