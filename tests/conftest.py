@@ -55,6 +55,19 @@ class Assets:
             pytest.fail(msg + " (RETOK_REQUIRE_REAL=1: missing assets fail instead of skipping)")
         pytest.skip(msg)
 
+    def need_llamacpp(self) -> Path:
+        """The bin folder of the llama.cpp built by scripts/build_llamacpp.py; skips (fails under CI) without it."""
+        sys.path.insert(0, _ROOT + "/scripts")
+        from build_llamacpp import find_bin
+
+        found = find_bin()
+        if found is not None:
+            return found
+        msg = "llama.cpp is not built; run `python scripts/build_llamacpp.py` (about 10 minutes, once)"
+        if os.environ.get("RETOK_REQUIRE_REAL") == "1":
+            pytest.fail(msg + " (RETOK_REQUIRE_REAL=1: a missing build fails instead of skipping)")
+        pytest.skip(msg)
+
 
 @pytest.fixture(scope="session")
 def assets() -> Assets:

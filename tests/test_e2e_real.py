@@ -59,7 +59,7 @@ def run_dir(tmp_path_factory, assets) -> Path:
             "repeats": 1,
             "warmup": 0,
         },
-        "export": {"max_shard_size": "200MB"},
+        "export": {"max_shard_size": "200MB", "gguf": "f32"},
     }
     path = out / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -115,3 +115,95 @@ def test_second_run_skips_every_stage(run_dir):
     p = retok("run", str(run_dir / "cfg.yaml"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.count("is up to date, skipped") == 5, p.stdout
+
+
+# ------------------------------------------------------------------------------ the GGUF in a real llama.cpp
+
+
+def _eval_text(assets, domain: str, n_bytes: int, skip_docs: int = 0) -> str:
+    docs = [json.loads(line)["text"] for line in assets.corpus(domain, "eval").read_text().splitlines()]
+    text = ""
+    for doc in docs[skip_docs:]:
+        text += doc + "\n"
+        if len(text.encode()) >= n_bytes:
+            break
+    return text.encode()[:n_bytes].decode("utf-8", "ignore")
+
+
+@pytest.fixture(scope="module")
+def llama(run_dir, assets):
+    """(llamacpp_tools, export folder, its f32 GGUF, tokenizer, transformers model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assets.need_llamacpp()
+    import llamacpp_tools
+
+    export = run_dir / "run" / "export"
+    (gguf,) = export.glob("*.gguf")
+    tok = AutoTokenizer.from_pretrained(export)
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    return llamacpp_tools, export, gguf, tok, model
+
+
+def test_export_wrote_a_gguf_that_passes_its_checks(run_dir):
+    export = run_dir / "run" / "export"
+    report = json.loads((export / "retok_export.json").read_text())
+    assert report["gguf"]["written"] and report["gguf"]["pre"] == "smollm"
+    from transformers import AutoTokenizer
+
+    assert report["gguf"]["tokens"] == len(AutoTokenizer.from_pretrained(export)) > 49152
+    # Every metadata key of the source GGUF the new vocabulary does not touch is carried over.
+    assert {"general.license", "general.basename", "general.size_label"} <= set(
+        report["gguf"]["kept_from_source"]
+    )
+    gguf_checks = [c for c in report["checks"] if c["name"].startswith("gguf")]
+    assert len(gguf_checks) == 4 and all(c["ok"] for c in gguf_checks)
+
+
+def test_llamacpp_tokenizes_held_out_text_like_transformers(llama, assets):
+    tools, _, gguf, tok, _ = llama
+    for domain in ("zh", "en", "code"):
+        text = _eval_text(assets, domain, 6000)
+        want = tok(text, add_special_tokens=False).input_ids
+        assert tools.tokenize(gguf, text) == want, domain
+        if domain == "zh":
+            assert any(i >= 49152 for i in want)  # the new tokens are used, not only the old ones
+
+
+def test_llamacpp_greedy_ids_equal_transformers_at_f32_and_f16(llama, assets, tmp_path):
+    import json as _json
+
+    from retok.export.gguf_out import write_gguf
+
+    tools, export, gguf, tok, model = llama
+    f16 = tmp_path / "m-f16.gguf"
+    conf = _json.loads((export / "config.json").read_text())
+    write_gguf(export, f16, ftype="f16", tok=tok, conf=conf, pre="smollm", name="t", progress=False)
+    same_f16 = 0
+    for domain in ("zh", "en", "code"):
+        prompt = _eval_text(assets, domain, 300, skip_docs=1)
+        prompt_ids = tok(prompt, add_special_tokens=False).input_ids
+        want = tools.transformers_greedy(model, prompt_ids, 32)
+        got = tools.decode(gguf, prompt, n=32)
+        assert got["prompt_ids"] == prompt_ids, domain
+        assert got["ids"] == want, domain
+        same_f16 += tools.decode(f16, prompt, n=32)["ids"] == want
+    assert same_f16 >= 2
+
+
+def test_llamacpp_perplexity_gives_the_same_bits_per_byte(llama, assets):
+    from retok.tokens import token_bytes_table
+
+    tools, _, gguf, tok, model = llama
+    n_ctx = 128
+    table = token_bytes_table(tok.backend_tokenizer)
+    for domain in ("zh", "en"):
+        text = _eval_text(assets, domain, 4000 if domain == "zh" else 2400)
+        ids = tools.tokenize(
+            gguf, text
+        )  # llama-perplexity's own tokens (equal to transformers', tested above)
+        assert len(ids) >= 4 * n_ctx, (domain, len(ids))
+        llama_bpb = tools.bpb_from_ppl(tools.perplexity(gguf, text, n_ctx), ids, n_ctx, table)
+        hf_bpb = tools.transformers_bpb(model, ids, n_ctx, table, bos=None)
+        assert abs(llama_bpb / hf_bpb - 1) < 0.01, (domain, llama_bpb, hf_bpb)
