@@ -50,6 +50,20 @@ def tokenize(gguf: Path, text: str) -> list[int]:
     return list(ast.literal_eval(line))
 
 
+def tokenize_many(gguf: Path, texts: Sequence[str]) -> list[list[int]]:
+    """llama.cpp's tokenizer (llama_tokenize, as llama-tokenize) on many texts in one process (retok-llama
+    --tokenize loads the vocabulary once): no BOS, special tokens not parsed."""
+    if any("\0" in t for t in texts):
+        raise ValueError("texts must not contain NUL (the separator)")
+    with tempfile.TemporaryDirectory() as d:
+        f = _text_file("\0".join(texts), Path(d), "texts.txt")
+        p = _run([_bin("retok-llama"), "-m", gguf, "-f", f, "--tokenize"])
+    out = json.loads(p.stdout.strip().splitlines()[-1])["tokens"]
+    if len(out) != len(texts):
+        raise RuntimeError(f"retok-llama --tokenize gave {len(out)} results for {len(texts)} texts")
+    return out
+
+
 def decode(
     gguf: Path, prompt: str, *, n: int = 32, reference: str | None = None, threads: int = 2
 ) -> dict[str, Any]:

@@ -63,8 +63,11 @@ def test_llamacpp_tokenizes_retok_vocabularies_like_transformers(vocab, assets, 
     #    reference output says (token list, types, merges or scores, flags all as llama.cpp expects).
     old = _hf_tokenizer(gguf)
     old_gguf = _gguf_of(old, pre, tmp_path / "old")
-    for text, want in zip(cases, ref, strict=False):
-        assert llamacpp_tools.tokenize(old_gguf, text) == want, (vocab, text[:60])
+    # llama-tokenize itself on one string, then llama_tokenize (the same call) on all of them in one process.
+    assert llamacpp_tools.tokenize(old_gguf, cases[-1]) == ref[len(cases) - 1]
+    got_all = llamacpp_tools.tokenize_many(old_gguf, cases)
+    for text, got, want in zip(cases, got_all, ref, strict=False):
+        assert got == want, (vocab, text[:60])
 
     # 2. The vocabulary EXTENDED by retok: llama.cpp gives transformers' ids on held-out Chinese and on every
     #    test string where transformers' conversion of the original agrees with llama.cpp to begin with.
@@ -78,8 +81,9 @@ def test_llamacpp_tokenizes_retok_vocabularies_like_transformers(vocab, assets, 
     ]
     assert len(agreeing) >= len(cases) - 15
     used_new = False
-    for text in [*agreeing, held_out]:
+    texts = [*agreeing, held_out]
+    for text, got in zip(texts, llamacpp_tools.tokenize_many(new_gguf, texts), strict=True):
         want = new(text, add_special_tokens=False).input_ids
-        assert llamacpp_tools.tokenize(new_gguf, text) == want, (vocab, text[:60])
+        assert got == want, (vocab, text[:60])
         used_new |= any(i in ext.new_ids for i in want)
     assert used_new  # the Chinese tokens retok added are the ones both sides chose

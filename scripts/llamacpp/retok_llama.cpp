@@ -2,6 +2,7 @@
 //
 //   retok-llama -m model.gguf -f prompt.txt -n 32 [-t threads] [-c ctx]      greedy: n new tokens
 //   retok-llama -m model.gguf -f prompt.txt -r continuation.txt [-t threads]  timed: feed a reference text
+//   retok-llama -m model.gguf -f texts.txt --tokenize    ids of each NUL-separated text (vocabulary only)
 //
 // llama.cpp's own tokenizer encodes the prompt (BOS as the GGUF's add_bos flag says, special tokens not
 // parsed). Greedy: exactly n tokens are chosen by argmax of the logits (end-of-generation tokens do not stop
@@ -32,6 +33,7 @@ static void quiet_log(enum ggml_log_level, const char *, void *) {}
 int main(int argc, char ** argv) {
     std::string model_path, prompt_path, ref_path;
     int n_predict = 32, n_threads = 2, n_ctx = 0;
+    bool tokenize_only = false;
     for (int i = 1; i < argc; i++) {
         std::string a = argv[i];
         auto next = [&]() -> const char * {
@@ -44,6 +46,7 @@ int main(int argc, char ** argv) {
         else if (a == "-n") n_predict = atoi(next());
         else if (a == "-t") n_threads = atoi(next());
         else if (a == "-c") n_ctx = atoi(next());
+        else if (a == "--tokenize") tokenize_only = true;
         else { fprintf(stderr, "retok-llama: unknown argument %s\n", a.c_str()); return 2; }
     }
     if (model_path.empty() || prompt_path.empty()) {
@@ -64,9 +67,31 @@ int main(int argc, char ** argv) {
     llama_backend_init();
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
+    mp.vocab_only = tokenize_only;
     llama_model * model = llama_model_load_from_file(model_path.c_str(), mp);
     if (!model) { fprintf(stderr, "retok-llama: cannot load %s\n", model_path.c_str()); return 1; }
     const llama_vocab * vocab = llama_model_get_vocab(model);
+
+    if (tokenize_only) {  // one process for many texts: no BOS, special tokens not parsed
+        printf("{\"tokens\": [");
+        size_t start = 0;
+        for (int k = 0; start <= prompt.size(); k++) {
+            size_t end = prompt.find('\0', start);
+            if (end == std::string::npos) end = prompt.size();
+            const char * text = prompt.data() + start;
+            const int len = (int) (end - start);
+            int n = -llama_tokenize(vocab, text, len, nullptr, 0, false, false);
+            std::vector<llama_token> ids(n > 0 ? n : 0);
+            if (n > 0) llama_tokenize(vocab, text, len, ids.data(), n, false, false);
+            printf("%s[", k ? ", " : "");
+            for (int i = 0; i < n; i++) printf("%s%d", i ? ", " : "", ids[i]);
+            printf("]");
+            start = end + 1;
+        }
+        printf("]}\n");
+        llama_model_free(model);
+        return 0;
+    }
 
     const bool add_bos = llama_vocab_get_add_bos(vocab);
     int n_prompt = -llama_tokenize(vocab, prompt.data(), prompt.size(), nullptr, 0, add_bos, false);
