@@ -260,3 +260,35 @@ def test_unsupported_architecture_keeps_the_folder(project: Path, tmp_path: Path
         run_stage(_config(project, gguf="f16", gguf_pre="smollm"), "export")
     _assert_folder_kept(stage_dir(_config(project), "export"))
     shutil.rmtree(stage_dir(_config(project), "export"))
+
+
+def test_a_gguf_source_keeps_every_key_the_new_vocabulary_does_not_touch(tmp_path: Path):
+    import gguf
+    from gguf import GGUFReader
+
+    folder, tok, _ = _folder(tmp_path, "llama_untied", "byte_level")
+    src = tmp_path / "source.gguf"
+    w = gguf.GGUFWriter(str(src), "llama")
+    w.add_license("apache-2.0")
+    w.add_organization("Someone")
+    w.add_array("general.languages", ["en", "zh"])
+    w.add_uint32("llama.context_length", 999)  # the folder's config says 512: the model's own value wins
+    w.add_token_list(["old", "tokens"])  # the vocabulary is the new one
+    w.add_uint32("tokenizer.ggml.padding_token_id", 7)  # the tokenizer's own pad id wins
+    w.add_uint32(
+        "tokenizer.ggml.seperator_token_id", 5
+    )  # (llama.cpp's spelling) the tokenizer has none: kept
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    out = _write(folder, tok, "f16", source_gguf=src)
+    fields = GGUFReader(str(out)).fields
+    assert fields["general.license"].contents() == "apache-2.0"
+    assert fields["general.organization"].contents() == "Someone"
+    assert fields["general.languages"].contents() == ["en", "zh"]
+    assert fields["tokenizer.ggml.padding_token_id"].contents() == tok.pad_token_id != 7
+    assert fields["tokenizer.ggml.seperator_token_id"].contents() == 5
+    assert fields["llama.context_length"].contents() == 512
+    assert len(fields["tokenizer.ggml.tokens"].contents()) == len(tok)
+    assert all(c.ok for c in check_gguf(folder, out, tok))
