@@ -292,3 +292,20 @@ def test_a_gguf_source_keeps_every_key_the_new_vocabulary_does_not_touch(tmp_pat
     assert fields["llama.context_length"].contents() == 512
     assert len(fields["tokenizer.ggml.tokens"].contents()) == len(tok)
     assert all(c.ok for c in check_gguf(folder, out, tok))
+
+
+def test_added_special_tokens_without_a_role_are_control_tokens(tmp_path: Path):
+    from gguf import GGUFReader
+    from tokenizers import AddedToken
+
+    tok = byte_level_tokenizer()
+    tok.add_tokens([AddedToken("<repo_name>", special=True), AddedToken("<plain>", special=False)])
+    folder = save_model_folder(tiny_llama(tok, tied=True), tok, tmp_path / "m")
+    path = _write(folder, tok)
+    fields = GGUFReader(str(path)).fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    repo, plain = tok.convert_tokens_to_ids(["<repo_name>", "<plain>"])
+    assert repo not in tok.all_special_ids  # no role: only its added-token flag says it is special
+    assert (tokens[repo], types[repo]) == ("<repo_name>", 3)  # CONTROL
+    assert (tokens[plain], types[plain]) == ("<plain>", 4)  # USER_DEFINED
+    assert all(c.ok for c in check_gguf(folder, path, tok))

@@ -61,8 +61,9 @@ def _check_tokens(g: _Gguf, tok: Any, folder: Path) -> Check:
     tokens = g.get("tokenizer.ggml.tokens") or []
     types = g.get("tokenizer.ggml.token_type") or []
     model = g.get("tokenizer.ggml.model")
-    special = set(tok.all_special_ids)
     added = tok.added_tokens_decoder
+    # Every added token marked special is a control token to llama.cpp (not only those with a role).
+    special = {i for i, t in added.items() if t.special}
     for i, text in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))):
         have = tokens[i]
         if model == "llama" and i in added and not added[i].special:
