@@ -161,6 +161,7 @@ def test_export_wrote_a_gguf_that_passes_its_checks(run_dir):
     assert len(gguf_checks) == 4 and all(c["ok"] for c in gguf_checks)
 
 
+@pytest.mark.llamacpp
 def test_llamacpp_tokenizes_held_out_text_like_transformers(llama, assets):
     tools, _, gguf, tok, _ = llama
     for domain in ("zh", "en", "code"):
@@ -171,6 +172,7 @@ def test_llamacpp_tokenizes_held_out_text_like_transformers(llama, assets):
             assert any(i >= 49152 for i in want)  # the new tokens are used, not only the old ones
 
 
+@pytest.mark.llamacpp
 def test_llamacpp_greedy_ids_equal_transformers_at_f32_and_f16(llama, assets, tmp_path):
     import json as _json
 
@@ -192,6 +194,7 @@ def test_llamacpp_greedy_ids_equal_transformers_at_f32_and_f16(llama, assets, tm
     assert same_f16 >= 2
 
 
+@pytest.mark.llamacpp
 def test_llamacpp_perplexity_gives_the_same_bits_per_byte(llama, assets):
     from retok.tokens import token_bytes_table
 

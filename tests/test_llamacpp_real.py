@@ -18,7 +18,7 @@ from retok.sources import read_gguf_metadata
 from retok.tokenizer.extend import TrainingText, extend_tokenizer
 from tests.tiny import save_model_folder, tiny_llama
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.llamacpp]
 
 
 def _hf_tokenizer(gguf: Path) -> PreTrainedTokenizerFast:
