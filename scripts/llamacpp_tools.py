@@ -130,11 +130,16 @@ def transformers_greedy(model: Any, prompt_ids: Sequence[int], n: int) -> list[i
     """n argmax tokens after the prompt (end-of-text does not stop it, as in retok-llama)."""
     import torch
 
+    # the KV-cache argument's name differs between transformers versions
+    from retok.evaluate.speed import _cache_kwarg, _cache_of
+
+    kwarg = _cache_kwarg(model)
     out: list[int] = []
     with torch.no_grad():
         res = model(torch.tensor([list(prompt_ids)]), use_cache=True)
         for _ in range(n):
             nxt = int(res.logits[0, -1].argmax())
             out.append(nxt)
-            res = model(torch.tensor([[nxt]]), past_key_values=res.past_key_values, use_cache=True)
+            if len(out) < n:
+                res = model(torch.tensor([[nxt]]), use_cache=True, **{kwarg: _cache_of(res)})
     return out
