@@ -140,10 +140,11 @@ def main() -> None:
     ap.add_argument("--no-verify", action="store_true")
     args = ap.parse_args()
 
-    from retok.config import expand, load_config
+    from retok.config import load_config
     from retok.data import load_domains
     from retok.export.llamacpp import KNOWN_HASHES, chkhsh
-    from retok.sources import load_tokenizer, read_gguf_metadata, resolve_model
+    from retok.export.stage import _old_pre_name, _source_gguf
+    from retok.sources import load_tokenizer, resolve_model
     from retok.stages import stage_dir
 
     if lt.find_bin() is None:
@@ -158,11 +159,8 @@ def main() -> None:
         )
     old_folder = resolve_model(cfg.model, cfg.cache)
     old_tok, new_tok = load_tokenizer(old_folder), load_tokenizer(export)
-    given = Path(expand(cfg.model.path))
-    source = given if given.suffix.lower() == ".gguf" and given.is_file() else None  # its metadata is kept
-    pre = cfg.export.gguf_pre or (
-        read_gguf_metadata(source).get("tokenizer.ggml.pre") if source else KNOWN_HASHES.get(chkhsh(old_tok))
-    )
+    source = _source_gguf(cfg)  # the original GGUF, whose metadata the old GGUF keeps, or None
+    pre = _old_pre_name(cfg) or KNOWN_HASHES.get(chkhsh(old_tok))  # the name export would write
     work = stage_dir(cfg, "export").parent / "bench-llamacpp"
     work.mkdir(parents=True, exist_ok=True)
     docs = load_domains(cfg.data.eval, "data.eval", cfg.eval.max_bytes)
