@@ -176,6 +176,48 @@ def validate_cmd(config: ConfigArg = None, config_opt: ConfigOpt = None, set_: S
     typer.echo(f"config ok: {config_opt or config or '(from --set)'}")
 
 
+@app.command("plan")
+def plan_cmd(
+    config: ConfigArg = None,
+    config_opt: ConfigOpt = None,
+    set_: SetOpt = None,
+    processes: Annotated[
+        int, typer.Option("--processes", "-n", min=1, help="Processes train-io will be launched with.")
+    ] = 1,
+    strategy: Annotated[
+        str | None,
+        typer.Option(help="ddp or fsdp (default: what train.distributed picks for this many processes)."),
+    ] = None,
+    model_config: Annotated[
+        Path | None,
+        typer.Option(help="The model's config.json, when model.path cannot be read here (a hub id offline)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+):
+    """Memory per device for each train-io phase (and the time, when measured) before anything is loaded.
+
+    Exit 1 when the plan does not fit the device (compute.memory_gb, a GPU's memory, or the RAM available)."""
+    import json
+
+    from retok.plan import advice, plan
+
+    cfg = _config(config, config_opt, set_)
+    if strategy not in (None, "ddp", "fsdp", "auto"):
+        raise RetokError(f"--strategy {strategy}: use ddp or fsdp")
+    if strategy == "fsdp" and processes == 1:
+        raise RetokError("--strategy fsdp shards over several processes; give --processes N (N >= 2)")
+    p = plan(cfg, processes, None if strategy == "auto" else strategy, model_config=model_config)
+    if as_json:
+        typer.echo(json.dumps(p.to_json(), indent=2))
+    else:
+        for line in p.lines():
+            typer.echo(line)
+        if not p.fits:
+            typer.echo(f"  to fit: {advice(p, cfg)}")
+    if not p.fits:
+        raise typer.Exit(1)
+
+
 @app.command("init-config")
 def init_config_cmd(
     path: Annotated[Path, typer.Argument(help="Where to write the commented default config.")],

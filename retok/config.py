@@ -86,6 +86,12 @@ class ComputeConfig(_Section):
         "train-io keeps float32 master weights and uses train.mixed_precision on top.",
     )
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads; null = torch's default.")
+    memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of one device that `retok plan` and train-io plan against, in GB (1e9 bytes); null = "
+        "detected (a GPU's total memory; on CPU the RAM available now, shared by the processes of this machine).",
+    )
 
     @field_validator("device")
     @classmethod
@@ -385,6 +391,13 @@ class TrainConfig(_Section):
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
+    )
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="How several processes (accelerate launch / torchrun) share the work. ddp: every device holds "
+        "the whole model (fastest when it fits). fsdp: PyTorch FSDP2 (fully_shard): each decoder layer and the "
+        "rest sharded over the processes, gradients and optimizer states too; the way to train a body that does "
+        "not fit one device. auto: ddp when `retok plan` says it fits each device, else fsdp. One process: plain.",
     )
     loss_chunk_tokens: int = Field(
         1024,

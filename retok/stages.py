@@ -111,6 +111,9 @@ NOT_FINGERPRINTED = {
     "compute.threads": "how fast, not what",
     "compute.device": "where it runs (init-embeddings and train-io); eval-speed's timings do depend on it",
     "train.log_with": "extra trackers of the same run",
+    "train.distributed": "how processes share the work (the same training within float tolerance); a resume "
+    "under another strategy is refused by the checkpoint itself",
+    "compute.memory_gb": "what the memory plan checks against, not what is made",
 }
 
 # The Hugging Face files of a tokenizer folder, plus retok's own metadata of it. init-embeddings copies them
@@ -161,6 +164,11 @@ def fingerprint(cfg: RetokConfig, key: str) -> str:
     """Hash of the fields ``key`` reads and of the fingerprints of its inputs."""
     dump = _unwrap(cfg).model_dump(mode="json")
     st = stage(key)
+    # Leave out what does not change the output, also inside a section read whole (train.distributed).
+    for name in set(NOT_FINGERPRINTED) - set(st.reads):
+        section, _, leaf = name.rpartition(".")
+        if section and isinstance(dump.get(section), dict):
+            dump[section].pop(leaf, None)
     part = {
         "reads": {f: field_value(dump, f) for f in st.reads},
         "inputs": {k: fingerprint(cfg, k) for k in st.inputs},

@@ -35,6 +35,7 @@ from retok.train.params import (
     freeze,
     lr_factor,
     make_optimizer,
+    row_masks,
 )
 from retok.train.state import METRICS, TrainState, load_optimizer, read_state, save_checkpoint
 
@@ -57,6 +58,10 @@ class Run:
     old_tok: Any  # the original model's tokenizer
     tokens_per_step: int
     teacher: Any = None  # retok.teacher.Teacher for the distillation objectives
+    strategy: str = "single"  # single, ddp or fsdp
+    root: Any = (
+        None  # train.distributed fsdp: the sharded root (retok.train.fsdp.ShardedObjective), else None
+    )
     wall_start: float = 0.0  # time.time() when this invocation started
     stop: list[bool] = field(default_factory=lambda: [False])  # set by the Ctrl-C handler
     shown: dict = field(default_factory=dict)  # latest loss / BPB / tokens/s for the progress bar
@@ -80,13 +85,23 @@ def _bpb(run: Run, model: nn.Module, tok: Any, label: str) -> dict[str, float]:
                 window=run.cfg.eval.window,
                 stride=run.cfg.eval.stride,
                 device=run.acc.device,
-                desc=f"bpb {name} ({label})",
+                desc=f"bpb {name} ({label})" if run.acc.is_main_process else None,
             )["bpb"]
     return out
 
 
 def evaluate(run: Run, model: nn.Module, label: str) -> dict[str, float]:
-    """BPB of the model being trained, on the main process; the others wait."""
+    """BPB of the model being trained, on the main process; the others wait. Under FSDP every process runs
+    the (sharded, collective) forward and the main process keeps the figures."""
+    if run.root is not None:
+        from retok.train.fsdp import gathered
+
+        if not run.eval_docs:
+            return {}
+        with gathered(run.root), torch.no_grad():
+            out = _bpb(run, model, run.tok, label)
+        model.train()
+        return out if run.acc.is_main_process else {}
     out = _bpb(run, model, run.tok, label) if run.acc.is_main_process and run.eval_docs else {}
     run.acc.wait_for_everyone()
     return out
@@ -186,6 +201,12 @@ def phases(cfg: RetokConfig) -> list[tuple[Phase, int, int]]:
 
 def _checkpoint(run: Run, model: nn.Module, opt: Any, state: TrainState, phase: Phase) -> None:
     state.wall_seconds = state.wall_before + time.time() - run.wall_start
+    if run.root is not None:
+        from retok.train.fsdp import save_sharded
+
+        state.phase = phase
+        save_sharded(run.state_dir, model, getattr(opt, "optimizer", opt), state, run.acc.process_index)
+        return
     if run.acc.is_main_process:
         state.phase = phase
         save_checkpoint(run.state_dir, model, getattr(opt, "optimizer", opt), state)
@@ -202,7 +223,8 @@ class _Phase:
     warmup: int
     opt: Any
     loss_model: Any
-    masks: dict
+    masks: dict  # weight-decay row masks by id(param) (this process's rows under FSDP)
+    grad_masks: dict  # FSDP: gradient row masks applied after backward (DDP masks through hooks instead)
     trainable: list
     hooks: list
     trimmer: HeapTrimmer | None
@@ -211,12 +233,29 @@ class _Phase:
 def _start_phase(run: Run, phase: Phase, first: int, end: int, resume_optimizer: bool) -> _Phase:
     acc, t, model = run.acc, run.cfg.train, run.model
     hooks = freeze(model, run.io, phase)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    masks, grad_masks = decay_masks(run.io, phase), {}
+    if run.root is not None:
+        from retok.train.fsdp import load_sharded_optimizer, local_masks
+
+        for h in hooks:  # FSDP's gradients never pass these hooks: masked after backward instead
+            h.remove()
+        hooks = []
+        masks = local_masks(masks, trainable)
+        grad_masks = local_masks(row_masks(run.io, phase), trainable)
     opt = make_optimizer(model, run.io, run.cfg, phase)
     if resume_optimizer:
-        load_optimizer(run.state_dir, opt)
+        if run.root is not None:
+            load_sharded_optimizer(run.state_dir, model, opt)
+        else:
+            load_optimizer(run.state_dir, opt)
     warmup = t.warmup_steps if phase == "io" else min(t.warmup_steps, max(1, (end - first) // 10))
-    # DDP (under accelerate launch) is built here, after requires_grad is final for this phase.
-    loss_model, opt = acc.prepare(objective(run, phase), opt)
+    if run.root is not None:
+        run.root.loss = objective(run, phase)
+        loss_model = run.root
+    else:
+        # DDP (under accelerate launch) is built here, after requires_grad is final for this phase.
+        loss_model, opt = acc.prepare(objective(run, phase), opt)
     return _Phase(
         name=phase,
         first=first,
@@ -224,8 +263,9 @@ def _start_phase(run: Run, phase: Phase, first: int, end: int, resume_optimizer:
         warmup=warmup,
         opt=opt,
         loss_model=loss_model,
-        masks=decay_masks(run.io, phase),
-        trainable=[p for p in model.parameters() if p.requires_grad],
+        masks=masks,
+        grad_masks=grad_masks,
+        trainable=trainable,
         hooks=hooks,
         trimmer=HeapTrimmer() if acc.device.type == "cpu" else None,
     )
@@ -240,7 +280,13 @@ def _optimizer_step(
     parts: dict[str, float] = {}
     for k in range(t.grad_accum):
         x = next(batches).to(acc.device)
-        with acc.no_sync(ph.loss_model) if k < t.grad_accum - 1 else nullcontext():
+        last = k == t.grad_accum - 1
+        if run.root is not None:  # FSDP reduces gradients at the last micro-batch only
+            run.root.set_requires_gradient_sync(last)
+            sync = nullcontext()
+        else:
+            sync = acc.no_sync(ph.loss_model) if not last else nullcontext()
+        with sync:
             loss = ph.loss_model(x)
             acc.backward(loss / t.grad_accum if t.grad_accum > 1 else loss)
         losses.append(loss.detach().float())
@@ -262,7 +308,13 @@ def _optimizer_step(
             "without saving, "
             f"{kept}; lower train.lr (embed_lr, head_lr, full.lr) and start over"
         )
-    grad_norm = float(acc.clip_grad_norm_(ph.trainable, t.max_grad_norm)) if t.max_grad_norm else None
+    if run.root is not None:
+        from retok.train.fsdp import grad_norm_clip, mask_grads
+
+        mask_grads(ph.trainable, ph.grad_masks)
+        grad_norm = grad_norm_clip(ph.trainable, t.max_grad_norm) if t.max_grad_norm else None
+    else:
+        grad_norm = float(acc.clip_grad_norm_(ph.trainable, t.max_grad_norm)) if t.max_grad_norm else None
     apply_decay(ph.opt, ph.masks, t.weight_decay)
     ph.opt.step()
     ph.opt.zero_grad(set_to_none=True)

@@ -84,9 +84,13 @@ def freeze(model: nn.Module, io: IOParams, phase: Phase) -> list[Any]:
     return hooks
 
 
-def decay_masks(io: IOParams, phase: Phase) -> dict[int, torch.Tensor]:
+def row_masks(io: IOParams, phase: Phase) -> dict[int, torch.Tensor]:
+    """id(matrix) -> (rows, 1) mask of the rows that may move in ``phase`` (padding rows never do)."""
     rows = io.learn_rows if phase == "io" else torch.arange(io.embed.shape[0]) < io.n_tokens
     return {id(p): _mask_col(rows, p) for p in io.trainable(phase)}
+
+
+decay_masks = row_masks  # weight decay is masked to the same rows
 
 
 def count_params(params: list[nn.Parameter]) -> int:
@@ -137,5 +141,15 @@ def apply_decay(opt: torch.optim.Optimizer, masks: dict[int, torch.Tensor], weig
     for g in opt.param_groups:
         for p in g["params"]:
             m = masks.get(id(p))
-            if m is not None:
-                p.mul_(1.0 - g["lr"] * weight_decay * m)
+            if m is not None:  # a sharded (FSDP) matrix decays the rows this process holds
+                (p.to_local() if hasattr(p, "to_local") else p).mul_(1.0 - g["lr"] * weight_decay * m)
+
+
+def activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute each layer's activations in backward (non-reentrant: works with a frozen body)."""
+    if not on:
+        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+    elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

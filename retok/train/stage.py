@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,12 @@ from retok.train.loop import (
     sigint_handler,
 )
 from retok.train.loss import check_loss_matches
-from retok.train.params import count_params, io_params
+from retok.train.params import activation_checkpointing, count_params, io_params
 from retok.train.state import CKPT, METRICS, STATE_DIR, TrainState, check_state, load_params, mark_finished
 
 # ------------------------------------------------------------------------------------------- set-up
+
+MAX_SHARD_BYTES = 5 * 10**9  # safetensors shards of the trained model (transformers' default size)
 
 
 def _accelerator(cfg: RetokConfig, state_dir: Path) -> Any:
@@ -157,6 +160,24 @@ def _load_init_model(cfg: RetokConfig, init_dir: Path, tok: Any, device: Any) ->
     return model.to(device)
 
 
+def _strategy(cfg: RetokConfig, acc: Any) -> str:
+    """single (one process), ddp or fsdp: train.distributed resolved for this launch."""
+    want, world = cfg.train.distributed, acc.num_processes
+    if world == 1:
+        if want == "fsdp":
+            raise RetokError(
+                "train.distributed fsdp shards the model over several processes, but this is one; launch with "
+                "`accelerate launch --multi_gpu --num_processes N -m retok.cli train-io ...` (or torchrun), or set "
+                "train.distributed: auto"
+            )
+        return "single"
+    if want == "auto":
+        from retok.plan import ddp_fits
+
+        return "ddp" if ddp_fits(cfg, world) else "fsdp"
+    return want
+
+
 def _saved_dtype(folder: Path) -> torch.dtype:
     """The dtype model-init's floating weights are stored in; the trained model is saved in it too."""
     from safetensors import safe_open
@@ -191,7 +212,13 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
 
     # ---- checks that need no model: fail before anything is written
     acc = _accelerator(cfg, state_dir)
-    state = check_state(state_dir, fingerprint(cfg, "model-trained"), resume)
+    strategy = _strategy(cfg, acc)
+    from retok.plan import check_plan
+
+    check_plan(cfg, acc.num_processes, strategy)  # before anything is loaded: refuse what cannot fit
+    state = check_state(
+        state_dir, fingerprint(cfg, "model-trained"), resume, strategy=strategy, world=acc.num_processes
+    )
     tok = _tokenizer(cfg, tok_dir, init_dir)
     new_ids = new_token_ids(tok_dir, len(tok)) if t.trainable == "io_new_rows" else None
     sources = training_sources(cfg)
@@ -203,13 +230,30 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     eval_starts = {d: score_starts([old_tok, tok], texts) for d, texts in eval_docs.items()}
 
     # ---- the model
-    model = _load_init_model(cfg, init_dir, tok, acc.device)
+    root = None
+    if strategy == "fsdp":  # each process reads only its shards of model-init (the parameters are DTensors)
+        from retok.sources import check_rows_cover_tokenizer
+        from retok.train.fsdp import load_sharded
+
+        model, root = load_sharded(
+            init_dir,
+            acc.mixed_precision,
+            acc.device,
+            checkpointing=t.gradient_checkpointing,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+        check_rows_cover_tokenizer(model, tok, f"train-io: {init_dir}")
+    else:
+        model = _load_init_model(cfg, init_dir, tok, acc.device)
+        if t.gradient_checkpointing:
+            activation_checkpointing(model, True)
     io = io_params(model, len(tok), new_ids)
     io.head_learns = t.objective != "distill"
-    check_loss_matches(model, first_block[None].long(), t.loss_chunk_tokens)
+    from retok.train.fsdp import gathered
+
+    with gathered(root) if root is not None else nullcontext():
+        check_loss_matches(model, first_block[None].long(), t.loss_chunk_tokens)
     teacher = _teacher(cfg, model, tok, old_tok) if t.objective != "lm" else None
-    if t.gradient_checkpointing:
-        _activation_checkpointing(model, True)
     run = Run(
         cfg=cfg,
         acc=acc,
@@ -221,6 +265,8 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
         eval_starts=eval_starts,
         old_tok=old_tok,
         teacher=teacher,
+        root=root,
+        strategy=strategy,
         tokens_per_step=t.grad_accum * t.batch_size * t.seq_len * acc.num_processes,
         wall_start=wall0,
     )
@@ -240,6 +286,11 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
         if t.log_with:
             acc.end_training()
 
+    if root is not None:  # every process takes part in gathering the shards; the main one writes
+        from retok.train.fsdp import save_consolidated
+
+        activation_checkpointing(model, False)
+        save_consolidated(model, out, _saved_dtype(init_dir), acc.process_index, MAX_SHARD_BYTES)
     report = _finish(run, state, init_dir, out) if acc.is_main_process else {}
     acc.wait_for_everyone()
     _leave_if_not_main(acc)
@@ -272,7 +323,12 @@ def _start_or_resume(run: Run, state: TrainState | None) -> tuple[TrainState, Me
     acc, io = run.acc, run.io
     run.state_dir.mkdir(parents=True, exist_ok=True)
     if state is not None:
-        load_params(run.state_dir, run.model)
+        if run.root is not None:
+            from retok.train.fsdp import load_sharded_params
+
+            load_sharded_params(run.state_dir, run.model, acc.process_index)
+        else:
+            load_params(run.state_dir, run.model)
         log = MetricsLog(run, keep_until=state.step)
         if acc.is_main_process:
             total = run.cfg.train.max_steps + run.cfg.train.full.steps
@@ -285,6 +341,8 @@ def _start_or_resume(run: Run, state: TrainState | None) -> tuple[TrainState, Me
             fingerprint=fingerprint(run.cfg, "model-trained"),
             trainable_params=count_params(io.trainable("io") + io.biases("io")),
             learning_values=n_rows * io.embed.shape[1] * len(io.trainable("io")),
+            strategy=run.strategy,
+            world_size=acc.num_processes,
         )
         log = MetricsLog(run, keep_until=None)
         state.original = original_bpb(run)
@@ -342,7 +400,9 @@ def _finish(run: Run, state: TrainState, init_dir: Path, out: Path) -> dict:
     acc = run.acc
     state.finished = True
     state.wall_seconds = state.wall_before + time.time() - run.wall_start
-    _save_model(run.model, init_dir, out)
+    if run.root is None:
+        _save_model(run.model, init_dir, out)
+    _copy_tokenizer(init_dir, out)
     shutil.copy2(run.state_dir / METRICS, out / METRICS)
     report = write_report(
         out, run.cfg, state, _last_bpb(out / METRICS), acc.num_processes, str(acc.device), acc.mixed_precision
@@ -379,25 +439,18 @@ def _save_model(model: nn.Module, init_dir: Path, out: Path) -> None:
 
     save_pretrained writes tie_word_embeddings from the config, so a tied model stays tied.
     """
-    _activation_checkpointing(model, False)
+    activation_checkpointing(model, False)
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = True
     model.to(device="cpu", dtype=_saved_dtype(init_dir)).eval()
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=MAX_SHARD_BYTES)
+
+
+def _copy_tokenizer(init_dir: Path, out: Path) -> None:
     for name in TOKENIZER_FILES:
         if (init_dir / name).is_file():
             shutil.copy2(init_dir / name, out / name)
-
-
-def _activation_checkpointing(model: nn.Module, on: bool) -> None:
-    """Recompute each layer's activations in backward (non-reentrant: works with a frozen body)."""
-    if not on:
-        getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
-    elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _leave_if_not_main(acc: Any) -> None:

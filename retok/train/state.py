@@ -42,6 +42,10 @@ class TrainState:
     init: dict[str, float] = field(default_factory=dict)  # held-out BPB before training
     phase: str | None = None  # the phase the saved optimizer moments belong to
     saved: str | None = None  # when the checkpoint was written
+    strategy: str | None = (
+        None  # single, ddp or fsdp (train.distributed as resolved): how the checkpoint is laid out
+    )
+    world_size: int = 1  # processes that trained (an fsdp checkpoint holds one shard per process)
 
     @classmethod
     def from_json(cls, data: dict) -> TrainState:
@@ -141,8 +145,13 @@ def mark_finished(state_dir: Path, state: TrainState) -> None:
     (state_dir / CKPT / STATE_FILE).write_text(json.dumps(asdict(saved), indent=2) + "\n")
 
 
-def check_state(state_dir: Path, fingerprint: str, resume: bool) -> TrainState | None:
-    """What to do with an existing train-state: the state to resume, None to start over, or a refusal."""
+def check_state(
+    state_dir: Path, fingerprint: str, resume: bool, *, strategy: str = "single", world: int = 1
+) -> TrainState | None:
+    """What to do with an existing train-state: the state to resume, None to start over, or a refusal.
+
+    A checkpoint continues only under the strategy and number of processes that wrote it: the data stream is
+    split by process and an FSDP checkpoint holds one shard per process."""
     state = read_state(state_dir)
     if resume:
         if state is None:
@@ -155,6 +164,13 @@ def check_state(state_dir: Path, fingerprint: str, resume: bool) -> TrainState |
             raise RetokError(
                 f"--resume: {state_dir} was made by a different config (fingerprint {state.fingerprint}, "
                 f"this config {fingerprint}); resume with the config that made it, or remove {state_dir} to start over"
+            )
+        saved = (state.strategy or "single", state.world_size)
+        if state.strategy is not None and saved != (strategy, world):
+            raise RetokError(
+                f"--resume: {state_dir} was saved by {saved[1]} process(es) under {saved[0]}; this launch is {world} "
+                f"under {strategy}; relaunch with --num_processes {saved[1]} and train.distributed: "
+                f"{'auto' if saved[0] == 'single' else saved[0]}, or remove {state_dir} to start over"
             )
         return state
     if state is not None and not state.finished:

@@ -1,0 +1,209 @@
+"""train-io under FSDP2 (train.distributed: fsdp) with 2 CPU processes (gloo), launched by `accelerate launch`.
+
+- the io phase and the joint phase give the same losses and weights as one process (which does the same
+  work as grad_accum 2), and the folder loads with plain transformers;
+- the body stays bit-identical in the io phase, and old rows too with objective distill;
+- stop after a checkpoint, resume: the final weights equal an uninterrupted run's;
+- bad input: fsdp on one process, a resume under another world size or strategy: one line, exit 2, the
+  checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from retok.config import to_yaml, validate_dict
+from retok.pipeline import run_all
+from retok.stages import stage_dir
+from tests.tiny import tiny_project
+
+ROOT = Path(__file__).resolve().parents[1]
+BODY = "model.layers."
+
+
+def _project(tmp: Path, tied: bool = False, **train) -> tuple:
+    settings = {"objective": "lm", "max_steps": 4, "eval_every": 2, "save_every": 2, "lr": 3e-3, **train}
+    # No head fit (it is not what these tests are about); tied: one matrix serves embedding and head.
+    init = {"fit_head": False, "untie_head": not tied, "eval_bpb": False}
+    cfg = validate_dict(tiny_project(tmp, train=settings, init=init))
+    run_all(cfg, only=["tokenizer", "model-init"])
+    path = tmp / "cfg.yaml"
+    path.write_text(to_yaml(cfg))
+    return cfg, path
+
+
+def _launch(
+    path: Path, *args: str, processes: int = 2, stop_at: int | None = None
+) -> subprocess.CompletedProcess:
+    """`accelerate launch` with no GPU visible: the torchrun launcher starts CPU processes that use gloo."""
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    entry = ["-m", "retok.cli"] if stop_at is None else [str(ROOT / "tests" / "fsdp_stop.py"), str(stop_at)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--main_process_port", str(29500 + (os.getpid() + hash(str(path))) % 2000)]
+    return subprocess.run(
+        [*cmd, *entry, "train-io", "--config", str(path), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+
+
+def _retok(path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "retok.cli", "train-io", "--config", str(path), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_fsdp_matches_one_process_in_both_phases(tmp_path):
+    """2 processes x grad_accum 1 under FSDP == 1 process x grad_accum 2: the same micro-batches make each step."""
+    from transformers import AutoModelForCausalLM
+
+    common = {"full": {"steps": 2, "lr": 1e-3}, "batch_size": 2, "tied": True}
+    one, _ = _project(tmp_path / "one", grad_accum=2, **common)
+    run_all(one, only=["model-trained"])
+    two, path = _project(tmp_path / "two", grad_accum=1, distributed="fsdp", **common)
+
+    res = _launch(path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    a, b = stage_dir(one, "model-trained"), stage_dir(two, "model-trained")
+    rep = json.loads((b / "train_report.json").read_text())
+    assert rep["processes"] == 2 and rep["steps"] == 6
+
+    la = [(r["step"], r["phase"], r["loss"]) for r in _metrics(a) if "loss" in r]
+    lb = [(r["step"], r["phase"], r["loss"]) for r in _metrics(b) if "loss" in r]
+    assert [x[:2] for x in la] == [x[:2] for x in lb] and {x[1] for x in la} == {"io", "all"}
+    for (_, _, x), (_, _, y) in zip(la, lb, strict=True):
+        assert y == pytest.approx(x, rel=1e-5)
+    ba = [r["bpb"] for r in _metrics(a) if "bpb" in r]
+    bb = [r["bpb"] for r in _metrics(b) if "bpb" in r]
+    for x, y in zip(ba, bb, strict=True):
+        assert y == pytest.approx(x, rel=1e-5)
+
+    wa, wb = _weights(a), _weights(b)
+    assert (
+        wa.keys() == wb.keys() and "lm_head.weight" not in wb
+    )  # tied: one matrix, as save_pretrained writes
+    init_w = _weights(stage_dir(two, "model-init"))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-6)
+        if name.startswith(BODY):
+            assert not torch.equal(wb[name], init_w[name]), name  # the joint phase trained the body
+    # plain transformers loads the consolidated folder and gives the one-process model's outputs
+    ma = AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32)
+    mb = AutoModelForCausalLM.from_pretrained(b, dtype=torch.float32)
+    assert mb.config.tie_word_embeddings is True
+    x = torch.arange(1, 30)[None]
+    torch.testing.assert_close(mb(x).logits, ma(x).logits, rtol=1e-4, atol=1e-4)
+    assert (b / "tokenizer.json").is_file() and (b / "train_report.md").is_file()
+
+
+def test_fsdp_distill_resume_is_exact_and_the_body_stays(tmp_path):
+    """The default objective (distill: only new input rows learn) under FSDP: stop after a checkpoint, resume,
+    and the weights equal an uninterrupted run's; the body and the old rows never change."""
+    settings = {
+        "objective": "distill",
+        "distributed": "fsdp",
+        "max_steps": 6,
+        "save_every": 2,
+        "eval_every": 3,
+    }
+    whole_cfg, whole_path = _project(tmp_path / "whole", **settings)
+    res = _launch(whole_path)
+    assert res.returncode == 0, res.stderr[-4000:]
+    whole = _weights(stage_dir(whole_cfg, "model-trained"))
+    init = _weights(stage_dir(whole_cfg, "model-init"))
+    new_ids = json.loads((stage_dir(whole_cfg, "tokenizer") / "retok_tokenizer.json").read_text())["new_ids"]
+    moved = torch.zeros(init["model.embed_tokens.weight"].shape[0], dtype=torch.bool)
+    moved[new_ids] = True
+    for name, t in init.items():
+        if name == "model.embed_tokens.weight":
+            assert torch.equal(whole[name][~moved], t[~moved])  # old and padding rows bit for bit
+            assert not torch.equal(whole[name][moved], t[moved])
+        else:
+            assert torch.equal(whole[name], t), name  # body, norm and (distill) head bit for bit
+
+    cfg, path = _project(tmp_path / "cut", **settings)
+    res = _launch(path, stop_at=2)  # Ctrl-C after step 2: the processes stop together after step 3
+    # the main process leaves with 130 once every process has saved; the launcher then ends the other one
+    assert res.returncode != 0 and "checkpoint at step 3 saved" in res.stdout, res.stderr[-4000:]
+    ckpt = cfg.out / "train-state" / "checkpoint"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert (state["step"], state["strategy"], state["world_size"]) == (3, "fsdp", 2)
+    assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2  # one shard file per process
+    assert not stage_dir(cfg, "model-trained").exists()
+
+    # a resume under another world size or strategy is refused, and the checkpoint is left as it was
+    before = _digest(ckpt)
+    one = _retok(path, "--resume", "--set", "train.distributed=auto")
+    assert one.returncode == 2 and len(one.stderr.strip().splitlines()) == 1, one.stderr[-3000:]
+    assert "was saved by 2 process(es) under fsdp; this launch is 1 under single" in one.stderr
+    # under the launcher every process says the same line and exits 2 (torchrun then reports the failure)
+    ddp = _launch(path, "--resume", "--set", "train.distributed=ddp")
+    said = [ln for ln in ddp.stderr.splitlines() if ln.startswith("error: --resume:")]
+    assert (
+        said
+        and "this launch is 2 under ddp; relaunch with --num_processes 2 and train.distributed: fsdp"
+        in said[0]
+    )
+    assert ddp.returncode != 0 and "exitcode: 2" in ddp.stderr
+    assert _digest(ckpt) == before
+
+    res = _launch(path, "--resume")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "resuming at step 3" in res.stdout
+    resumed = _weights(stage_dir(cfg, "model-trained"))
+    assert resumed.keys() == whole.keys()
+    for name, t in whole.items():
+        assert torch.equal(resumed[name], t), name
+
+
+def test_fsdp_on_one_process_is_refused(tmp_path):
+    cfg, path = _project(tmp_path, distributed="fsdp")
+    res = _retok(path)
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith(
+        "error: train.distributed fsdp shards the model over several processes"
+    )
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert (
+        not stage_dir(cfg, "model-trained").exists() and not (cfg.out / "train-state" / "checkpoint").exists()
+    )
