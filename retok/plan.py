@@ -155,7 +155,8 @@ def _model_config(cfg: RetokConfig, model_config: Path | None) -> tuple[Any, str
             raise RetokError(
                 f"--model-config {model_config}: no config.json there; give the model's config.json"
             )
-        conf = AutoConfig.for_model(**json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        conf = AutoConfig.for_model(data.pop("model_type"), **data)
         return conf, str(model_config)
     from retok.sources import resolve_model
 
@@ -248,7 +249,8 @@ def model_shape(cfg: RetokConfig, model_config: Path | None = None) -> Shape:
 def _device(cfg: RetokConfig) -> str:
     from retok.sources import pick_device
 
-    return pick_device(cfg.compute.device)
+    asked = cfg.compute.device
+    return asked if asked.startswith(("cuda", "mps")) else pick_device(asked)  # plan for a GPU from anywhere
 
 
 def device_capacity(cfg: RetokConfig, device: str, local_processes: int) -> tuple[int | None, str]:
@@ -386,24 +388,24 @@ def _process_items(cfg: RetokConfig, s: Shape, device: str) -> list[Item]:
 
 
 def _bpb_phase(cfg: RetokConfig, s: Shape, strategy: str, n: int, device: str) -> PhasePlan:
-    """The main process while it measures held-out BPB: the training model plus the original model (fp32)."""
+    """The main process while it measures held-out BPB before step 1: the training model plus the original
+    (loaded whole, fp32; under FSDP the shared sharded body runs with the old embedding and head instead)."""
     emb = s.new_rows * s.hidden
     params = s.body + emb + (0 if s.new_tied else emb)
-    old_params = s.body + s.old_rows * s.hidden * (1 if s.old_tied else 2)
-    window = cfg.eval.window
+    old_io = s.old_rows * s.hidden * (1 if s.old_tied else 2)
     if strategy == "fsdp":
-        weights = Item(
-            "weights",
-            4 * params // n + (params - s.body) * 4 + 2 * s.layer_params * 4,
-            "shards + gathered root",
-        )
+        gathered = (params - s.body) * 4 + 2 * s.layer_params * 4
+        items = [
+            Item("weights", 4 * params // n + gathered, "shards + gathered root"),
+            Item("old embedding/head", 4 * old_io, "the original's BPB through the shared body"),
+        ]
     else:
-        weights = Item("weights", 4 * params, "the model being trained")
-    items = [
-        weights,
-        Item("original model", 4 * old_params, "loaded for the original's BPB before step 1"),
-        Item("logits", window * max(s.new_rows, s.old_rows) * 4 * 3, f"{window}-token window, fp32"),
-    ]
+        items = [
+            Item("weights", 4 * params, "the model being trained"),
+            Item("original model", 4 * (s.body + old_io), "loaded for the original's BPB"),
+        ]
+    window = cfg.eval.window
+    items.append(Item("logits", window * max(s.new_rows, s.old_rows) * 4 * 3, f"{window}-token window, fp32"))
     items += _process_items(cfg, s, device)
     return PhasePlan("bpb", "held-out BPB on the main process (before training)", items)
 

@@ -106,6 +106,26 @@ class Teacher:
         return head_logits(self.model, states, self.head)
 
 
+class OriginalLM(nn.Module):
+    """The teacher as a causal LM (``model(input_ids=...).logits``), for measuring the original model's
+    held-out BPB without loading it: under FSDP the body exists only as shards, and a 70B original would not
+    fit one device anyway. The same numbers as the original checkpoint while the body is still frozen."""
+
+    def __init__(self, teacher: Teacher) -> None:
+        super().__init__()
+        self.model = teacher.model
+        self.teacher = teacher
+
+    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **_: Any) -> Any:
+        from types import SimpleNamespace
+
+        with torch.no_grad():
+            states = self.teacher.forward(input_ids).last
+            if logits_to_keep:
+                states = states[:, -logits_to_keep:]
+            return SimpleNamespace(logits=self.teacher.logits(states))
+
+
 def load_teacher(model: nn.Module, original_dir: Any, *, trust_remote_code: bool = False) -> Teacher:
     """The teacher for ``model`` from the original checkpoint's embedding and head (nothing else is read)."""
     from retok.model_io import read_io_matrices

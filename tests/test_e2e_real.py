@@ -210,3 +210,39 @@ def test_llamacpp_perplexity_gives_the_same_bits_per_byte(llama, assets):
         llama_bpb = tools.bpb_from_ppl(tools.perplexity(gguf, text, n_ctx), ids, n_ctx, table)
         hf_bpb = tools.transformers_bpb(model, ids, n_ctx, table, bos=None)
         assert abs(llama_bpb / hf_bpb - 1) < 0.01, (domain, llama_bpb, hf_bpb)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_plan_is_within_20_percent_of_measured_peak_memory(run_dir, tmp_path, processes):
+    """`retok plan` for SmolLM2-135M + 1,000 new tokens against train-io's own peak resident memory, one process
+    and FSDP over two (gloo), each train-io in processes of its own."""
+    import os
+    import shutil
+
+    from retok.config import load_config
+    from retok.plan import plan
+
+    out = tmp_path / "run"
+    for stage in ("tokenizer", "model-init"):
+        shutil.copytree(run_dir / "run" / stage, out / stage)
+    sets = [f"output_dir={out}", "train.eval_every=2", "train.max_steps=2"]
+    if processes == 2:
+        sets.append("train.distributed=fsdp")
+    cfg = load_config(run_dir / "cfg.yaml", sets)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(3 - processes))
+    if processes == 1:
+        cmd = [sys.executable, "-m", "retok.cli", "train-io", str(path)]
+    else:
+        launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+        cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+        cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29641"]
+        cmd += ["-m", "retok.cli", "train-io", str(path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((out / "model-trained" / "train_report.json").read_text())
+    assert report["processes"] == processes
+    planned = plan(cfg, processes).peak
+    measured = report["peak_rss_mb"] * 2**20
+    assert abs(planned / measured - 1) <= 0.2, (planned, measured)

@@ -98,8 +98,9 @@ def test_fsdp_matches_one_process_in_both_phases(tmp_path):
     from transformers import AutoModelForCausalLM
 
     common = {"full": {"steps": 2, "lr": 1e-3}, "batch_size": 2, "tied": True}
-    one, _ = _project(tmp_path / "one", grad_accum=2, **common)
-    run_all(one, only=["model-trained"])
+    one, one_path = _project(tmp_path / "one", grad_accum=2, **common)
+    res = _retok(one_path)  # its own process, so that its report's peak memory is its own
+    assert res.returncode == 0, res.stderr[-3000:]
     two, path = _project(tmp_path / "two", grad_accum=1, distributed="fsdp", **common)
 
     res = _launch(path)
@@ -134,6 +135,14 @@ def test_fsdp_matches_one_process_in_both_phases(tmp_path):
     x = torch.arange(1, 30)[None]
     torch.testing.assert_close(mb(x).logits, ma(x).logits, rtol=1e-4, atol=1e-4)
     assert (b / "tokenizer.json").is_file() and (b / "train_report.md").is_file()
+
+    # retok plan's peak per device against the peak each run measured (the main process's resident memory)
+    from retok.plan import plan
+
+    for cfg, folder, n in ((one, a, 1), (two, b, 2)):
+        planned = plan(cfg, n).peak
+        measured = json.loads((folder / "train_report.json").read_text())["peak_rss_mb"] * 2**20
+        assert abs(planned / measured - 1) <= 0.2, (n, planned, measured)
 
 
 def test_fsdp_distill_resume_is_exact_and_the_body_stays(tmp_path):

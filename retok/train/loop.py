@@ -112,6 +112,20 @@ def original_bpb(run: Run) -> dict[str, float]:
     from retok.sources import load_model, resolve_model
 
     out: dict[str, float] = {}
+    if (
+        run.root is not None and run.eval_docs
+    ):  # FSDP: the shared sharded body with the old embedding and head
+        from retok.teacher import OriginalLM, load_teacher
+        from retok.train.fsdp import gathered
+
+        m = run.cfg.model
+        teacher = run.teacher or load_teacher(
+            run.model, resolve_model(m, run.cfg.cache), trust_remote_code=m.trust_remote_code
+        )
+        with gathered(run.root):
+            out = _bpb(run, OriginalLM(teacher), run.old_tok, "original")
+        run.model.train()
+        return out if run.acc.is_main_process else {}
     if run.acc.is_main_process and run.eval_docs:
         m = run.cfg.model
         folder = resolve_model(m, run.cfg.cache)
