@@ -290,8 +290,8 @@ def _measured_tps(cfg: RetokConfig) -> float | None:
     if rep.is_file():
         try:
             r = json.loads(rep.read_text())
-            if r.get("tokens_seen") and r.get("train_seconds"):
-                return r["tokens_seen"] / r["train_seconds"]
+            if r.get("tokens_per_second"):
+                return float(r["tokens_per_second"])
         except (ValueError, TypeError, KeyError):
             pass
     log = cfg.out / "train-state" / "metrics.jsonl"

@@ -25,6 +25,7 @@ CORE = (
     "headfit",
     "metrics",
     "model_io",
+    "plan",
     "safetensors_io",
     "sources",
     "stages",
