@@ -151,12 +151,23 @@ def write_report(
         "grad_accum": t.grad_accum,
         "objective": t.objective,
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu_mb(),
+        "strategy": state.strategy,
         "curve": CURVE,
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(out / CURVE, losses, evals, bpb)
     (out / "train_report.md").write_text(_markdown(report, cfg), encoding="utf-8")
     return report
+
+
+def peak_gpu_mb() -> float | None:
+    """The most GPU memory torch's allocator held at once in this process, in MB (None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_reserved() / (1 << 20)
 
 
 def peak_rss_mb() -> float:
