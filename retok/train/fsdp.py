@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from torch import nn
 
 from retok.errors import RetokError
 from retok.train.params import activation_checkpointing
-from retok.train.state import CKPT, STATE_FILE, TrainState
+from retok.train.state import CKPT, TrainState, swap_in
 
 DCP_DIR = "dcp"  # inside the checkpoint folder: torch.distributed.checkpoint's files
 
@@ -244,14 +242,7 @@ def save_sharded(state_dir: Path, model: nn.Module, opt: Any, state: TrainState,
     save_file({"rng.cpu": torch.get_rng_state()}, str(tmp / f"rng-{rank}.safetensors"))
     dist.barrier()
     if rank == 0:
-        state.saved = time.strftime("%Y-%m-%dT%H:%M:%S")
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-        final, old = state_dir / CKPT, state_dir / f".{CKPT}-old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(state_dir, tmp, state)
     dist.barrier()
 
 

@@ -83,6 +83,12 @@ def save_checkpoint(state_dir: Path, model: nn.Module, opt: torch.optim.Optimize
     save_file(
         tensors, str(tmp / "optimizer.safetensors"), metadata={"param_groups": json.dumps(sd["param_groups"])}
     )
+    swap_in(state_dir, tmp, state)
+
+
+def swap_in(state_dir: Path, tmp: Path, state: TrainState) -> None:
+    """Write the position into the finished temporary checkpoint ``tmp`` and make it THE checkpoint: the old one
+    is renamed away first and removed last, so a crash at any point leaves one whole checkpoint."""
     state.saved = time.strftime("%Y-%m-%dT%H:%M:%S")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     final, old = state_dir / CKPT, state_dir / f".{CKPT}-old"
