@@ -146,11 +146,12 @@ def test_fsdp_matches_one_process_in_both_phases(tmp_path):
 
 
 def test_fsdp_distill_resume_is_exact_and_the_body_stays(tmp_path):
-    """The default objective (distill: only new input rows learn) under FSDP: stop after a checkpoint, resume,
-    and the weights equal an uninterrupted run's; the body and the old rows never change."""
+    """The default objective (distill: only new input rows learn) under FSDP with activation checkpointing: stop
+    after a checkpoint, resume, and the weights equal an uninterrupted run's; the body and old rows never change."""
     settings = {
         "objective": "distill",
         "distributed": "fsdp",
+        "gradient_checkpointing": True,
         "max_steps": 6,
         "save_every": 2,
         "eval_every": 3,
