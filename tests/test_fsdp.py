@@ -37,12 +37,23 @@ def _project(tmp: Path, tied: bool = False, rows_odd: bool = False, **train) -> 
     init = {"fit_head": False, "untie_head": not tied, "eval_bpb": False}
     sections = {"train": settings, "init": init}
     if rows_odd:  # 553 embedding rows: the two processes hold 277 and 276 of them
-        sections |= {"init": {**init, "pad_to_multiple_of": 1}, "tokenizer": {"new_tokens": 41, "domains": ["zh"]}}
+        sections |= {
+            "init": {**init, "pad_to_multiple_of": 1},
+            "tokenizer": {"new_tokens": 41, "domains": ["zh"]},
+        }
     cfg = validate_dict(tiny_project(tmp, **sections))
     run_all(cfg, only=["tokenizer", "model-init"])
     path = tmp / "cfg.yaml"
     path.write_text(to_yaml(cfg))
     return cfg, path
+
+
+def _env() -> dict[str, str]:
+    """A clean environment for the runs: what earlier tests left in this process's environment (thread counts,
+    library switches) must not change the runs' speed or memory, which test_fsdp_matches... compares with the plan."""
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "RETOK_CACHE", "RETOK_REQUIRE_REAL", "HF_HOME")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    return env | {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def _launch(
@@ -51,7 +62,7 @@ def _launch(
     """`accelerate launch` with no GPU visible: the torchrun launcher starts CPU processes that use gloo."""
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     entry = ["-m", "retok.cli"] if stop_at is None else [str(ROOT / "tests" / "fsdp_stop.py"), str(stop_at)]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = _env()
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1"]
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += ["--main_process_port", str(29500 + (os.getpid() + hash(str(path))) % 2000)]
@@ -66,7 +77,7 @@ def _launch(
 
 
 def _retok(path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
+    env = _env()
     return subprocess.run(
         [sys.executable, "-m", "retok.cli", "train-io", "--config", str(path), *args],
         env=env,

@@ -171,9 +171,21 @@ def peak_gpu_mb() -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident memory so far (Linux/macOS), in MB."""
+    """The process's peak resident memory so far (Linux/macOS), in MB.
+
+    On Linux this is VmHWM, the high-water mark of this program's own memory: ru_maxrss would also count the
+    parent it was started from (the kernel carries the peak across exec, so a run launched from a large
+    process, a test runner or a notebook, would report that process's peak)."""
     import resource
     import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
