@@ -54,6 +54,10 @@ class ShardedObjective(nn.Module):
         self.model = model
         object.__setattr__(self, "loss", None)
 
+    def use(self, loss: nn.Module) -> None:
+        """The loss of the phase that starts (not registered as a submodule: it holds the same model)."""
+        object.__setattr__(self, "loss", loss)
+
     def forward(self, batch: Any) -> torch.Tensor:
         return self.loss(batch)
 

@@ -265,7 +265,7 @@ def _start_phase(run: Run, phase: Phase, first: int, end: int, resume_optimizer:
             load_optimizer(run.state_dir, opt)
     warmup = t.warmup_steps if phase == "io" else min(t.warmup_steps, max(1, (end - first) // 10))
     if run.root is not None:
-        run.root.loss = objective(run, phase)
+        run.root.use(objective(run, phase))
         loss_model = run.root
     else:
         # DDP (under accelerate launch) is built here, after requires_grad is final for this phase.
