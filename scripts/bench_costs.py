@@ -420,6 +420,11 @@ def _r(v: float | None) -> float | None:
     return None if v is None else round(v, 3)
 
 
+def _x(v: float) -> str:
+    """An exponent as "x^1.02" (never "x^-0.00")."""
+    return "x^" + f"{round(v, 2) + 0.0:.2f}"
+
+
 def analyse(curve: Curve, points: list[dict], max_exponent: float) -> dict:
     """Growth exponents, the verdict in words, and whether time grows clearly worse than linear.
 
@@ -447,11 +452,11 @@ def analyse(curve: Curve, points: list[dict], max_exponent: float) -> dict:
     limit = max_exponent + expected - 1.0
     worse = t_exp > limit and c_exp > limit
 
-    exps = f"x^{t_exp:.2f} wall, x^{c_exp:.2f} CPU"
+    exps = f"{_x(t_exp)} wall, {_x(c_exp)} CPU"
     if curve.name == "train-seqlen":
         tps = [p["tokens_per_second"] for p in points]
         words = [
-            f"time per block {exps}, the model's FLOPs per block x^{expected:.2f} (attention's T^2 term): "
+            f"time per block {exps}, the model's FLOPs per block {_x(expected)} (attention's T^2 term): "
             + ("worse than the FLOPs" if worse else "as the FLOPs")
             + f"; {tps[0]:.0f} -> {tps[-1]:.0f} tokens/s"
         ]
@@ -459,10 +464,12 @@ def analyse(curve: Curve, points: list[dict], max_exponent: float) -> dict:
         words = [f"time worse than linear in {curve.what} ({exps})"]
     elif t_exp >= 0.85 or c_exp >= 0.85:
         words = [f"time linear in {curve.what} ({exps})"]
+    elif t_exp < 0.15 and c_exp < 0.15:
+        words = [f"time nearly independent of {curve.what} ({exps})"]
     else:
         words = [f"time sublinear in {curve.what} ({exps}: fixed costs weigh at the small end)"]
     if fit.get("learn_time_exponent") is not None:
-        words.append(f"the learning phase alone x^{fit['learn_time_exponent']:.2f}")
+        words.append(f"the learning phase alone {_x(fit['learn_time_exponent'])}")
     if "new_tokens_learned" in points[0]:
         # tokenizer-vocab: fewer than asked; tokenizer-corpus: fewer than the larger corpora learn.
         most = max(p["new_tokens_learned"] for p in points)
@@ -478,17 +485,17 @@ def analyse(curve: Curve, points: list[dict], max_exponent: float) -> dict:
             )
     peaks = [p["peak_rss_mb"] for p in points]
     flat = flat_from(xs, peaks)
-    if m_exp < 0.1:
+    if max(peaks) <= 1.15 * min(peaks):
         words.append(f"peak memory flat ({min(peaks):.0f}-{max(peaks):.0f} MB)")
     elif flat is not None:
-        words.append(f"peak memory x^{m_exp:.2f}, flat beyond {_fmt(flat, curve.name)} ({peaks[-1]:.0f} MB)")
+        words.append(f"peak memory {_x(m_exp)}, flat beyond {_fmt(flat, curve.name)} ({peaks[-1]:.0f} MB)")
     else:
         per = (peaks[-1] - peaks[0]) / (xs[-1] - xs[0])
         unit = "MB of text" if curve.name == "tokenizer-corpus" else "step of x"
         if curve.name in ("init-vocab", "tokenizer-vocab"):
             per, unit = per * 1000, "1,000 " + ("rows" if curve.name == "init-vocab" else "tokens")
         words.append(
-            f"peak memory x^{m_exp:.2f} ({peaks[0]:.0f} -> {peaks[-1]:.0f} MB, +{per:.1f} MB per {unit})"
+            f"peak memory {_x(m_exp)} ({peaks[0]:.0f} -> {peaks[-1]:.0f} MB, +{per:.1f} MB per {unit})"
         )
     return {**fit, "time_limit": _r(limit), "verdict": "; ".join(words), "worse_than_linear": worse}
 
@@ -501,6 +508,7 @@ def plot(curve: Curve, entry: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     pts = entry["points"]
     xs = [p["x"] for p in pts]
@@ -521,8 +529,11 @@ def plot(curve: Curve, entry: dict, path: Path) -> None:
         )
     ylabel = "seconds per block" if curve.name == "train-seqlen" else "wall seconds"
     ax_t.set(xscale="log", yscale="log", xlabel=curve.x_label, ylabel=ylabel)
+    ax_t.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax_t.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+    ax_t.yaxis.set_minor_locator(ticker.NullLocator())
     ax_t.set_title(
-        f"time: x^{entry['time_exponent']:.2f} (CPU x^{entry['cpu_time_exponent']:.2f})"
+        f"time: {_x(entry['time_exponent'])} (CPU {_x(entry['cpu_time_exponent'])})"
         if entry.get("time_exponent") is not None
         else "time"
     )
@@ -537,12 +548,15 @@ def plot(curve: Curve, entry: dict, path: Path) -> None:
             )
     ax_m.plot(xs, [p["peak_rss_mb"] for p in pts], marker="o", label="peak RSS (process)")
     ax_m.plot(xs, [max(p["added_rss_mb"], 1.0) for p in pts], marker=".", ls="--", label="above the baseline")
-    ax_m.set(xscale="log", yscale="log", xlabel=curve.x_label, ylabel="MB")
+    # Memory on a linear axis from 0: a flat line there is flat, and growth shows at its true size.
+    ax_m.set(
+        xscale="log", xlabel=curve.x_label, ylabel="MB", ylim=(0, 1.1 * max(p["peak_rss_mb"] for p in pts))
+    )
     mexp = entry.get("memory_exponent")
-    ax_m.set_title(f"peak memory: x^{mexp:.2f}" if mexp is not None else "peak memory")
+    ax_m.set_title(f"peak memory: {_x(mexp)}" if mexp is not None else "peak memory")
     for ax in (ax_t, ax_m):
         ax.set_xticks(xs, [_fmt(x, curve.name) for x in xs])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"retok {curve.name}: {entry['verdict']}", fontsize=8, wrap=True)
@@ -583,8 +597,11 @@ def main() -> None:
     ap.add_argument(
         "--cheap-seconds",
         type=float,
-        default=30.0,
-        help="a point whose first run took longer than this runs once",
+        default=45.0,
+        help="a point whose first run (the whole subprocess) took longer than this runs once",
+    )
+    ap.add_argument(
+        "--replot", action="store_true", help="no runs: verdicts, PNGs and tables again from the saved JSON"
     )
     ap.add_argument("--points", type=int, nargs="+", default=None, help="the inputs of a single --curve")
     ap.add_argument("--new-tokens", type=int, default=16000, help="tokenizer-corpus: new tokens (fixed)")
@@ -638,9 +655,17 @@ def main() -> None:
     )
 
     results: dict[str, dict] = {}
-    for name in names:
+    store = a.out / "cost-curves.json"
+    if a.replot:
+        saved = json.loads(store.read_text(encoding="utf-8"))["curves"]
+        for name in names:
+            if name in saved:
+                points = saved[name]["points"]
+                results[name] = {**saved[name], **analyse(CURVES[name], points, a.max_exponent)}
+    for name in [] if a.replot else names:
         curve = CURVES[name]
         xs = list(a.points or (curve.quick_points if a.quick else curve.points))
+        t0 = time.time()
         # Inputs first (not timed), in a subprocess of their own: a child's ru_maxrss starts from its parent's
         # peak RSS (Linux carries the high-water mark across fork + exec), so this process must stay small.
         prep = subprocess.run(
@@ -654,7 +679,7 @@ def main() -> None:
         runs: dict[int, list[dict]] = {x: [] for x in xs}
         for r in range(repeats):
             for x in xs:
-                if r and runs[x][0]["seconds"] > a.cheap_seconds:
+                if r and runs[x][0]["process_seconds"] > a.cheap_seconds:
                     continue
                 res = run_point(name, x, a)
                 runs[x].append(res)
@@ -665,47 +690,55 @@ def main() -> None:
                     flush=True,
                 )
         points = [median_point(x, runs[x]) for x in xs]
-        results[name] = {"x_label": curve.x_label, "points": points, **analyse(curve, points, a.max_exponent)}
+        measured = {
+            "date": datetime.date.today().isoformat(),
+            "cpus": os.cpu_count(),
+            "command": "python scripts/bench_costs.py " + " ".join(sys.argv[1:]),
+            "minutes": round((time.time() - t0) / 60, 1),
+            "settings": {
+                "new_tokens": a.new_tokens,
+                "vocab_corpus_mb": a.vocab_corpus_mb,
+                "tokens_per_step": a.tokens_per_step,
+                "train_timed_steps": a.train_steps,
+                "repeats": repeats,
+                "cheap_seconds": a.cheap_seconds,
+            },
+        }
+        results[name] = {
+            "x_label": curve.x_label,
+            "points": points,
+            "measured": measured,
+            **analyse(curve, points, a.max_exponent),
+        }
+        # Saved curve by curve: a run stopped later keeps what it measured.
+        a.out.mkdir(parents=True, exist_ok=True)
+        saved = json.loads(store.read_text(encoding="utf-8")) if store.is_file() else {}
+        saved.setdefault("curves", {})[name] = results[name]
+        saved["curves"] = {k: saved["curves"][k] for k in CURVES if k in saved["curves"]}
+        store.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
+        plot(curve, results[name], a.out / f"{name}.png")
 
-    a.out.mkdir(parents=True, exist_ok=True)
-    store = a.out / "cost-curves.json"
-    saved = json.loads(store.read_text()) if store.is_file() else {}
-    meta = {
-        "date": datetime.date.today().isoformat(),
-        "cpus": os.cpu_count(),
-        "command": "python scripts/bench_costs.py " + " ".join(sys.argv[1:]),
-        "minutes": round((time.time() - start) / 60, 1),
-        "settings": {
-            "new_tokens": a.new_tokens,
-            "vocab_corpus_mb": a.vocab_corpus_mb,
-            "tokens_per_step": a.tokens_per_step,
-            "train_timed_steps": a.train_steps,
-            "repeats": repeats,
-            "quick": a.quick,
-        },
-    }
+    if a.replot:
+        saved = json.loads(store.read_text(encoding="utf-8"))
+        saved["curves"].update(results)
+        store.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
+        for name, entry in results.items():
+            plot(CURVES[name], entry, a.out / f"{name}.png")
     for name, entry in results.items():
-        entry.update(measured=meta)
-        saved.setdefault("curves", {})[name] = entry
-        plot(CURVES[name], entry, a.out / f"{name}.png")
         table(name, entry)
-    saved["curves"] = {k: saved["curves"][k] for k in CURVES if k in saved["curves"]}
-    store.write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
     print(
         f"\nbench_costs: {len(results)} curve(s) in {(time.time() - start) / 60:.1f} min; "
         f"{', '.join(str(a.out / (n + '.png')) for n in results)} and {store}"
     )
     bad = [n for n, e in results.items() if e["worse_than_linear"]]
+    keep = ("x", "seconds", "cpu_seconds", "peak_rss_mb", "added_rss_mb", "runs", "others_cores")
     summary = {
         "bench": "costs",
         "cpus": os.cpu_count(),
         "load_avg": round(os.getloadavg()[0], 2),
         "curves": {
             n: {
-                "points": [
-                    {k: p[k] for k in ("x", "seconds", "peak_rss_mb", "added_rss_mb", "runs")}
-                    for p in e["points"]
-                ],
+                "points": [{k: p[k] for k in keep if k in p} for p in e["points"]],
                 **{k: v for k, v in e.items() if k not in ("points", "measured", "x_label")},
             }
             for n, e in results.items()
