@@ -109,6 +109,7 @@ def test_init_embeddings_fits_only_the_new_head_rows(fitted):
     fit = report["calibration"]["head_fit"]
     assert fit["held_out_ce"]["fitted"] < fit["held_out_ce"]["start"]
     assert set(fit["states"]) == {"zh", "en"} and all(v > 50 for v in fit["states"].values())
+    assert fit["tree_depth"] == 1  # the default
     assert fit["tokens"]["teacher"] > 0 and fit["rows_fitted"] == report["averaged"] + report["fallback"]
 
     new = load_file(str(out / "model.safetensors"))
@@ -185,7 +186,9 @@ def test_windows_the_teacher_reads_identically_reuse_the_students_states(fitted,
     docs = {"en": lines, "zh": zh}
 
     def collect():
-        return hf.collect_states(student, new_tok, docs, window=32, teacher=teacher, old_tok=old_tok, top_k=8)
+        return hf.collect_states(
+            student, new_tok, docs, window=32, teacher=teacher, old_tok=old_tok, top_k=8, tree_depth=2
+        )
 
     fast = collect()
     monkeypatch.setattr(hf, "_same_window", lambda *a: False)
@@ -193,4 +196,142 @@ def test_windows_the_teacher_reads_identically_reuse_the_students_states(fitted,
     assert fast.tokens["teacher_shared"] > 0 and "teacher_shared" not in slow.tokens
     assert 0 < fast.tokens["teacher"] < slow.tokens["teacher"]  # the zh windows still ran the teacher
     assert torch.allclose(fast.teacher_p, slow.teacher_p, atol=1e-5)
+    # the tree's depth 1 is inside the student's window; depth 2 past a shared window's end is left out (-1)
+    assert torch.equal(fast.tree_prefix[:, 0], slow.tree_prefix[:, 0])
+    assert torch.allclose(fast.tree_p[:, 0], slow.tree_p[:, 0], atol=1e-5)
+    both = (fast.tree_prefix[:, 1] >= 0) & (slow.tree_prefix[:, 1] >= 0)
+    assert torch.equal(fast.tree_prefix[both, 1], slow.tree_prefix[both, 1])
+    assert torch.allclose(fast.tree_p[both, 1], slow.tree_p[both, 1], atol=1e-5)
     assert torch.equal(fast.hidden, slow.hidden) and torch.equal(fast.target, slow.target)
+
+
+def test_tree_groups_name_the_new_tokens_spelled_with_the_realised_pieces():
+    """Depth 1: teacher entry q after realised r1 -> the group of new tokens spelled (r1, q, ...); depth 2:
+    (r1, r2, q, ...); entries no new token spells, and states without a realised prefix, map to -1."""
+    from retok.headfit import _Tree
+
+    n_old, k = 10, 3
+    pieces = {10: [1, 2], 11: [1, 3, 4], 12: [2, 3], 13: [1, 3, 5]}
+    learn_ids = torch.tensor([10, 11, 12, 13])
+    states = States(
+        hidden=torch.zeros(2, 4).half(),
+        target=torch.zeros(2, dtype=torch.long),
+        held_out=torch.zeros(2, dtype=torch.bool),
+        domain=torch.zeros(2, dtype=torch.long),
+        domains=["x"],
+        tree_p=torch.tensor([[[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]], [[0.9, 0.1, 0.0], [0.0, 0.0, 0.0]]]),
+        tree_i=torch.tensor([[[2, 3, 5], [4, 5, 2]], [[3, 2, 1], [0, 0, 0]]], dtype=torch.int32),
+        tree_prefix=torch.tensor([[1, 3], [2, -1]]),
+    )
+    tree = _Tree(states, learn_ids, pieces, n_old)
+    g1 = tree.gid[:, 0].tolist()
+    grp1 = dict(zip(tree.members[0].tolist(), tree.group_of[0].tolist(), strict=True))  # learn pos -> group
+    # state 0, r1 = 1: q=2 -> {10}; q=3 -> {11, 13} (one group: both spelled 1, 3, ...); q=5 -> none
+    assert g1[0] == [grp1[0], grp1[1], -1] and grp1[1] == grp1[3] != grp1[0]
+    # state 1, r1 = 2: q=3 -> {12}; q=2, q=1 -> none (and p = 0 never counts)
+    assert g1[1] == [grp1[2], -1, -1]
+    g2 = tree.gid[:, 1].tolist()
+    grp2 = dict(zip(tree.members[1].tolist(), tree.group_of[1].tolist(), strict=True))
+    assert set(grp2) == {1, 3} and grp2[1] != grp2[3]  # only the 3-piece tokens have a depth-2 group
+    assert g2[0] == [grp2[1], grp2[3], -1]  # r1 r2 = 1 3: q=4 -> {11}, q=5 -> {13}
+    assert g2[1] == [-1, -1, -1]  # no realised second piece
+
+
+def test_tree_term_pulls_the_second_piece_and_lowers_held_out_loss():
+    """New tokens spelled (f, s): a teacher whose second-piece distribution comes from the truth's head; the fit
+    with the tree terms moves the students' grouped mass towards it, much closer than the fit without."""
+    from retok.headfit import _RowObjective
+
+    states, truth, start, learn = _synthetic(n=3000, old=30, new=12)
+    old = 30
+    pieces = {old + j: [j % 3, 3 + j // 3] for j in range(12)}  # first piece 0..2, second 3..6
+    first = first_pieces(len(truth), pieces, {i: i for i in range(old)})
+    n = len(states.target)
+    g = torch.Generator().manual_seed(1)
+    r1 = torch.randint(0, 3, (n,), generator=g)
+    with torch.no_grad():
+        probs = torch.softmax(states.hidden.float() @ truth.T, -1)
+        marg = torch.zeros(n, old).index_add(1, first, probs)
+        top = marg.topk(8, dim=-1)
+        # the teacher's next piece after r1: the truth's mass of (r1, q) tokens over q = 3..6, plus noise entries
+        second = torch.zeros(n, 7)
+        for j in range(12):
+            f, q = pieces[old + j]
+            second[:, q] += probs[:, old + j] * (r1 == f)
+        second = second / second.sum(1, keepdim=True)
+    states.teacher_p, states.teacher_i = top.values, top.indices
+    states.tree_p = second[:, None, 3:]
+    states.tree_i = torch.arange(3, 7, dtype=torch.int32).expand(n, 1, 4).clone()
+    states.tree_prefix = r1[:, None]
+
+    def tree_kl(head: torch.Tensor) -> float:
+        obj = _RowObjective(states, head, learn, first, True, "cpu", pieces)
+        with torch.no_grad():
+            ll = states.hidden.float() @ obj.param.T
+            return float(obj.tree.kl(torch.arange(n), ll))
+
+    def fit(with_tree: bool):
+        return fit_rows(
+            states,
+            start,
+            learn,
+            first_piece=first,
+            pieces=pieces if with_tree else None,
+            kl_weight=1.0,
+            lr=5e-2,
+            max_epochs=20,
+            batch=256,
+        )
+
+    res, plain = fit(True), fit(False)
+    assert tree_kl(truth) < tree_kl(start) * 0.01  # the term measures the right thing
+    # the next-token loss alone gets part of the way (the states are sampled from the truth): the tree much further
+    assert tree_kl(res.head) < tree_kl(plain.head) * 0.3
+    assert res.held_out_ce < res.held_out_ce_start
+
+
+def test_tree_targets_are_the_original_models_next_pieces_after_the_realised_ones(fitted):
+    """At depth d the state aligned with old position a carries the original model's (loaded on its own) top-k
+    at old position a + d and the realised pieces old[a+1..a+d]."""
+    from retok.alignment import ByteLengths, align
+    from retok.headfit import collect_states
+    from retok.metrics import bos_id
+    from retok.sources import load_model, load_tokenizer
+    from retok.teacher import Teacher
+
+    cfg, out = fitted
+    old_tok, new_tok = load_tokenizer(cfg.model.path), load_tokenizer(out)
+    original = load_model(cfg.model.path, dtype="float32", device="cpu")
+    old_w = original.get_input_embeddings().weight.detach().clone()
+    student = load_model(out, dtype="float32", device="cpu")
+    text = json.loads(Path(cfg.data.eval[0].path).read_text().splitlines()[0])["text"][:300]
+    st = collect_states(
+        student,
+        new_tok,
+        {"zh": [text]},
+        window=4096,
+        teacher=Teacher(student, old_w, old_w),
+        old_tok=old_tok,
+        top_k=5,
+        tree_depth=2,
+    )
+    old_ids = old_tok(text, add_special_tokens=False)["input_ids"]
+    new_ids = new_tok(text, add_special_tokens=False)["input_ids"]
+    amap = align(ByteLengths(old_tok), ByteLengths(new_tok), old_ids, new_ids).teacher
+    bos = bos_id(old_tok)
+    off = 1 if bos is not None else 0
+    with torch.no_grad():
+        ref = torch.softmax(original(torch.tensor([([bos] if off else []) + old_ids])).logits[0].float(), -1)
+    checked = 0
+    for n in range(len(new_ids) - 1):
+        a = int(amap[n])
+        for d in (1, 2):
+            if a + d >= len(old_ids):
+                assert st.tree_prefix[n, d - 1] == -1
+                continue
+            assert st.tree_prefix[n, d - 1] == old_ids[a + d]
+            top = ref[a + d + off - 1 + 1].topk(5)
+            assert torch.allclose(st.tree_p[n, d - 1], top.values, atol=1e-4)
+            assert st.tree_i[n, d - 1].tolist() == top.indices.tolist()
+            checked += 1
+    assert checked > 20

@@ -54,7 +54,13 @@ def _check_fit_inputs(
     n = sum(
         len(ids) for texts in docs.values() for ids in new_hf(texts, add_special_tokens=False)["input_ids"]
     )
-    per_state = old_embed.shape[1] * 2 + 8 + (TOP_K * 12 if cfg.init.fit_teacher_weight > 0 else 0)
+    teacher = cfg.init.fit_teacher_weight > 0
+    # top-k probabilities (4 bytes) and ids (8) at the aligned position; per tree depth 4 + 4 + 4 (group) + 8
+    per_state = (
+        old_embed.shape[1] * 2
+        + 8
+        + (TOP_K * 12 + cfg.init.fit_tree_depth * (TOP_K * 12 + 8) if teacher else 0)
+    )
     need_mb = (
         n * per_state * 2 / 1e6
     )  # float16 states, targets, teacher top-k; x2 for the float32 copy in the fit
@@ -114,9 +120,11 @@ def fit_head(
         teacher=teacher,
         old_tok=old_hf,
         top_k=TOP_K,
+        tree_depth=init.fit_tree_depth if teacher is not None else 0,
         embed_weight=new_input.to(device=device, dtype=dtype),
         desc="fit head: forward",
     )
+    teacher_on = teacher is not None
     del model, teacher
     learn = torch.zeros(tmap.n_rows, dtype=torch.bool)
     learn[torch.as_tensor(tmap.ids(AVERAGED))] = True
@@ -128,6 +136,7 @@ def fit_head(
         head0,
         learn,
         first_piece=first,
+        pieces=tmap.pieces,
         kl_weight=init.fit_teacher_weight,
         lr=init.fit_lr,
         max_epochs=init.fit_epochs,
@@ -141,6 +150,7 @@ def fit_head(
         "held_out_states": int(states.held_out.sum()),
         "rows_fitted": int(learn.sum()),
         "teacher_weight": init.fit_teacher_weight,
+        "tree_depth": init.fit_tree_depth if teacher_on else 0,
         "held_out_ce": {"start": round(result.held_out_ce_start, 4), "fitted": round(result.held_out_ce, 4)},
         "best_epoch": round(result.epochs, 2),
         "steps": result.steps,
