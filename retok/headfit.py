@@ -263,17 +263,20 @@ def _kl_to_teacher(
     lse: torch.Tensor,
     fixed_at_top: torch.Tensor,
     learn_logits: torch.Tensor,
-    learn_first: torch.Tensor,
-    n_old: int,
+    learn_group: torch.Tensor,
+    n_groups: int,
     p: torch.Tensor,
-    i: torch.Tensor,
+    group_at_top: torch.Tensor,
 ) -> torch.Tensor:
-    """KL(teacher top-k + rest || student marginalised onto first old pieces), per state."""
+    """KL(teacher top-k + rest || student marginalised onto first old pieces), per state. The learning rows are
+    summed per first piece (``learn_group``: the group of each, ``n_groups`` of them); ``group_at_top``: the group
+    each teacher entry names, -1 where no learning row starts with it (only fixed rows carry its mass)."""
     probs = torch.exp(learn_logits - lse[:, None])
-    mass = torch.zeros(probs.shape[0], n_old, dtype=probs.dtype, device=probs.device).index_add(
-        1, learn_first, probs
+    mass = torch.zeros(probs.shape[0], n_groups, dtype=probs.dtype, device=probs.device).index_add(
+        1, learn_group, probs
     )
-    q = (torch.exp(fixed_at_top - lse[:, None]) + mass.gather(1, i)).clamp_min(1e-8)
+    learned = torch.where(group_at_top >= 0, mass.gather(1, group_at_top.clamp(min=0)), 0.0)
+    q = (torch.exp(fixed_at_top - lse[:, None]) + learned).clamp_min(1e-8)
     rest_p = (1.0 - p.sum(1)).clamp_min(1e-6)
     rest_q = (1.0 - q.sum(1)).clamp_min(1e-6)
     pk = p.clamp_min(1e-12)
@@ -285,7 +288,7 @@ class _Tree:
     to the group of its first d+1 pieces, and each state's teacher top-k entry (after the realised r1..rd) is
     mapped to the group (r1..rd, q) it names (-1 where no new token is spelled so)."""
 
-    def __init__(self, states: States, learn_ids: torch.Tensor, pieces: dict[int, Sequence[int]], n_old: int):
+    def __init__(self, states: States, learn_ids: torch.Tensor, pieces: dict[int, Sequence[int]]):
         assert states.tree_p is not None and states.tree_i is not None and states.tree_prefix is not None
         self.p = states.tree_p
         self.depth = states.tree_p.shape[1]
@@ -294,6 +297,8 @@ class _Tree:
         self.sizes: list[int] = []
         self.gid = torch.full(states.tree_i.shape, -1, dtype=torch.int32)  # (N, D, K)
         spelled = [tuple(pieces.get(int(t)) or ()) for t in learn_ids]
+        # keys (context, piece) as context * n_old + piece: n_old past every id either side can name
+        n_old = 1 + max(int(states.tree_i.max()), max((max(sp) for sp in spelled if sp), default=0))
         for d in range(1, self.depth + 1):
             rows = [j for j, sp in enumerate(spelled) if len(sp) > d]
             contexts: dict[tuple[int, ...], int] = {}
@@ -373,13 +378,18 @@ class _RowObjective:
         pos_in_learn[self.learn_ids] = torch.arange(len(self.learn_ids))
         self.tgt_learn = pos_in_learn[Y].to(self.device)
         self.use_kl = use_kl
-        self.n_old = int(first_piece.max()) + 1 if use_kl else 0
-        self.learn_first = first_piece[self.learn_ids].to(self.device) if use_kl else None
+        if use_kl:
+            # the learning rows grouped by first piece (a few thousand groups, not the whole old vocabulary)
+            firsts, group = torch.unique(first_piece[self.learn_ids], return_inverse=True)
+            self.learn_group, self.n_groups = group.to(self.device), len(firsts)
+            ti = states.teacher_i.long()
+            at = torch.searchsorted(firsts, ti.clamp(max=int(firsts[-1])))
+            self.group_at_top = torch.where(firsts[at] == ti, at, -1).to(torch.int32)
         W = head.to(self.device, torch.float32)
         self.param = nn.Parameter(W[self.learn_ids.to(self.device)].clone())
         self.lse_fixed, self.tgt_fixed, self.top_fixed = self._fixed_parts(W, fixed_ids.to(self.device), Y)
         self.tree = (
-            _Tree(states, self.learn_ids, pieces, self.n_old)
+            _Tree(states, self.learn_ids, pieces)
             if use_kl and pieces is not None and states.tree_p is not None
             else None
         )
@@ -419,12 +429,12 @@ class _RowObjective:
         if not (with_kl and self.use_kl):
             return ce, None
         p = self.states.teacher_p[idx].to(self.device, torch.float32)
-        i = self.states.teacher_i[idx].to(self.device)
         has = p.sum(1) > 0
         if not has.any():
             return ce, None
+        g = self.group_at_top[idx].to(self.device).long()
         kl = _kl_to_teacher(
-            lse[has], self.top_fixed[d][has], ll[has], self.learn_first, self.n_old, p[has], i[has]
+            lse[has], self.top_fixed[d][has], ll[has], self.learn_group, self.n_groups, p[has], g[has]
         ).mean()
         tree = self.tree.kl(idx, ll) if self.tree is not None else None
         return ce, kl if tree is None else kl + tree

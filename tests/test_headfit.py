@@ -109,7 +109,7 @@ def test_init_embeddings_fits_only_the_new_head_rows(fitted):
     fit = report["calibration"]["head_fit"]
     assert fit["held_out_ce"]["fitted"] < fit["held_out_ce"]["start"]
     assert set(fit["states"]) == {"zh", "en"} and all(v > 50 for v in fit["states"].values())
-    assert fit["tree_depth"] == 1  # the default
+    assert fit["tree_depth"] == 2  # the default
     assert fit["tokens"]["teacher"] > 0 and fit["rows_fitted"] == report["averaged"] + report["fallback"]
 
     new = load_file(str(out / "model.safetensors"))
@@ -210,7 +210,6 @@ def test_tree_groups_name_the_new_tokens_spelled_with_the_realised_pieces():
     (r1, r2, q, ...); entries no new token spells, and states without a realised prefix, map to -1."""
     from retok.headfit import _Tree
 
-    n_old, k = 10, 3
     pieces = {10: [1, 2], 11: [1, 3, 4], 12: [2, 3], 13: [1, 3, 5]}
     learn_ids = torch.tensor([10, 11, 12, 13])
     states = States(
@@ -223,7 +222,7 @@ def test_tree_groups_name_the_new_tokens_spelled_with_the_realised_pieces():
         tree_i=torch.tensor([[[2, 3, 5], [4, 5, 2]], [[3, 2, 1], [0, 0, 0]]], dtype=torch.int32),
         tree_prefix=torch.tensor([[1, 3], [2, -1]]),
     )
-    tree = _Tree(states, learn_ids, pieces, n_old)
+    tree = _Tree(states, learn_ids, pieces)
     g1 = tree.gid[:, 0].tolist()
     grp1 = dict(zip(tree.members[0].tolist(), tree.group_of[0].tolist(), strict=True))  # learn pos -> group
     # state 0, r1 = 1: q=2 -> {10}; q=3 -> {11, 13} (one group: both spelled 1, 3, ...); q=5 -> none
