@@ -50,9 +50,8 @@ class States:
     # the tree terms: at depth d (1..D), the teacher's top-k next old piece after the realised pieces r1..rd
     tree_p: torch.Tensor | None = None  # (N, D, K) float32
     tree_i: torch.Tensor | None = None  # (N, D, K) int32 old ids
-    tree_prefix: torch.Tensor | None = (
-        None  # (N, D) the realised old pieces r1..rD after each state, -1 if none
-    )
+    # (N, D) the realised old pieces r1..rD after each state, -1 if none
+    tree_prefix: torch.Tensor | None = None
     tokens: dict[str, int] = field(default_factory=dict)  # tokens run through the model, per side
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -470,8 +469,8 @@ def fit_rows(
 
     ``first_piece[t]``: the old token new token t starts with (needed for ``kl_weight`` > 0, where the
     learning rows must all be new tokens). ``pieces[t]``: new token t's old pieces, for the tree terms (when
-    ``states`` carries them; each is weighted like the first-piece KL). Adam (0.9, 0.95), cosine decay to 10%, evaluation on the held-out
-    states every half epoch, the best rows kept.
+    ``states`` carries them; each is weighted like the first-piece KL). Adam (0.9, 0.95), cosine decay to 10%,
+    evaluation on the held-out states every half epoch, the best rows kept.
     """
     t0 = time.perf_counter()
     use_kl = kl_weight > 0 and states.teacher_p is not None

@@ -112,6 +112,7 @@ def fit_head(
     model.eval()
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     teacher = Teacher(model, old_embed, old_head) if init.fit_teacher_weight > 0 else None
+    tree_depth = init.fit_tree_depth if teacher is not None else 0
     states = collect_states(
         model,
         new_hf,
@@ -120,11 +121,10 @@ def fit_head(
         teacher=teacher,
         old_tok=old_hf,
         top_k=TOP_K,
-        tree_depth=init.fit_tree_depth if teacher is not None else 0,
+        tree_depth=tree_depth,
         embed_weight=new_input.to(device=device, dtype=dtype),
         desc="fit head: forward",
     )
-    teacher_on = teacher is not None
     del model, teacher
     learn = torch.zeros(tmap.n_rows, dtype=torch.bool)
     learn[torch.as_tensor(tmap.ids(AVERAGED))] = True
@@ -150,7 +150,7 @@ def fit_head(
         "held_out_states": int(states.held_out.sum()),
         "rows_fitted": int(learn.sum()),
         "teacher_weight": init.fit_teacher_weight,
-        "tree_depth": init.fit_tree_depth if teacher_on else 0,
+        "tree_depth": tree_depth,
         "held_out_ce": {"start": round(result.held_out_ce_start, 4), "fitted": round(result.held_out_ce, 4)},
         "best_epoch": round(result.epochs, 2),
         "steps": result.steps,
