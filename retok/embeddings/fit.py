@@ -64,9 +64,12 @@ def _check_fit_inputs(
     need_mb = (
         n * per_state * 2 / 1e6
     )  # float16 states, targets, teacher top-k; x2 for the float32 copy in the fit
+    if cfg.init.fit_shared_map:  # its features (float32, 2H per new token) and the map with grad + Adam moments
+        H, n_new = old_embed.shape[1], len(new_hf) - len(old_hf)
+        need_mb += (n_new * 2 * H * 4 * 2 + 2 * H * H * 4 * 4) / 1e6
     if need_mb > cfg.init.fit_max_memory_mb:
         raise RetokError(
-            f"init.fit_bytes: the head fit would cache {n:,} states ({need_mb:,.0f} MB), over "
+            f"init.fit_bytes: the head fit would cache {n:,} states and its map ({need_mb:,.0f} MB), over "
             f"init.fit_max_memory_mb={cfg.init.fit_max_memory_mb}; lower init.fit_bytes or raise the cap"
         )
 
@@ -81,7 +84,7 @@ def fit_head(
     old_head: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """(the fitted head matrix, a report of the fit)."""
-    from retok.headfit import collect_states, first_pieces, fit_rows
+    from retok.headfit import collect_states, first_pieces, fit_rows, piece_features
     from retok.sources import load_model
     from retok.teacher import Teacher
 
@@ -131,6 +134,9 @@ def fit_head(
     learn[torch.as_tensor(tmap.ids(FALLBACK), dtype=torch.long)] = True
     copies = {int(i): int(tmap.source[i]) for kind in (COPY, SPECIAL) for i in tmap.ids(kind)}
     first = first_pieces(tmap.n_rows, tmap.pieces, copies)
+    features = (
+        piece_features(old_head, tmap.pieces, torch.nonzero(learn).squeeze(1)) if init.fit_shared_map else None
+    )
     result = fit_rows(
         states,
         head0,
@@ -138,6 +144,8 @@ def fit_head(
         first_piece=first,
         pieces=tmap.pieces,
         kl_weight=init.fit_teacher_weight,
+        features=features,
+        map_lr=init.fit_map_lr,
         lr=init.fit_lr,
         max_epochs=init.fit_epochs,
         seed=cfg.seed,
@@ -151,6 +159,7 @@ def fit_head(
         "rows_fitted": int(learn.sum()),
         "teacher_weight": init.fit_teacher_weight,
         "tree_depth": tree_depth,
+        "shared_map": init.fit_shared_map,
         "held_out_ce": {"start": round(result.held_out_ce_start, 4), "fitted": round(result.held_out_ce, 4)},
         "best_epoch": round(result.epochs, 2),
         "steps": result.steps,
