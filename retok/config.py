@@ -321,14 +321,14 @@ class InitConfig(_Section):
         5e-4,
         gt=0,
         description="fit_head: Adam learning rate of the shared map (demo, zh after init: 5e-4 1.175x, 3e-4 "
-        "1.177x, 1e-3 1.187x at fit_lr 2.5e-4 / 1e-3).",
+        "1.177x with rows at 2.5e-4; 1e-4 1.193x, 3e-4 1.187x, 1e-3 1.189x with rows at 1e-3).",
     )
     fit_lr: float | None = Field(
         None,
         gt=0,
         description="fit_head: Adam learning rate of the fitted rows (with the shared map: their residuals); null = "
-        "2.5e-4 with the shared map, 1e-3 without (the measured best of each; with the map 1e-3 1.187x, 5e-4 "
-        "1.180x, 2.5e-4 1.177x, 1e-4 1.194x).",
+        "2.5e-4 with the shared map, 1e-3 without (the measured best of each; with the map at 3e-4, rows at 1e-3 "
+        "1.187x, 5e-4 1.180x, 2.5e-4 1.177x, 1e-4 1.194x).",
     )
 
     @model_validator(mode="before")
@@ -341,6 +341,7 @@ class InitConfig(_Section):
         if isinstance(shared, str):  # as a --set override may give it; pydantic reads it the same way below
             shared = shared.strip().lower() not in ("false", "0", "no", "off")
         return {**data, "fit_lr": 2.5e-4 if shared else 1e-3}
+
     fit_epochs: float = Field(
         8.0,
         gt=0,

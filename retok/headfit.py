@@ -398,7 +398,9 @@ class _RowObjective:
         self.residual = nn.Parameter(torch.zeros_like(self.start))
         self.features = None if features is None else features.to(self.device, torch.float32)
         self.map = (
-            None if features is None else nn.Parameter(torch.zeros(features.shape[1], W.shape[1], device=self.device))
+            None
+            if features is None
+            else nn.Parameter(torch.zeros(features.shape[1], W.shape[1], device=self.device))
         )
         self.lse_fixed, self.tgt_fixed, self.top_fixed = self._fixed_parts(W, fixed_ids.to(self.device), Y)
         self.tree = (
@@ -566,7 +568,9 @@ def first_pieces(n_rows: int, pieces: dict[int, Sequence[int]], copy_source: dic
     return out
 
 
-def piece_features(old_head: torch.Tensor, pieces: dict[int, Sequence[int]], ids: torch.Tensor) -> torch.Tensor:
+def piece_features(
+    old_head: torch.Tensor, pieces: dict[int, Sequence[int]], ids: torch.Tensor
+) -> torch.Tensor:
     """(len(ids), 2H) float32 per new token: the original head row of its first piece, and the mean of the rows
     of its other pieces (zeros for a one-piece token or one without pieces). The map the fit learns on them
     says, for every new token at once, how its row should differ from the start given what it is spelled

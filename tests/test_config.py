@@ -34,6 +34,21 @@ def test_minimal_config_gets_defaults():
 
 
 @pytest.mark.parametrize(
+    ("overrides", "fit_lr"),
+    [
+        ([], 2.5e-4),  # the shared map (the default): its rows' residuals learn slower
+        (["init.fit_shared_map=false"], 1e-3),  # every row free
+        (["init.fit_shared_map=false", "init.fit_lr=0.02"], 0.02),  # given: kept
+        (["init.fit_lr=0.02"], 0.02),
+    ],
+)
+def test_head_fit_lr_defaults_to_the_measured_best_with_and_without_the_shared_map(overrides, fit_lr):
+    cfg = validate_dict(apply_overrides(base(), overrides))
+    assert cfg.init.fit_lr == fit_lr and cfg.init.fit_map_lr == 5e-4
+    assert cfg.init.fit_shared_map is ("init.fit_shared_map=false" not in overrides)
+
+
+@pytest.mark.parametrize(
     ("patch", "needle"),
     [
         ({"tokenizer": {"new_tokns": 5}}, "tokenizer.new_tokns: unknown key"),

@@ -359,7 +359,9 @@ def test_shared_map_carries_what_seen_tokens_teach_to_unseen_ones():
     g = torch.Generator().manual_seed(3)
     hidden, old, new, n = 16, 30, 120, 8000
     base = torch.randn(old, hidden, generator=g)
-    pieces = {old + j: [int(a), int(b)] for j, (a, b) in enumerate(torch.randint(0, old, (new, 2), generator=g))}
+    pieces = {
+        old + j: [int(a), int(b)] for j, (a, b) in enumerate(torch.randint(0, old, (new, 2), generator=g))
+    }
     A = torch.eye(hidden) + 0.4 * torch.randn(hidden, hidden, generator=g)
     B = 0.6 * torch.randn(hidden, hidden, generator=g)
     truth = torch.cat([base, torch.stack([base[a] @ A + base[b] @ B for a, b in pieces.values()])])
@@ -382,7 +384,13 @@ def test_shared_map_carries_what_seen_tokens_teach_to_unseen_ones():
 
     def fit(with_map: bool):
         return fit_rows(
-            states, start, learn, features=feats if with_map else None, map_lr=5e-2, lr=5e-2, max_epochs=20,
+            states,
+            start,
+            learn,
+            features=feats if with_map else None,
+            map_lr=5e-2,
+            lr=5e-2,
+            max_epochs=20,
             batch=256,
         ).head
 
@@ -395,4 +403,6 @@ def test_shared_map_carries_what_seen_tokens_teach_to_unseen_ones():
     assert err(mapped) < 0.5 * err(free) and err(mapped) < 0.5 * err(start)
     on_unseen = torch.nonzero(unseen).squeeze(1)
     ce = lambda head: float(torch.nn.functional.cross_entropy(H[on_unseen] @ head.T, Y[on_unseen]))  # noqa: E731
-    assert ce(mapped) < ce(start) < ce(free)  # measured 6.9 < 7.6 < 14.2: without the map they are pushed down
+    assert (
+        ce(mapped) < ce(start) < ce(free)
+    )  # measured 6.9 < 7.6 < 14.2: without the map they are pushed down

@@ -64,7 +64,9 @@ def _check_fit_inputs(
     need_mb = (
         n * per_state * 2 / 1e6
     )  # float16 states, targets, teacher top-k; x2 for the float32 copy in the fit
-    if cfg.init.fit_shared_map:  # its features (float32, 2H per new token) and the map with grad + Adam moments
+    if (
+        cfg.init.fit_shared_map
+    ):  # its features (float32, 2H per new token) and the map with grad + Adam moments
         H, n_new = old_embed.shape[1], len(new_hf) - len(old_hf)
         need_mb += (n_new * 2 * H * 4 * 2 + 2 * H * H * 4 * 4) / 1e6
     if need_mb > cfg.init.fit_max_memory_mb:
@@ -135,7 +137,9 @@ def fit_head(
     copies = {int(i): int(tmap.source[i]) for kind in (COPY, SPECIAL) for i in tmap.ids(kind)}
     first = first_pieces(tmap.n_rows, tmap.pieces, copies)
     features = (
-        piece_features(old_head, tmap.pieces, torch.nonzero(learn).squeeze(1)) if init.fit_shared_map else None
+        piece_features(old_head, tmap.pieces, torch.nonzero(learn).squeeze(1))
+        if init.fit_shared_map
+        else None
     )
     result = fit_rows(
         states,
