@@ -301,13 +301,14 @@ class InitConfig(_Section):
         "onto first old pieces); 0 = the next token only (and no teacher pass).",
     )
     fit_tree_depth: int = Field(
-        2,
+        1,
         ge=0,
         le=4,
         description="fit_head: how many pieces deep the teacher's KL also goes along the realised text: depth 1 "
         "matches the teacher's next piece after the realised first piece against the new tokens spelled with "
         "those two pieces, depth 2 the piece after that (no extra forward pass; on the demo zh BPB after init "
-        "1.289x -> 1.230x -> 1.229x of the original's for depth 0, 1, 2). 0 = first pieces only.",
+        "1.289x -> 1.230x -> 1.229x of the original's for depth 0, 1, 2 with every row free, 1.175x at depth 1 "
+        "and 1.181x at depth 2 with the shared map). 0 = first pieces only.",
     )
     fit_shared_map: bool = Field(
         True,

@@ -109,7 +109,7 @@ def test_init_embeddings_fits_only_the_new_head_rows(fitted):
     fit = report["calibration"]["head_fit"]
     assert fit["held_out_ce"]["fitted"] < fit["held_out_ce"]["start"]
     assert set(fit["states"]) == {"zh", "en"} and all(v > 50 for v in fit["states"].values())
-    assert fit["tree_depth"] == 2  # the default
+    assert fit["tree_depth"] == 1  # the default
     assert fit["tokens"]["teacher"] > 0 and fit["rows_fitted"] == report["averaged"] + report["fallback"]
 
     new = load_file(str(out / "model.safetensors"))
