@@ -332,16 +332,13 @@ class InitConfig(_Section):
         "1.187x, 5e-4 1.180x, 2.5e-4 1.177x, 1e-4 1.194x).",
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _fit_lr_default(cls, data: Any) -> Any:
-        """The measured best row learning rate, with or without the shared map, where the config leaves it null."""
-        if not isinstance(data, dict) or data.get("fit_lr") is not None:
-            return data
-        shared = data.get("fit_shared_map", True)
-        if isinstance(shared, str):  # as a --set override may give it; pydantic reads it the same way below
-            shared = shared.strip().lower() not in ("false", "0", "no", "off")
-        return {**data, "fit_lr": 2.5e-4 if shared else 1e-3}
+    @model_validator(mode="after")
+    def _fit_lr_default(self) -> InitConfig:
+        """The measured best row learning rate, with or without the shared map, where the config leaves it null
+        (after validation: fit_shared_map is a bool however it was spelled)."""
+        if self.fit_lr is None:
+            self.__dict__["fit_lr"] = 2.5e-4 if self.fit_shared_map else 1e-3
+        return self
 
     fit_epochs: float = Field(
         8.0,

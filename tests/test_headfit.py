@@ -406,3 +406,35 @@ def test_shared_map_carries_what_seen_tokens_teach_to_unseen_ones():
     assert (
         ce(mapped) < ce(start) < ce(free)
     )  # measured 6.9 < 7.6 < 14.2: without the map they are pushed down
+
+
+def test_logits_through_the_features_equal_the_built_rows_with_the_same_gradients():
+    """The fit takes X @ rows.T in whichever order costs less; a one-state batch goes through the features, a
+    large one builds the rows: both give the same logits and the same gradients of the map and residuals."""
+    from retok.headfit import _RowObjective, piece_features
+
+    states, truth, start, learn = _synthetic(n=600, hidden=16, old=30, new=40)
+    pieces = {30 + j: [j % 30, (3 * j) % 30, (7 * j) % 30] for j in range(40)}
+    feats = piece_features(truth[:30], pieces, torch.arange(30, 70))
+    obj = _RowObjective(states, start, learn, None, False, "cpu", None, feats)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        obj.map.copy_(torch.randn(obj.map.shape, generator=g) * 0.1)
+        obj.residual.copy_(torch.randn(obj.residual.shape, generator=g) * 0.1)
+    X = states.hidden[:1].float()
+    n, f = feats.shape
+    assert n * f * X.shape[1] > X.shape[0] * f * (X.shape[1] + n)  # this batch goes through the features
+
+    def grads(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        obj.map.grad = obj.residual.grad = None
+        (logits * torch.linspace(-1, 1, logits.shape[1])).sum().backward()
+        return obj.map.grad.clone(), obj.residual.grad.clone()
+
+    via_features = obj.logits(X)
+    built = X @ obj.rows().T
+    torch.testing.assert_close(via_features, built, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads(obj.logits(X)), grads(X @ obj.rows().T), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    big = states.hidden[:512].float()  # a large batch builds the rows
+    assert n * f * big.shape[1] <= big.shape[0] * f * (big.shape[1] + n)
+    torch.testing.assert_close(obj.logits(big), big @ obj.rows().T)

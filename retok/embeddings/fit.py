@@ -41,7 +41,12 @@ TOP_K = 64  # teacher probabilities kept per state
 
 
 def _check_fit_inputs(
-    cfg: RetokConfig, docs: dict[str, list[str]], old_hf: Any, new_hf: Any, old_embed: torch.Tensor
+    cfg: RetokConfig,
+    docs: dict[str, list[str]],
+    old_hf: Any,
+    new_hf: Any,
+    old_embed: torch.Tensor,
+    n_learn: int,
 ) -> None:
     """Refuse, before any forward pass: an original tokenizer with ids past the original rows (the teacher
     would index past its embedding), and cached states that would not fit init.fit_max_memory_mb."""
@@ -67,8 +72,8 @@ def _check_fit_inputs(
     if (
         cfg.init.fit_shared_map
     ):  # its features (float32, 2H per new token) and the map with grad + Adam moments
-        H, n_new = old_embed.shape[1], len(new_hf) - len(old_hf)
-        need_mb += (n_new * 2 * H * 4 * 2 + 2 * H * H * 4 * 4) / 1e6
+        H = old_embed.shape[1]
+        need_mb += (n_learn * 2 * H * 4 * 2 + 2 * H * H * 4 * 4) / 1e6
     if need_mb > cfg.init.fit_max_memory_mb:
         raise RetokError(
             f"init.fit_bytes: the head fit would cache {n:,} states and its map ({need_mb:,.0f} MB), over "
@@ -97,7 +102,9 @@ def fit_head(
         )
     tmap = plan.tmap
     docs = _fit_text(cfg)
-    _check_fit_inputs(cfg, docs, old_hf, new_hf, old_embed)
+    _check_fit_inputs(
+        cfg, docs, old_hf, new_hf, old_embed, n_learn=len(tmap.ids(AVERAGED)) + len(tmap.ids(FALLBACK))
+    )
     new_input = build_matrix(old_embed, plan, "input")
     head0 = build_matrix(old_head, plan, "head")
     model = load_model(
