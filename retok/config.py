@@ -315,7 +315,7 @@ class InitConfig(_Section):
         description="fit_head: each fitted row = its start + a map shared by all new tokens (applied to the "
         "original head rows of the token's first piece and of its other pieces) + its own residual. The map "
         "learns from every token seen in the text how spelling sets a row, and carries that to the tokens seen "
-        "rarely or never (on the demo zh BPB after init 1.230x -> 1.193x of the original's, same states). "
+        "rarely or never (on the demo zh BPB after init 1.230x -> 1.175x of the original's, same states). "
         "false = every row free.",
     )
     fit_map_lr: float = Field(

@@ -69,9 +69,8 @@ def _check_fit_inputs(
     need_mb = (
         n * per_state * 2 / 1e6
     )  # float16 states, targets, teacher top-k; x2 for the float32 copy in the fit
-    if (
-        cfg.init.fit_shared_map
-    ):  # its features (float32, 2H per new token) and the map with grad + Adam moments
+    if cfg.init.fit_shared_map:
+        # its features (float32, 2H per learning row) and the map with its grad and Adam moments
         H = old_embed.shape[1]
         need_mb += (n_learn * 2 * H * 4 * 2 + 2 * H * H * 4 * 4) / 1e6
     if need_mb > cfg.init.fit_max_memory_mb:
@@ -102,9 +101,10 @@ def fit_head(
         )
     tmap = plan.tmap
     docs = _fit_text(cfg)
-    _check_fit_inputs(
-        cfg, docs, old_hf, new_hf, old_embed, n_learn=len(tmap.ids(AVERAGED)) + len(tmap.ids(FALLBACK))
-    )
+    learn = torch.zeros(tmap.n_rows, dtype=torch.bool)
+    learn[torch.as_tensor(tmap.ids(AVERAGED))] = True
+    learn[torch.as_tensor(tmap.ids(FALLBACK), dtype=torch.long)] = True
+    _check_fit_inputs(cfg, docs, old_hf, new_hf, old_embed, n_learn=int(learn.sum()))
     new_input = build_matrix(old_embed, plan, "input")
     head0 = build_matrix(old_head, plan, "head")
     model = load_model(
@@ -138,9 +138,6 @@ def fit_head(
         desc="fit head: forward",
     )
     del model, teacher
-    learn = torch.zeros(tmap.n_rows, dtype=torch.bool)
-    learn[torch.as_tensor(tmap.ids(AVERAGED))] = True
-    learn[torch.as_tensor(tmap.ids(FALLBACK), dtype=torch.long)] = True
     copies = {int(i): int(tmap.source[i]) for kind in (COPY, SPECIAL) for i in tmap.ids(kind)}
     first = first_pieces(tmap.n_rows, tmap.pieces, copies)
     features = (
