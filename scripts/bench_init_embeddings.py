@@ -279,16 +279,16 @@ def worker(variant: str, model: Path, run: Path, out: Path) -> dict:
     else:
         from transformers import AutoModelForCausalLM
 
-        from retok.embeddings.mapping import build_token_map
         from retok.embeddings.rows import Plan, build_matrix
         from retok.sources import load_tokenizer
+        from retok.tokenmap import build_token_map
 
         old_tok, new_tok = load_tokenizer(model), load_tokenizer(run / "tokenizer")
         m = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.bfloat16)
         old_emb = m.get_input_embeddings().weight.detach().clone()
         old_head = m.get_output_embeddings().weight.detach().clone()
         tmap = build_token_map(old_tok, new_tok, old_rows=old_emb.shape[0], pad_to_multiple_of=64)
-        from retok.embeddings.mapping import pick_pad_donor
+        from retok.tokenmap import pick_pad_donor
 
         pick_pad_donor(tmap, old_head)
         m.resize_token_embeddings(tmap.n_rows, mean_resizing=False)

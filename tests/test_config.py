@@ -27,7 +27,10 @@ def test_minimal_config_gets_defaults():
     cfg = validate_dict(base())
     assert cfg.tokenizer.mode == "extend"
     assert cfg.tokenizer.new_tokens == 16000
-    assert cfg.init.method == "mean"
+    # the measured recipe: input rows leaning on the last piece, head rows from the mean, the head fitted after
+    # train-io on the trained input rows' states (not at init)
+    assert (cfg.init.method, cfg.init.weighted_decay, cfg.init.head_method) == ("weighted", 0.3, None)
+    assert cfg.init.fit_head is False and cfg.train.fit_head is True
     assert cfg.model.trust_remote_code is False
     assert cfg.model.allow_pickle is False
     assert stage_dir(cfg, "model-init") == Path("runs/x/model-init")

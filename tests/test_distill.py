@@ -77,7 +77,8 @@ def _mean(rows: list[dict], key: str, part: slice) -> float:
 
 @pytest.mark.parametrize("objective", ["distill", "lm+distill"])
 def test_objectives_lower_their_losses_and_keep_the_body(tmp_path, objective):
-    cfg, out, rows = _run(tmp_path, objective=objective, max_steps=24, eval_every=24)
+    # the steps alone (train.fit_head, which refits the head afterwards, is tested below)
+    cfg, out, rows = _run(tmp_path, objective=objective, max_steps=24, eval_every=24, fit_head=False)
     own = "loss_distill" if objective == "distill" else "loss"  # lm+distill minimises the sum
     assert _mean(rows, own, slice(-6, None)) < _mean(rows, own, slice(0, 6))
     before = load_file(str(stage_dir(cfg, "model-init") / "model.safetensors"))
@@ -93,6 +94,69 @@ def test_objectives_lower_their_losses_and_keep_the_body(tmp_path, objective):
         assert _mean(rows, "loss_lm", slice(-6, None)) < _mean(rows, "loss_lm", slice(0, 6))
         assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
         assert bpb[-1]["zh"] < bpb[0]["zh"] and bpb[-1]["en"] < bpb[0]["en"]  # held-out NLL down
+
+
+def test_head_fit_after_distillation_fits_only_new_head_rows(tmp_path):
+    """train.fit_head (the default): after the steps the new tokens' head rows are fitted on the trained input
+    rows' states; the old head rows, the trained input rows and the body are left exactly as they were, the fit
+    lowers its held-out loss and the held-out zh BPB, and the report and metrics say so."""
+    cfg, out, rows = _run(tmp_path, objective="distill", max_steps=24, eval_every=24)
+    assert cfg.train.fit_head and not cfg.init.fit_head  # the defaults
+    init = load_file(str(stage_dir(cfg, "model-init") / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    for name, t in init.items():
+        if name not in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(t, after[name]), name
+    n_old = len(load_tokenizer_of(cfg.model.path))
+    head0, head1 = init["lm_head.weight"], after["lm_head.weight"]
+    assert torch.equal(head0[:n_old], head1[:n_old])  # old rows bit for bit
+    assert not torch.equal(head0[n_old:], head1[n_old:])
+    assert torch.equal(init["model.embed_tokens.weight"][:n_old], after["model.embed_tokens.weight"][:n_old])
+    report = json.loads((out / "train_report.json").read_text())
+    hf = report["head_fit"]
+    assert hf["rows_fitted"] > 0 and hf["held_out_ce"]["fitted"] < hf["held_out_ce"]["start"]
+    evals = [r for r in rows if "bpb" in r]
+    assert evals[-1]["phase"] == "head-fit" and evals[-2]["phase"] != "head-fit"
+    assert evals[-1]["bpb"]["zh"] < evals[-2]["bpb"]["zh"]  # the fit helps held-out text of the new tokens
+    assert report["bpb"]["zh"]["final"] == evals[-1]["bpb"]["zh"]
+    assert "train.fit_head" in (out / "train_report.md").read_text()
+
+
+def test_head_fit_is_skipped_for_a_tied_head(tmp_path, capsys):
+    cfg = validate_dict(
+        tiny_project(
+            tmp_path / "tied",
+            init={"untie_head": False, "eval_max_bytes": 400},
+            train={"objective": "distill", "distill_layers": [1], "max_steps": 2, "eval_every": 2},
+        )
+    )
+    run_all(cfg, only=["tokenizer", "model-init", "model-trained"])
+    report = json.loads((stage_dir(cfg, "model-trained") / "train_report.json").read_text())
+    assert "tied" in report["head_fit"]["skipped"]
+    assert "train.fit_head skipped" in capsys.readouterr().out
+
+
+def test_a_head_fit_over_the_memory_cap_is_refused_before_any_step(tmp_path):
+    cfg = validate_dict(
+        tiny_project(
+            tmp_path,
+            init={"fit_max_memory_mb": 1, "fit_bytes": 6000, "eval_max_bytes": 400},
+            train={"objective": "distill", "distill_layers": [1], "max_steps": 2},
+        )
+    )
+    run_all(cfg, only=["tokenizer", "model-init"])
+    with pytest.raises(
+        RetokError, match=r"init.fit_bytes: the head fit would cache .* init.fit_max_memory_mb=1"
+    ):
+        run_stage(cfg, "model-trained")
+    assert not stage_dir(cfg, "model-trained").exists()
+    assert not (cfg.out / "train-state" / "checkpoint").exists()  # refused before the first step
+
+
+def load_tokenizer_of(folder):
+    from retok.sources import load_tokenizer
+
+    return load_tokenizer(folder)
 
 
 def test_held_out_distillation_loss_goes_down(tmp_path):

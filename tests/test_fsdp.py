@@ -32,8 +32,16 @@ BODY = "model.layers."
 
 
 def _project(tmp: Path, tied: bool = False, rows_odd: bool = False, **train) -> tuple:
-    settings = {"objective": "lm", "max_steps": 4, "eval_every": 2, "save_every": 2, "lr": 3e-3, **train}
-    # No head fit (it is not what these tests are about); tied: one matrix serves embedding and head.
+    settings = {
+        "objective": "lm",
+        "max_steps": 4,
+        "eval_every": 2,
+        "save_every": 2,
+        "lr": 3e-3,
+        "fit_head": False,
+    }
+    settings |= train
+    # No head fit unless asked (test_fsdp_head_fit_after_the_steps); tied: one matrix serves embedding and head.
     init = {"fit_head": False, "untie_head": not tied, "eval_bpb": False}
     sections = {"train": settings, "init": init}
     if rows_odd:  # 553 embedding rows: the two processes hold 277 and 276 of them
@@ -219,6 +227,41 @@ def test_fsdp_distill_resume_is_exact_and_the_body_stays(tmp_path):
     assert resumed.keys() == whole.keys()
     for name, t in whole.items():
         assert torch.equal(resumed[name], t), name
+
+
+def test_fsdp_head_fit_after_the_steps(tmp_path):
+    """train.fit_head under FSDP: the main process loads the consolidated folder, fits the new head rows and
+    writes it again; the old head rows and the body stay as model-init has them, the trained input rows as
+    the steps left them, and plain transformers loads the result."""
+    from transformers import AutoModelForCausalLM
+
+    settings = {
+        "objective": "distill",
+        "distributed": "fsdp",
+        "max_steps": 2,
+        "eval_every": 2,
+        "fit_head": True,
+    }
+    cfg, path = _project(tmp_path, **settings)
+    res = _launch(path)
+    assert res.returncode == 0, res.stderr[-30000:]
+    out = stage_dir(cfg, "model-trained")
+    rep = json.loads((out / "train_report.json").read_text())
+    assert rep["processes"] == 2 and rep["head_fit"]["rows_fitted"] > 0
+    assert rep["head_fit"]["held_out_ce"]["fitted"] < rep["head_fit"]["held_out_ce"]["start"]
+    assert [r["phase"] for r in _metrics(out) if "bpb" in r][-1] == "head-fit"
+    init, after = _weights(stage_dir(cfg, "model-init")), _weights(out)
+    from retok.sources import load_tokenizer
+
+    n_old = len(load_tokenizer(cfg.model.path))
+    for name, t in init.items():
+        if name.startswith(BODY):
+            assert torch.equal(t, after[name]), name
+    head0, head1 = init["lm_head.weight"], after["lm_head.weight"]
+    assert torch.equal(head0[:n_old], head1[:n_old])  # old rows bit for bit
+    assert not torch.equal(head0[n_old:], head1[n_old:])
+    m = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(m.lm_head.weight, head1)
 
 
 def test_fsdp_on_one_process_is_refused(tmp_path):

@@ -94,7 +94,9 @@ def test_teacher_term_pulls_the_first_piece_marginal():
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("headfit")
-    data = tiny_project(root, init={"eval_max_bytes": 300, "fit_bytes": 6000, "fit_window": 64})
+    data = tiny_project(
+        root, init={"eval_max_bytes": 300, "fit_bytes": 6000, "fit_window": 64, "fit_head": True}
+    )
     cfg = validate_dict(data)
     run_stage(cfg, "tokenizer")
     out = run_stage(cfg, "model-init")
@@ -142,7 +144,7 @@ def test_a_tied_head_cannot_be_fitted_without_untie(tmp_path: Path):
 
 
 def test_fit_text_is_half_target_domains_half_the_rest():
-    from retok.embeddings.fit import fit_budgets
+    from retok.headfit_run import fit_budgets
 
     assert fit_budgets(["zh", "en", "code"], ["zh"], 200_000) == {"zh": 100_000, "en": 50_000, "code": 50_000}
     assert fit_budgets(["zh", "en"], None, 100_000) == {"zh": 50_000, "en": 50_000}  # one group: even
@@ -150,7 +152,9 @@ def test_fit_text_is_half_target_domains_half_the_rest():
 
 
 def test_states_that_would_not_fit_the_memory_cap_are_refused_up_front(tmp_path: Path):
-    cfg = validate_dict(tiny_project(tmp_path, init={"fit_max_memory_mb": 1, "fit_bytes": 6000}))
+    cfg = validate_dict(
+        tiny_project(tmp_path, init={"fit_max_memory_mb": 1, "fit_bytes": 6000, "fit_head": True})
+    )
     run_stage(cfg, "tokenizer")
     with pytest.raises(
         RetokError,

@@ -23,6 +23,7 @@ CORE = (
     "data",
     "errors",
     "headfit",
+    "headfit_run",
     "metrics",
     "model_io",
     "plan",
@@ -30,6 +31,7 @@ CORE = (
     "sources",
     "stages",
     "teacher",
+    "tokenmap",
     "tokens",
 )
 ORCHESTRATORS = ("cli", "pipeline", "summary")

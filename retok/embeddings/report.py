@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from retok.embeddings.mapping import AVERAGED, TokenMap
+from retok.tokenmap import AVERAGED, TokenMap
 from retok.tokens import token_to_bytes
 
 PAPER = "paper_mean"  # compare key: ReTok's plain mean for input and head rows, no head shift

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from retok.embeddings import methods
-from retok.embeddings.mapping import FALLBACK, PADDING, TokenMap
+from retok.tokenmap import FALLBACK, PADDING, TokenMap
 
 
 @dataclass

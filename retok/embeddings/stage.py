@@ -3,7 +3,7 @@
     retok init-embeddings --config configs/smollm2-zh.yaml
 
 Reads and writes safetensors shards tensor by tensor (checkpoint.py): only the input embedding and the LM
-head are held in memory. The rows of the new matrices come from the TokenMap (mapping.py), the pure
+head are held in memory. The rows of the new matrices come from the TokenMap (retok.tokenmap), the pure
 functions of methods.py and rows.py. The folder it writes loads with plain ``AutoModelForCausalLM`` /
 ``AutoTokenizer``.
 """
@@ -19,13 +19,13 @@ from retok.embeddings.checkpoint import write_model
 from retok.embeddings.fit import fit_head
 from retok.embeddings.folder import copy_tokenizer_files, verify_folder, write_configs
 from retok.embeddings.headshift import fit_head_shift
-from retok.embeddings.mapping import build_token_map, pick_pad_donor
 from retok.embeddings.report import examples, measure_bpb, pieces_histogram, write_report
 from retok.embeddings.rows import Plan
 from retok.errors import RetokError
 from retok.model_io import IoNames, find_io_names
 from retok.safetensors_io import TensorInfo, load_tensor, read_checkpoint
 from retok.stages import read_tokenizer_meta, require_stage
+from retok.tokenmap import build_token_map, pick_pad_donor
 
 
 def _check_init_config(cfg: RetokConfig, names: IoNames) -> None:
@@ -123,7 +123,7 @@ def make_plan(cfg: RetokConfig, inputs: Inputs, layout: Layout) -> tuple[Plan, d
     plan = Plan(
         tmap,
         cfg.init.method,
-        (cfg.init.head_method or cfg.init.method) if names.separate else cfg.init.method,
+        (cfg.init.head_method or "mean") if names.separate else cfg.init.method,
         cfg.init.weighted_decay,
         cfg.seed,
     )

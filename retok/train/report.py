@@ -111,8 +111,10 @@ def write_report(
     world: int,
     device: str,
     precision: str,
+    head_fit: dict | None = None,
 ) -> dict:
-    """Write train_report.json/.md and train_curve.png into ``out``; returns the JSON report."""
+    """Write train_report.json/.md and train_curve.png into ``out``; returns the JSON report. ``head_fit``: the
+    report of train.fit_head (None when it did not run)."""
     losses, evals = read_metrics(out / "metrics.jsonl")
     original, init = state.original or {}, state.init or {}
     tps = state.tokens_seen / state.train_seconds if state.train_seconds else 0.0
@@ -120,7 +122,7 @@ def write_report(
         d: {"original": original.get(d), "init": init.get(d), "final": final.get(d)} for d in init or final
     }
     estimate = {
-        d: estimate_to_original(evals, d, f["original"], tps)
+        d: estimate_to_original([e for e in evals if e.get("phase") != "head-fit"], d, f["original"], tps)
         for d, f in bpb.items()
         if f["original"] is not None
     }
@@ -154,6 +156,7 @@ def write_report(
         "peak_gpu_mb": peak_gpu_mb(),
         "strategy": state.strategy,
         "curve": CURVE,
+        "head_fit": head_fit,
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(out / CURVE, losses, evals, bpb)
@@ -222,6 +225,16 @@ def _markdown(r: dict, cfg: RetokConfig) -> str:
         lines.append(f"| {d} | {_f(o)} | {_f(i)} | {_f(fi)} | {delta} | {closed} |")
     if not r["bpb"]:
         lines.append("| (no data.eval) | | | | | |")
+    hf = r.get("head_fit")
+    if hf and "skipped" not in hf:
+        lines += [
+            "",
+            f"After the steps the head rows of {hf['rows_fitted']:,} new tokens were fitted on the states of the "
+            f"trained input rows (train.fit_head, {hf['stage_seconds'] / 60:.1f} min): held-out CE "
+            f"{hf['held_out_ce']['start']:.3f} -> {hf['held_out_ce']['fitted']:.3f} nats/token; `final` includes it.",
+        ]
+    elif hf:
+        lines += ["", f"train.fit_head skipped: {hf['skipped']}."]
     lines += ["", "## How far from the original BPB", ""]
     for d, e in r["estimate_to_original"].items():
         if e is None:

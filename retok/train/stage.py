@@ -228,6 +228,11 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
         resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
     )
     eval_starts = {d: score_starts([old_tok, tok], texts) for d, texts in eval_docs.items()}
+    if t.fit_head:
+        from retok.headfit_run import check_refit
+        from retok.stages import read_tokenizer_meta
+
+        check_refit(cfg, old_tok, tok, tok_dir, read_tokenizer_meta(tok_dir))
 
     # ---- the model
     root = None
@@ -291,7 +296,8 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
 
         activation_checkpointing(model, False)
         save_consolidated(model, out, _saved_dtype(init_dir), acc.process_index, MAX_SHARD_BYTES)
-    report = _finish(run, state, init_dir, out) if acc.is_main_process else {}
+    head_fit = _fit_head(run, state, tok_dir, out) if acc.is_main_process else None
+    report = _finish(run, state, init_dir, out, head_fit) if acc.is_main_process else {}
     acc.wait_for_everyone()
     _leave_if_not_main(acc)
     return report
@@ -393,7 +399,49 @@ def _train(run: Run, state: TrainState, log: MetricsLog) -> None:
             resumed_phase = None
 
 
-def _finish(run: Run, state: TrainState, init_dir: Path, out: Path) -> dict:
+def _fit_head(run: Run, state: TrainState, tok_dir: Path, out: Path) -> dict | None:
+    """Main process, after the steps (train.fit_head): the new tokens' head rows fitted on the states of the
+    trained input rows (retok.headfit_run.refit_head), the held-out BPB measured again and logged. Under
+    FSDP the consolidated folder is loaded whole, fitted and written again."""
+    from retok.headfit_run import refit_head
+    from retok.sources import load_model
+    from retok.stages import read_tokenizer_meta
+    from retok.train.loop import _bpb
+
+    cfg = run.cfg
+    if not cfg.train.fit_head:
+        return None
+    if run.root is None:
+        model = run.acc.unwrap_model(run.model)
+        activation_checkpointing(model, False)
+    else:
+        dev = run.acc.device
+        model = load_model(out, dtype=cfg.compute.dtype, device="cpu" if dev.type == "cpu" else str(dev))
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is emb.weight:
+        print("retok: note: train.fit_head skipped: the LM head is tied to the input embedding", flush=True)
+        return {"skipped": "the LM head is tied to the input embedding (set init.untie_head: true)"}
+    print(
+        "retok: train-io: fitting the head rows of new tokens on the trained input rows' states", flush=True
+    )
+    t0 = time.time()
+    report = refit_head(cfg, model, run.old_tok, run.tok, tok_dir, read_tokenizer_meta(tok_dir))
+    report["stage_seconds"] = round(time.time() - t0, 1)
+    if run.root is not None:
+        model.save_pretrained(str(out), safe_serialization=True, max_shard_size=MAX_SHARD_BYTES)
+    if run.eval_docs:
+        with torch.no_grad():
+            bpb = _bpb(run, model, run.tok, "head fit")
+        run.shown["bpb"] = bpb
+        with (run.state_dir / METRICS).open("a") as f:
+            f.write(
+                json.dumps({"step": state.step, "phase": "head-fit", "bpb": bpb, "tokens": state.tokens_seen})
+                + "\n"
+            )
+    return report
+
+
+def _finish(run: Run, state: TrainState, init_dir: Path, out: Path, head_fit: dict | None = None) -> dict:
     """Main process: the trained model folder, the report, and the checkpoint marked finished."""
     from retok.train.report import write_report
 
@@ -405,7 +453,14 @@ def _finish(run: Run, state: TrainState, init_dir: Path, out: Path) -> dict:
     _copy_tokenizer(init_dir, out)
     shutil.copy2(run.state_dir / METRICS, out / METRICS)
     report = write_report(
-        out, run.cfg, state, _last_bpb(out / METRICS), acc.num_processes, str(acc.device), acc.mixed_precision
+        out,
+        run.cfg,
+        state,
+        _last_bpb(out / METRICS),
+        acc.num_processes,
+        str(acc.device),
+        acc.mixed_precision,
+        head_fit=head_fit,
     )
     mark_finished(run.state_dir, state)
     print(
