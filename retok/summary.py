@@ -28,22 +28,25 @@ def collect(cfg: RetokConfig) -> dict[str, Any]:
     train = _report(cfg, "model-trained").get("bpb", {})
     report = _report(cfg, "eval")
     ev = report.get("domains", {})
-    # BPB columns on one slice of text: init-embeddings and eval-speed both score eval.max_bytes per domain
-    # (train-io's own evals use the smaller train.eval_max_bytes), so prefer them when eval-speed measured
-    # this run's trained model.
+    # BPB columns on one slice of text: eval-speed scores eval.max_bytes per domain, init-embeddings
+    # init.eval_max_bytes and train-io train.eval_max_bytes. With eval-speed's figures, the init report's count
+    # only when it scored as many bytes (the same slice); otherwise the init column stays empty rather than
+    # compare figures of different text.
     cand = Path(str((report.get("candidate") or {}).get("folder", "")))
     eval_is_trained = bool(ev) and cand.name == "model-trained"
+    init_same_slice = not ev or cfg.init.eval_max_bytes == cfg.eval.max_bytes
     names = list(dict.fromkeys([*comp, *init, *train, *ev]))
     rows = {}
     for d in names:
-        c, i, t, e = comp.get(d, {}), init.get(d, {}), train.get(d, {}), ev.get(d, {})
+        c, t, e = comp.get(d, {}), train.get(d, {}), ev.get(d, {})
+        i = init.get(d, {}) if init_same_slice else {}
         trained = e.get("new", {}).get("bpb") if eval_is_trained else None
         rows[d] = {
             "old_bytes_per_token": c.get("old_bytes_per_token", e.get("old", {}).get("bytes_per_token")),
             "new_bytes_per_token": c.get("new_bytes_per_token", e.get("new", {}).get("bytes_per_token")),
             "compression_ratio": c.get("ratio"),
             "bpb_original": i.get("original", e.get("old", {}).get("bpb", t.get("original"))),
-            "bpb_init": i.get("init", t.get("init")),
+            "bpb_init": i.get("init", None if ev else t.get("init")),
             "bpb_trained": trained if trained is not None else t.get("final"),
             "bpb_eval_new": e.get("new", {}).get("bpb"),
             "old_bytes_per_s": e.get("old", {}).get("bytes_per_s"),

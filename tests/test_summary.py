@@ -15,12 +15,14 @@ def _write(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj))
 
 
-def _config(out: Path):
+def _config(out: Path, init_bytes: int = 8000):
     return validate_dict(
         {
             "output_dir": str(out),
             "model": {"path": str(out / "model")},
             "data": {"train": [{"name": "zh", "path": str(out / "t.jsonl")}]},
+            "init": {"eval_max_bytes": init_bytes},
+            "eval": {"max_bytes": 8000},
         }
     )
 
@@ -61,3 +63,23 @@ def test_bpb_columns_come_from_one_slice(tmp_path: Path):
     ev["candidate"]["folder"] = str(tmp_path / "peer-tool-output")
     _write(stage_dir(cfg, "eval") / "report.json", ev)
     assert collect(cfg)["domains"]["zh"]["bpb_trained"] == 2.35
+
+
+def test_init_bpb_of_another_slice_is_left_out(tmp_path: Path):
+    """init.eval_max_bytes != eval.max_bytes: the init report scored other text, so its figures do not sit
+    beside eval-speed's (the original comes from eval-speed, the init column stays empty)."""
+    cfg = _config(tmp_path, init_bytes=4000)
+    _write(
+        stage_dir(cfg, "model-init") / "init_report.json", {"bpb": {"zh": {"original": 1.90, "init": 2.60}}}
+    )
+    _write(
+        stage_dir(cfg, "model-trained") / "train_report.json",
+        {"bpb": {"zh": {"original": 1.70, "init": 2.50, "final": 2.35}}},
+    )
+    ev = {
+        "candidate": {"folder": str(stage_dir(cfg, "model-trained"))},
+        "domains": {"zh": {"old": {"bpb": 1.80}, "new": {"bpb": 2.25}}},
+    }
+    _write(stage_dir(cfg, "eval") / "report.json", ev)
+    row = collect(cfg)["domains"]["zh"]
+    assert (row["bpb_original"], row["bpb_init"], row["bpb_trained"]) == (1.80, None, 2.25)

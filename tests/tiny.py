@@ -334,7 +334,7 @@ def tiny_project(root: Path, **sections: dict) -> dict:
             ],
         },
         "tokenizer": {"new_tokens": 40, "domains": ["zh"]},
-        "init": {"eval_max_bytes": 400},
+        "init": {"eval_max_bytes": 600},  # eval.max_bytes: the summary sets both side by side
         "train": {
             "max_steps": 4,
             "seq_len": 32,
