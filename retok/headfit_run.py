@@ -80,20 +80,15 @@ def check_fit_inputs(
         )
 
 
-def check_refit(
+def _original_rows_and_map(
     cfg: RetokConfig, old_hf: Any, new_hf: Any, tok_dir: Any, meta: dict[str, Any] | None
-) -> None:
-    """train-io, before any step: refuse a train.fit_head that would fail after the training (the fit text, the
-    memory cap of its cached states), so that nothing is trained in vain."""
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """The original checkpoint's embedding and head (memory-mapped) and the token map of the new tokenizer."""
     from retok.model_io import read_io_matrices
     from retok.sources import resolve_model
     from retok.tokenmap import build_token_map
 
-    if not cfg.data.train:
-        raise RetokError(
-            "train.fit_head needs data.train text to fit the head on; add sources or set it to false"
-        )
-    old_embed, _ = read_io_matrices(
+    old_embed, old_head = read_io_matrices(
         resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
     )
     tmap = build_token_map(
@@ -104,6 +99,19 @@ def check_refit(
         where=str(tok_dir),
         meta=meta,
     )
+    return old_embed, old_head, tmap
+
+
+def check_refit(
+    cfg: RetokConfig, old_hf: Any, new_hf: Any, tok_dir: Any, meta: dict[str, Any] | None
+) -> None:
+    """train-io, before any step: refuse a train.fit_head that would fail after the training (the fit text, the
+    memory cap of its cached states), so that nothing is trained in vain."""
+    if not cfg.data.train:
+        raise RetokError(
+            "train.fit_head needs data.train text to fit the head on; add sources or set it to false"
+        )
+    old_embed, _, tmap = _original_rows_and_map(cfg, old_hf, new_hf, tok_dir, meta)
     n_learn = len(tmap.ids(AVERAGED)) + len(tmap.ids(FALLBACK))
     check_fit_inputs(cfg, fit_text(cfg), old_hf, new_hf, old_embed, n_learn=n_learn)
 
@@ -114,13 +122,6 @@ def refit_head(
     """train-io (train.fit_head): fit the head rows of new tokens of ``model`` (the trained model, body
     frozen) on the states its OWN input rows produce, in place; returns the report. Which rows are new and
     their pieces come from the token map, the teacher's rows from the original checkpoint."""
-    from retok.model_io import read_io_matrices
-    from retok.sources import resolve_model
-    from retok.tokenmap import build_token_map
-
-    old_embed, old_head = read_io_matrices(
-        resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
-    )
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     if head is None or head.weight is emb.weight:
@@ -128,14 +129,7 @@ def refit_head(
             "train.fit_head: the model's LM head is tied to its input embedding, so its rows cannot be fitted "
             "apart; set init.untie_head: true (or train.fit_head: false)"
         )
-    tmap = build_token_map(
-        old_hf,
-        new_hf,
-        old_rows=old_embed.shape[0],
-        pad_to_multiple_of=cfg.init.pad_to_multiple_of,
-        where=str(tok_dir),
-        meta=meta,
-    )
+    old_embed, old_head, tmap = _original_rows_and_map(cfg, old_hf, new_hf, tok_dir, meta)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
