@@ -10,7 +10,9 @@ final hidden states, minutes on a CPU.
    ``kl_weight`` x KL(teacher || student), where the student's distribution is marginalised onto first old
    pieces (a new token counts for the old token it starts with) over the teacher's top-k and one "rest"
    bucket. Rows that do not learn are constant, so their log-sum-exp is computed once per state and each step
-   touches only the learning rows. Held-out states (every 20th window) stop the fit when it starts to overfit.
+   touches only the learning rows; its gradient is written out (``_RowObjective.loss_and_grad``: a few passes
+   over the batch's logits instead of autograd's dozens, 1.2x faster on the demo, tested equal to autograd's).
+   Held-out states (every 20th window) stop the fit when it starts to overfit.
 
 The tree terms (``tree_depth`` >= 1) go down the teacher's piece tree along the realised text: the teacher's
 distribution over the piece after the realised first piece r1 (its state one old position later, no extra
@@ -329,6 +331,57 @@ class _Tree:
             hit = (ctx[:, None] >= 0) & (ukeys[at] == qk) & (states.tree_p[:, d - 1] > 0)
             self.gid[:, d - 1] = torch.where(hit, at, -1).to(torch.int32)
 
+    def _depth_states(
+        self, idx: torch.Tensor, d: int, dev: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """At depth d+1: the positions in ``idx`` whose teacher names at least two groups, and there which
+        entries name one and which group (None if no state qualifies)."""
+        if not self.sizes[d]:
+            return None
+        gid = self.gid[idx, d].to(dev).long()
+        valid = gid >= 0
+        rows = torch.nonzero(valid.sum(1) >= 2).squeeze(1)
+        if not len(rows):
+            return None
+        return rows, valid[rows], gid[rows]
+
+    @torch.no_grad()
+    def kl_and_coef(self, idx: torch.Tensor, P: torch.Tensor, coef: torch.Tensor) -> float:
+        """:meth:`kl` with its gradient, from ``P`` (the learning rows' probabilities, (B, n_learn)): returns
+        the summed KL and adds to ``coef`` what it contributes to d(kl)/d(logit) / P. Each depth's KL is
+        invariant to scaling every mass of a state, so the gradient of a member row j of group g is
+        P_j * (b_g - sum_g' b_g' mass_g') with b_g = d(kl)/d(mass_g) (the second term is zero up to clamps)."""
+        dev = P.device
+        total = 0.0
+        for d in range(self.depth):
+            got = self._depth_states(idx, d, dev)
+            if got is None:
+                continue
+            rows, valid, gid = got
+            n_use = len(rows)
+            members, group_of = self.members[d].to(dev), self.group_of[d].to(dev)
+            mass = torch.zeros(n_use, self.sizes[d], device=dev, dtype=P.dtype).index_add(
+                1, group_of, P[rows][:, members]
+            )
+            g = gid.clamp(min=0)
+            p = torch.where(valid, self.p[idx, d].to(dev)[rows], 0.0)
+            p = p / p.sum(1, keepdim=True)
+            m = torch.where(valid, mass.gather(1, g), 0.0)
+            z = m.sum(1, keepdim=True).clamp_min(1e-30)
+            q = m / z
+            total += float((p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(1).mean())
+            # d(kl)/d(mass_g): -p_k / mass_g where the log is not clamped, + (how often g is named) / Z
+            live = valid & (q > 1e-12)
+            per_entry = torch.where(live, -p / m.clamp_min(1e-30), 0.0) + torch.where(valid, 1.0 / z, 0.0)
+            b = torch.zeros_like(mass).scatter_add_(1, g, torch.where(valid, per_entry, 0.0))
+            shift = (b * mass).sum(1, keepdim=True)
+            # coef[rows, members] += (b[:, group_of] - shift) / n_use, the rows' other columns -= shift / n_use
+            block = coef[rows]
+            block -= shift / n_use
+            block[:, members] += b[:, group_of] / n_use
+            coef[rows] = block
+        return total
+
     def kl(self, idx: torch.Tensor, learn_logits: torch.Tensor) -> torch.Tensor | None:
         """Sum over depths of the mean KL(teacher's next piece || the student's mass of the new tokens spelled
         so), both renormalised over the groups present, over the states with at least two of them."""
@@ -336,21 +389,17 @@ class _Tree:
         probs = torch.exp(learn_logits - learn_logits.max(1, keepdim=True).values)
         total = None
         for d in range(self.depth):
-            if not self.sizes[d]:
+            got = self._depth_states(idx, d, dev)
+            if got is None:
                 continue
-            gid = self.gid[idx, d].to(dev).long()
-            valid = gid >= 0
-            use = valid.sum(1) >= 2
-            if not use.any():
-                continue
+            use, valid, gid = got
             members = self.members[d].to(dev)
-            mass = torch.zeros(int(use.sum()), self.sizes[d], device=dev, dtype=probs.dtype).index_add(
+            mass = torch.zeros(len(use), self.sizes[d], device=dev, dtype=probs.dtype).index_add(
                 1, self.group_of[d].to(dev), probs[use][:, members]
             )
-            valid = valid[use]
             p = torch.where(valid, self.p[idx, d].to(dev)[use], 0.0)
             p = p / p.sum(1, keepdim=True)
-            q = torch.where(valid, mass.gather(1, gid[use].clamp(min=0)), 0.0)
+            q = torch.where(valid, mass.gather(1, gid.clamp(min=0)), 0.0)
             q = q / q.sum(1, keepdim=True).clamp_min(1e-30)
             kl = (p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(1).mean()
             total = kl if total is None else total + kl
@@ -475,6 +524,72 @@ class _RowObjective:
         return ce, kl if tree is None else kl + tree
 
     @torch.no_grad()
+    def loss_and_grad(
+        self, idx: torch.Tensor, ll: torch.Tensor, kl_weight: float
+    ) -> tuple[float, float | None, torch.Tensor]:
+        """(mean CE, KL (with the tree terms) or None, d(CE + kl_weight * KL)/d(ll)) of the states ``idx`` with
+        learning logits ``ll`` (B, n_learn): the same loss as :meth:`__call__`, its gradient written out so a
+        step makes a few passes over the (B, n_learn) logits instead of autograd's dozens. With P_j the
+        probability of learning row j: the CE contributes P_j - [j is the target]; the first-piece KL
+        P_j * (A_g(j) - sum_k a_k q_k), a_k = d(KL)/d(q_k) and A_g the sum of a_k over the teacher entries
+        naming group g (its q_k moves with every logit through the shared normaliser)."""
+        d = idx.to(self.device)
+        B = ll.shape[0]
+        top = ll.max(1, keepdim=True).values
+        P = torch.exp(ll - top)
+        lse = torch.logaddexp(self.lse_fixed[d], (top + P.sum(1, keepdim=True).log()).squeeze(1))
+        P *= torch.exp(top - lse[:, None])  # P_j = exp(ll_j - lse)
+        tl = self.tgt_learn[d]
+        tgt = torch.where(tl >= 0, ll.gather(1, tl.clamp(min=0)[:, None])[:, 0], self.tgt_fixed[d])
+        ce = float((lse - tgt).mean())
+        coef = torch.full_like(P, 1.0 / B)
+        kl_value = None
+        if self.use_kl and kl_weight > 0:
+            p = self.states.teacher_p[idx].to(self.device, torch.float32)
+            has = torch.nonzero(p.sum(1) > 0).squeeze(1)
+            if len(has):
+                kl_value = self._first_piece_kl(d, P, lse, p, has, coef, kl_weight)
+                if self.tree is not None:
+                    c2 = torch.zeros_like(P)
+                    kl_value += self.tree.kl_and_coef(idx, P, c2)
+                    coef += kl_weight * c2
+        grad = P.mul_(coef)
+        hit = torch.nonzero(tl >= 0).squeeze(1)
+        grad[hit, tl[hit]] -= 1.0 / B
+        return ce, kl_value, grad
+
+    def _first_piece_kl(
+        self,
+        d: torch.Tensor,
+        P: torch.Tensor,
+        lse: torch.Tensor,
+        p: torch.Tensor,
+        has: torch.Tensor,
+        coef: torch.Tensor,
+        weight: float,
+    ) -> float:
+        """:func:`_kl_to_teacher` over the states ``has`` (mean), its gradient coefficients added to ``coef``."""
+        P_h, lse_h, p = P[has], lse[has], p[has]
+        g = self.group_at_top[d[has]].long()
+        mass = torch.zeros(len(has), self.n_groups, dtype=P.dtype, device=P.device).index_add(
+            1, self.learn_group, P_h
+        )
+        learned = torch.where(g >= 0, mass.gather(1, g.clamp(min=0)), 0.0)
+        q_raw = torch.exp(self.top_fixed[d[has]] - lse_h[:, None]) + learned
+        q = q_raw.clamp_min(1e-8)
+        rest_p = (1.0 - p.sum(1)).clamp_min(1e-6)
+        rest_raw = 1.0 - q.sum(1)
+        rest_q = rest_raw.clamp_min(1e-6)
+        pk = p.clamp_min(1e-12)
+        kl = (pk * (pk.log() - q.log())).sum(1) + rest_p * (rest_p.log() - rest_q.log())
+        # a_k = d(KL)/d(q_k) through both the log and the rest bucket, zero where q_k is clamped
+        a = (-pk / q + torch.where(rest_raw > 1e-6, rest_p / rest_q, 0.0)[:, None]) * (q_raw > 1e-8)
+        A = torch.zeros_like(mass).scatter_add_(1, g.clamp(min=0), torch.where(g >= 0, a, 0.0))
+        shift = (a * q_raw).sum(1, keepdim=True)
+        coef[has] += weight / len(has) * (A[:, self.learn_group] - shift)
+        return float(kl.mean())
+
+    @torch.no_grad()
     def mean_ce(self, idx: torch.Tensor) -> float:
         if not len(idx):
             return float("nan")
@@ -538,9 +653,10 @@ def fit_rows(
         idx, order = order[:batch], order[batch:]
         for g, g_lr in zip(opt.param_groups, base_lr, strict=True):
             g["lr"] = g_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
-        ce, kl = obj(idx, use_kl)
+        ll = obj.logits(obj._rows(idx))
+        _, _, grad = obj.loss_and_grad(idx, ll.detach(), kl_weight if use_kl else 0.0)
         opt.zero_grad(set_to_none=True)
-        (ce + kl_weight * kl if kl is not None else ce).backward()
+        ll.backward(grad)
         opt.step()
         step += 1
         if step % max(1, per_epoch // 2) and step != total:

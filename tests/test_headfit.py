@@ -293,6 +293,56 @@ def test_tree_term_pulls_the_second_piece_and_lowers_held_out_loss():
     assert res.held_out_ce < res.held_out_ce_start
 
 
+def test_written_out_gradient_equals_autograd_of_the_loss():
+    """The fit's step uses RowObjective.loss_and_grad (the gradient written out): it equals autograd's gradient
+    of CE + w * (first-piece KL + tree terms) on states with and without a teacher, targets in fixed and in
+    learning rows, rows with and without a depth-1 group, and its loss values equal the loss's."""
+    from retok.headfit import _RowObjective
+
+    states, truth, start, learn = _synthetic(n=400, old=30, new=12, seed=3)
+    old, n = 30, 400
+    pieces = {old + j: [j % 3, 3 + j // 3] + ([7] if j % 4 == 0 else []) for j in range(12)}
+    pieces[old + 11] = [5]  # a one-piece token: no depth-1 group
+    first = first_pieces(len(truth), pieces, {i: i for i in range(old)})
+    g = torch.Generator().manual_seed(5)
+    p = torch.softmax(torch.randn(n, 6, generator=g) * 2, -1) * 0.9  # 10% left for the rest bucket
+    p[::7] = 0.0  # states without a teacher (train-mode positions)
+    states.teacher_p = p
+    states.teacher_i = torch.stack([torch.randperm(old, generator=g)[:6] for _ in range(n)])
+    states.tree_p = torch.softmax(torch.randn(n, 1, 4, generator=g), -1)
+    states.tree_i = torch.randint(3, 8, (n, 1, 4), generator=g, dtype=torch.int32)
+    states.tree_prefix = torch.randint(0, 3, (n, 1), generator=g)
+    obj = _RowObjective(states, start, learn, first, True, "cpu", pieces)
+    assert (obj.tgt_learn >= 0).any() and (obj.tgt_learn < 0).any()
+    idx = torch.randperm(n, generator=g)[:256]
+    ll = (
+        states.hidden[idx].float() @ (start[learn] + 0.3 * torch.randn(12, 16, generator=g)).T
+    ).requires_grad_()
+    lse = torch.logaddexp(obj.lse_fixed[idx], torch.logsumexp(ll, 1))
+    tl = obj.tgt_learn[idx]
+    ce = (lse - torch.where(tl >= 0, ll.gather(1, tl.clamp(min=0)[:, None])[:, 0], obj.tgt_fixed[idx])).mean()
+    has = states.teacher_p[idx].sum(1) > 0
+    kl = _kl_to_teacher(
+        lse[has],
+        obj.top_fixed[idx][has],
+        ll[has],
+        obj.learn_group,
+        obj.n_groups,
+        states.teacher_p[idx][has],
+        obj.group_at_top[idx][has].long(),
+    ).mean()
+    tree = obj.tree.kl(idx, ll)
+    assert tree is not None and float(tree.detach()) > 0.01
+    (ce + 0.7 * (kl + tree)).backward()
+    ce2, kl2, grad = obj.loss_and_grad(idx, ll.detach(), 0.7)
+    assert ce2 == pytest.approx(float(ce.detach()), rel=1e-5)
+    assert kl2 == pytest.approx(float((kl + tree).detach()), rel=1e-5)
+    assert float(ll.grad.abs().max()) > 1e-3
+    assert torch.allclose(grad, ll.grad, atol=1e-7, rtol=1e-4)
+    _, none, grad_ce = obj.loss_and_grad(idx, ll.detach(), 0.0)  # no teacher weight: the CE's gradient alone
+    assert none is None and not torch.allclose(grad_ce, grad, atol=1e-6)
+
+
 def test_tree_targets_are_the_original_models_next_pieces_after_the_realised_ones(fitted):
     """At depth d the state aligned with old position a carries the original model's (loaded on its own) top-k
     at old position a + d and the realised pieces old[a+1..a+d]."""
