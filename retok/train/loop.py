@@ -70,7 +70,7 @@ class Run:
 # ---------------------------------------------------------------------------------- held-out BPB
 
 
-def _bpb(run: Run, model: nn.Module, tok: Any, label: str) -> dict[str, float]:
+def held_out_bpb(run: Run, model: nn.Module, tok: Any, label: str) -> dict[str, float]:
     """BPB per data.eval domain (call on the main process)."""
     from retok.metrics import bits_per_byte
 
@@ -99,10 +99,10 @@ def evaluate(run: Run, model: nn.Module, label: str) -> dict[str, float]:
         if not run.eval_docs:
             return {}
         with gathered(run.root), torch.no_grad():
-            out = _bpb(run, model, run.tok, label)
+            out = held_out_bpb(run, model, run.tok, label)
         model.train()
         return out if run.acc.is_main_process else {}
-    out = _bpb(run, model, run.tok, label) if run.acc.is_main_process and run.eval_docs else {}
+    out = held_out_bpb(run, model, run.tok, label) if run.acc.is_main_process and run.eval_docs else {}
     run.acc.wait_for_everyone()
     return out
 
@@ -123,7 +123,7 @@ def original_bpb(run: Run) -> dict[str, float]:
             run.model, resolve_model(m, run.cfg.cache), trust_remote_code=m.trust_remote_code
         )
         with gathered(run.root):
-            out = _bpb(run, OriginalLM(teacher), run.old_tok, "original")
+            out = held_out_bpb(run, OriginalLM(teacher), run.old_tok, "original")
         run.model.train()
         return out if run.acc.is_main_process else {}
     if run.acc.is_main_process and run.eval_docs:
@@ -136,7 +136,7 @@ def original_bpb(run: Run) -> dict[str, float]:
             trust_remote_code=m.trust_remote_code,
             allow_pickle=m.allow_pickle,
         )
-        out = _bpb(run, model, run.old_tok, "original")
+        out = held_out_bpb(run, model, run.old_tok, "original")
         del model
     run.acc.wait_for_everyone()
     return out

@@ -406,7 +406,7 @@ def _fit_head(run: Run, state: TrainState, tok_dir: Path, out: Path) -> dict | N
     from retok.headfit_run import refit_head
     from retok.sources import load_model
     from retok.stages import read_tokenizer_meta
-    from retok.train.loop import _bpb
+    from retok.train.loop import held_out_bpb
 
     cfg = run.cfg
     if not cfg.train.fit_head:
@@ -431,7 +431,7 @@ def _fit_head(run: Run, state: TrainState, tok_dir: Path, out: Path) -> dict | N
         model.save_pretrained(str(out), safe_serialization=True, max_shard_size=MAX_SHARD_BYTES)
     if run.eval_docs:
         with torch.no_grad():
-            bpb = _bpb(run, model, run.tok, "head fit")
+            bpb = held_out_bpb(run, model, run.tok, "head fit")
         run.shown["bpb"] = bpb
         with (run.state_dir / METRICS).open("a") as f:
             f.write(
