@@ -43,6 +43,8 @@ from tqdm.auto import tqdm
 from retok.alignment import ByteLengths, align
 from retok.teacher import Teacher, body_forward
 
+FIT_BATCH = 1024  # states per Adam step of the fit
+
 
 @dataclass
 class States:
@@ -613,7 +615,7 @@ def fit_rows(
     map_lr: float = 5e-4,
     lr: float = 1e-3,
     max_epochs: float = 8.0,
-    batch: int = 1024,
+    batch: int = FIT_BATCH,
     patience: int = 2,
     seed: int = 0,
     device: torch.device | str = "cpu",

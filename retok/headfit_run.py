@@ -40,6 +40,21 @@ def fit_text(cfg: RetokConfig) -> dict[str, list[str]]:
 TOP_K = 64  # teacher probabilities kept per state
 
 
+def fit_cache_bytes(cfg: RetokConfig, n_states: int, hidden: int, n_learn: int) -> int:
+    """What the head fit holds besides the model: ``n_states`` cached states (float16) with their targets and,
+    with the teacher, its top-k next-piece probabilities at every tree depth, twice (the float32 copy in the fit);
+    with the shared map, its features (float32, 2 x hidden per learning row) and the map with its gradient and
+    Adam moments."""
+    # top-k probabilities (4 bytes) and ids (8) at the aligned position; per tree depth 4 + 4 + 4 (group) + 8
+    teacher = cfg.init.fit_teacher_weight > 0
+    depth = cfg.init.fit_tree_depth
+    per_state = hidden * 2 + 8 + (TOP_K * 12 + depth * (TOP_K * 12 + 8) if teacher else 0)
+    need = n_states * per_state * 2
+    if cfg.init.fit_shared_map:
+        need += n_learn * 2 * hidden * 4 * 2 + 2 * hidden * hidden * 4 * 4
+    return need
+
+
 def check_fit_inputs(
     cfg: RetokConfig,
     docs: dict[str, list[str]],
@@ -59,20 +74,7 @@ def check_fit_inputs(
     n = sum(
         len(ids) for texts in docs.values() for ids in new_hf(texts, add_special_tokens=False)["input_ids"]
     )
-    teacher = cfg.init.fit_teacher_weight > 0
-    # top-k probabilities (4 bytes) and ids (8) at the aligned position; per tree depth 4 + 4 + 4 (group) + 8
-    per_state = (
-        old_embed.shape[1] * 2
-        + 8
-        + (TOP_K * 12 + cfg.init.fit_tree_depth * (TOP_K * 12 + 8) if teacher else 0)
-    )
-    need_mb = (
-        n * per_state * 2 / 1e6
-    )  # float16 states, targets, teacher top-k; x2 for the float32 copy in the fit
-    if cfg.init.fit_shared_map:
-        # its features (float32, 2H per learning row) and the map with its grad and Adam moments
-        H = old_embed.shape[1]
-        need_mb += (n_learn * 2 * H * 4 * 2 + 2 * H * H * 4 * 4) / 1e6
+    need_mb = fit_cache_bytes(cfg, n, old_embed.shape[1], n_learn) / 1e6
     if need_mb > cfg.init.fit_max_memory_mb:
         raise RetokError(
             f"init.fit_bytes: the head fit would cache {n:,} states and its map ({need_mb:,.0f} MB), over "

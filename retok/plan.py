@@ -17,6 +17,9 @@ for one process, DDP or FSDP over N processes:
 - the chunked LM-head loss (train.loss_chunk_tokens rows of fp32 logits), the teacher's old embedding and head
   (objective distill / lm+distill);
 - held-out BPB on the main process: the original model is loaded beside the training one while it is measured;
+- the head fit after the steps (train.fit_head, main process): the trained model (under FSDP the consolidated
+  folder loaded whole), the cached states (init.fit_bytes over the new tokenizer's bytes per token, capped by
+  init.fit_max_memory_mb) and a batch of the fit's logits (the demo: planned 3.26 GB, measured 3.11);
 - on CPU, the process itself (Python, torch, transformers, the tokenizers and the shuffle buffer), because there
   the device's memory is the process's resident memory.
 
@@ -420,6 +423,64 @@ def _bpb_phase(cfg: RetokConfig, s: Shape, strategy: str, n: int, device: str) -
     return PhasePlan("bpb", "held-out BPB on the main process (before training)", items)
 
 
+def fit_states(cfg: RetokConfig) -> tuple[int, str]:
+    """How many states the head fit after the steps caches: each domain's share of init.fit_bytes over the
+    new tokenizer's bytes per token on it (the tokenizer's compression.json); at most one per byte before the
+    tokenizer exists."""
+    from retok.data import domains
+    from retok.headfit_run import fit_budgets
+    from retok.stages import stage_dir
+
+    budgets = fit_budgets(domains(cfg.data.train), cfg.tokenizer.domains, cfg.init.fit_bytes)
+    report = stage_dir(cfg, "tokenizer") / "compression.json"
+    measured = json.loads(report.read_text()).get("domains", {}) if report.is_file() else {}
+    n = 0
+    for name, nbytes in budgets.items():
+        per_token = (measured.get(name) or {}).get("new_bytes_per_token") or 1.0
+        n += math.ceil(nbytes / per_token)
+    how = "bytes/token of compression.json" if measured else "at most one per byte: no tokenizer built yet"
+    return n, how
+
+
+def _fit_phase(cfg: RetokConfig, s: Shape, strategy: str, n: int, device: str) -> PhasePlan:
+    """The main process in train.fit_head, after the steps (the optimizer already released): the trained model
+    (under FSDP the consolidated folder loaded whole beside this process's shards), the original's embedding
+    and head with a float32 copy of the new head, the cached states (refused beyond init.fit_max_memory_mb),
+    one batch of the fit's logits and one forward window's."""
+    from retok.headfit import FIT_BATCH
+    from retok.headfit_run import fit_cache_bytes
+
+    params = s.body + s.new_rows * s.hidden * 2
+    if strategy == "fsdp":
+        whole = {"float32": 4, "auto": 4}.get(cfg.compute.dtype, 2) * params
+        weights = Item(
+            "weights", 4 * params // n + whole, "fp32 shards + the consolidated model loaded whole"
+        )
+    else:
+        weights = Item("weights", 4 * params, "the trained model")
+    old_io = s.old_rows * s.hidden * (1 if s.old_tied else 2)
+    rows = Item(
+        "rows", 4 * (old_io + s.new_rows * s.hidden), "the original's embedding/head + the new head, fp32"
+    )
+    states, how = fit_states(cfg)
+    cache = min(
+        fit_cache_bytes(cfg, states, s.hidden, max(0, s.new_vocab - s.old_vocab)),
+        cfg.init.fit_max_memory_mb * 10**6,
+    )
+    window = cfg.init.fit_window * max(s.new_rows, s.old_rows) * 4 * 2
+    items = [
+        weights,
+        rows,
+        Item("cached states", cache, f"~{states:,} states ({how})"),
+        Item(
+            "fit logits", FIT_BATCH * s.new_rows * 4 * 3, f"{FIT_BATCH:,} states: logits, probabilities, grad"
+        ),
+        Item("forward window", window, f"{cfg.init.fit_window}-token window's logits, fp32"),
+        *_process_items(cfg, s, device),
+    ]
+    return PhasePlan("fit", "the head fit after the steps (main process)", items)
+
+
 def resolve(cfg: RetokConfig, processes: int, strategy: str | None, s: Shape, device: str) -> str:
     """The strategy a launch of ``processes`` processes uses: single, ddp or fsdp."""
     want = strategy or cfg.train.distributed
@@ -450,6 +511,8 @@ def plan(
         phases.append(_phase(cfg, s, "all", strategy, processes, device))
     if cfg.data.eval:
         phases.append(_bpb_phase(cfg, s, strategy, processes, device))
+    if t.fit_head and not s.new_tied and cfg.data.train:
+        phases.append(_fit_phase(cfg, s, strategy, processes, device))
     cap, source = device_capacity(cfg, device, local_processes or (processes if device == "cpu" else 1))
     per_step = t.grad_accum * t.batch_size * t.seq_len * processes
     steps = {"io": t.max_steps, **({"all": t.full.steps} if t.full.steps else {})}

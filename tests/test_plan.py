@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,49 @@ def test_plan_time_comes_from_the_measured_tokens_per_second(tmp_path):
     p = plan(cfg)
     assert p.tokens_per_second == pytest.approx(rep["tokens_per_second"])
     assert p.minutes == pytest.approx(cfg.train.max_steps * p.tokens_per_step / rep["tokens_per_second"] / 60)
+
+
+def test_the_head_fit_after_the_steps_is_a_phase_of_its_own(tmp_path):
+    import math
+
+    from retok.data import domains
+    from retok.headfit_run import fit_budgets, fit_cache_bytes
+    from retok.plan import fit_states
+
+    cfg, path = _project(tmp_path)  # model-init built: the tokenizer's compression.json is there
+    assert "fit" not in [p.phase for p in plan(cfg).phases]  # train.fit_head: false
+    fit = load_config(path, ["train.fit_head=true"])
+    parts = {i.name: i.bytes for i in {p.phase: p for p in plan(fit).phases}["fit"].items}
+    s = model_shape(fit)
+    # states: each domain's share of init.fit_bytes over the new tokenizer's measured bytes per token
+    comp = json.loads((stage_dir(fit, "tokenizer") / "compression.json").read_text())["domains"]
+    budgets = fit_budgets(domains(fit.data.train), fit.tokenizer.domains, fit.init.fit_bytes)
+    assert set(budgets) <= set(comp)
+    n = sum(math.ceil(b / comp[d]["new_bytes_per_token"]) for d, b in budgets.items())
+    assert fit_states(fit) == (n, "bytes/token of compression.json")
+    assert fit.init.fit_bytes / 10 < n < fit.init.fit_bytes
+    assert parts["cached states"] == fit_cache_bytes(fit, n, s.hidden, s.new_vocab - s.old_vocab) > 0
+    assert parts["weights"] == 4 * (s.body + 2 * s.new_rows * s.hidden)
+    assert parts["fit logits"] == 1024 * s.new_rows * 4 * 3
+    # init.fit_max_memory_mb bounds the cache (a larger one is refused before any step)
+    capped = load_config(path, ["train.fit_head=true", "init.fit_max_memory_mb=1"])
+    assert {i.name: i.bytes for i in plan(capped).phases[-1].items}["cached states"] == 10**6
+    # before the tokenizer exists: at most one state per byte
+    fresh = load_config(path, ["train.fit_head=true", f"output_dir={tmp_path / 'none'}"])
+    assert fit_states(fresh)[0] == sum(budgets.values())
+    # a tied head has no rows of its own to fit: no phase
+    assert "fit" not in [p.phase for p in plan(fit, shape=replace(s, new_tied=True)).phases]
+
+
+def test_a_70b_head_fit_under_fsdp_loads_the_whole_model_on_one_device(tmp_path):
+    """Why configs/llama3-70b-zh.yaml turns train.fit_head off: the consolidated 70B in bf16 (141 GB) on the
+    main process's GPU does not fit 80 GB, while the 8B's (16 GB) does."""
+    shape = model_shape(_big("llama3-70b-zh", tmp_path), SHAPES / "llama-3-70b.json")
+    on = _big("llama3-70b-zh", tmp_path, "train.fit_head=true")
+    p = plan(on, 8, shape=shape)
+    fit = {ph.phase: ph for ph in p.phases}["fit"]
+    whole = 2 * (shape.body + 2 * shape.new_rows * shape.hidden)
+    assert {i.name: i.bytes for i in fit.items}["weights"] >= whole > 140 * GB
+    assert not p.fits and {ph.phase: ph for ph in p.phases}["io"].total < 80 * GB
+    eight = _big("llama3-8b-zh", tmp_path)
+    assert eight.train.fit_head and plan(eight, 8, shape=model_shape(eight, SHAPES / "llama-3-8b.json")).fits
