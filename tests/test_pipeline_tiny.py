@@ -21,13 +21,14 @@ from tests.tiny import tiny_project
 # Regenerate only for an intended change, and say why in the commit.
 # Regenerated on 2026-12-03 for the new defaults: input rows leaning on the last piece (init.method weighted,
 # decay 0.3; the distillation losses start lower) and the head fitted after the steps (train.fit_head) instead
-# of at init (the fourth BPB record).
+# of at init (the fourth BPB record). The fourth record again for init.fit_teacher_weight 1 -> 0.5 (measured
+# better on the demo: zh 1.140x -> 1.134x of the original's BPB).
 GOLDEN_LOSSES = [0.024237, 0.027179, 0.022192, 0.019502, 0.017796, 0.014736]
 GOLDEN_BPB = [
     {"zh": 4.105136, "en": 3.883254},
     {"zh": 4.105334, "en": 3.883254},
     {"zh": 4.105452, "en": 3.883254},
-    {"zh": 4.015723, "en": 3.883392},
+    {"zh": 4.014182, "en": 3.883416},
 ]
 
 
