@@ -82,7 +82,7 @@ def check_fit_inputs(
         )
 
 
-def _original_rows_and_map(
+def original_rows_and_map(
     cfg: RetokConfig, old_hf: Any, new_hf: Any, tok_dir: Any, meta: dict[str, Any] | None
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """The original checkpoint's embedding and head (memory-mapped) and the token map of the new tokenizer."""
@@ -113,7 +113,7 @@ def check_refit(
         raise RetokError(
             "train.fit_head needs data.train text to fit the head on; add sources or set it to false"
         )
-    old_embed, _, tmap = _original_rows_and_map(cfg, old_hf, new_hf, tok_dir, meta)
+    old_embed, _, tmap = original_rows_and_map(cfg, old_hf, new_hf, tok_dir, meta)
     n_learn = len(tmap.ids(AVERAGED)) + len(tmap.ids(FALLBACK))
     check_fit_inputs(cfg, fit_text(cfg), old_hf, new_hf, old_embed, n_learn=n_learn)
 
@@ -131,7 +131,7 @@ def refit_head(
             "train.fit_head: the model's LM head is tied to its input embedding, so its rows cannot be fitted "
             "apart; set init.untie_head: true (or train.fit_head: false)"
         )
-    old_embed, old_head, tmap = _original_rows_and_map(cfg, old_hf, new_hf, tok_dir, meta)
+    old_embed, old_head, tmap = original_rows_and_map(cfg, old_hf, new_hf, tok_dir, meta)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()

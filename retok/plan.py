@@ -351,6 +351,18 @@ def _phase(cfg: RetokConfig, s: Shape, phase: str, strategy: str, n: int, device
             Item("gradients", 4 * learning * (2 if ddp else 1), "fp32" + (" + DDP buckets" if ddp else ""))
         )
     items.append(Item("optimizer", 8 * learning // (n if fsdp else 1), "AdamW moments, fp32"))
+    if phase == "io" and (t.piece_map if t.piece_map is not None else not fsdp):
+        # retok.train.piecemap: a (3H x H) map with its gradient and moments, the pieces' original rows, and
+        # one step's change of the new rows
+        new = max(0, s.new_vocab - s.old_vocab)
+        pieces = min(s.old_rows, new)  # distinct pieces: on the demo 16,000 new tokens have ~5,000
+        items.append(
+            Item(
+                "piece map",
+                4 * (4 * 3 * s.hidden * s.hidden + (pieces + 2 * new) * s.hidden),
+                "(3H x H) map + grad + moments, pieces' rows",
+            )
+        )
     if fsdp:  # each all-gather and reduce-scatter goes through a buffer as large as what it carries
         root_learning = io_total if phase == "all" else learning
         buffers = io_total * a + root_learning * 4 + (2 * s.layer_params * (a + 4) if phase == "all" else 0)

@@ -119,7 +119,8 @@ def test_fsdp_matches_one_process_in_both_phases(tmp_path):
     """2 processes x grad_accum 1 under FSDP == 1 process x grad_accum 2: the same micro-batches make each step."""
     from transformers import AutoModelForCausalLM
 
-    common = {"full": {"steps": 2, "lr": 1e-3}, "batch_size": 2, "tied": True}
+    # train.piece_map is off under FSDP (null: not supported there yet), so off on the one process too
+    common = {"full": {"steps": 2, "lr": 1e-3}, "batch_size": 2, "tied": True, "piece_map": False}
     one, one_path = _project(tmp_path / "one", grad_accum=2, **common)
     res = _retok(one_path)  # its own process, so that its report's peak memory is its own
     assert res.returncode == 0, res.stderr[-3000:]

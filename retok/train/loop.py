@@ -58,6 +58,7 @@ class Run:
     old_tok: Any  # the original model's tokenizer
     tokens_per_step: int
     teacher: Any = None  # retok.teacher.Teacher for the distillation objectives
+    piece_map: Any = None  # retok.train.piecemap.PieceMap of the io phase (train.piece_map), or None
     strategy: str = "single"  # single, ddp or fsdp
     root: Any = (
         None  # train.distributed fsdp: the sharded root (retok.train.fsdp.ShardedObjective), else None
@@ -240,6 +241,7 @@ class _Phase:
     masks: dict  # weight-decay row masks by id(param) (this process's rows under FSDP)
     grad_masks: dict  # FSDP: gradient row masks applied after backward (DDP masks through hooks instead)
     trainable: list
+    piece_map: Any  # the io phase's PieceMap, or None
     hooks: list
     trimmer: HeapTrimmer | None
 
@@ -257,7 +259,8 @@ def _start_phase(run: Run, phase: Phase, first: int, end: int, resume_optimizer:
         hooks = []
         masks = local_masks(masks, trainable)
         grad_masks = local_masks(row_masks(run.io, phase), trainable)
-    opt = make_optimizer(model, run.io, run.cfg, phase)
+    piece_map = run.piece_map if phase == "io" else None
+    opt = make_optimizer(model, run.io, run.cfg, phase, piece_map)
     if resume_optimizer:
         if run.root is not None:
             load_sharded_optimizer(run.state_dir, model, opt)
@@ -280,6 +283,7 @@ def _start_phase(run: Run, phase: Phase, first: int, end: int, resume_optimizer:
         masks=masks,
         grad_masks=grad_masks,
         trainable=trainable,
+        piece_map=piece_map,
         hooks=hooks,
         trimmer=HeapTrimmer() if acc.device.type == "cpu" else None,
     )
@@ -329,8 +333,12 @@ def _optimizer_step(
         grad_norm = grad_norm_clip(ph.trainable, t.max_grad_norm) if t.max_grad_norm else None
     else:
         grad_norm = float(acc.clip_grad_norm_(ph.trainable, t.max_grad_norm)) if t.max_grad_norm else None
+    if ph.piece_map is not None:
+        ph.piece_map.before_step()  # the map's gradient from the (clipped) rows' gradient
     apply_decay(ph.opt, ph.masks, t.weight_decay)
     ph.opt.step()
+    if ph.piece_map is not None:
+        ph.piece_map.after_step()  # the rows move by what the step did to the map
     ph.opt.zero_grad(set_to_none=True)
     if ph.trimmer is not None:
         ph.trimmer.after_step()

@@ -108,10 +108,15 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, io: IOParams, cfg: RetokConfig, phase: Phase) -> torch.optim.AdamW:
+def make_optimizer(
+    model: nn.Module, io: IOParams, cfg: RetokConfig, phase: Phase, piece_map: Any = None
+) -> torch.optim.AdamW:
+    """AdamW over what learns in ``phase``; in the io phase also ``piece_map``'s map (retok.train.piecemap)."""
     t = cfg.train
     if phase == "io":
         groups = [{"params": [io.embed], "lr": t.embed_lr or t.lr, "name": "embed"}]
+        if piece_map is not None:
+            groups.append({"params": [piece_map.map], "lr": t.piece_map_lr, "name": "piece_map"})
         if io.head is not None and io.head_learns:
             groups.append({"params": [io.head], "lr": t.head_lr or t.lr, "name": "head"})
         if io.biases(phase):

@@ -213,6 +213,10 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     # ---- checks that need no model: fail before anything is written
     acc = _accelerator(cfg, state_dir)
     strategy = _strategy(cfg, acc)
+    if t.piece_map and strategy == "fsdp":
+        raise RetokError(
+            "train.piece_map is not supported with FSDP yet; set train.piece_map: null (off under FSDP) or false"
+        )
     from retok.plan import check_plan
 
     check_plan(cfg, acc.num_processes, strategy)  # before anything is loaded: refuse what cannot fit
@@ -254,6 +258,7 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
             activation_checkpointing(model, True)
     io = io_params(model, len(tok), new_ids)
     io.head_learns = t.objective != "distill"
+    piece_map = _piece_map(cfg, strategy, io, old_tok, tok, tok_dir)
     from retok.train.fsdp import gathered
 
     with gathered(root) if root is not None else nullcontext():
@@ -270,6 +275,7 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
         eval_starts=eval_starts,
         old_tok=old_tok,
         teacher=teacher,
+        piece_map=piece_map,
         root=root,
         strategy=strategy,
         tokens_per_step=t.grad_accum * t.batch_size * t.seq_len * acc.num_processes,
@@ -303,6 +309,25 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     return report
 
 
+def _piece_map(cfg: RetokConfig, strategy: str, io: Any, old_tok: Any, tok: Any, tok_dir: Path) -> Any:
+    """train.piece_map (null: on except under FSDP): the map over the new rows that learn and have pieces."""
+    on = cfg.train.piece_map if cfg.train.piece_map is not None else strategy != "fsdp"
+    if not on:
+        return None
+    from retok.headfit_run import original_rows_and_map
+    from retok.stages import read_tokenizer_meta
+    from retok.tokenmap import AVERAGED
+    from retok.train.piecemap import PieceMap
+
+    old_embed, _, tmap = original_rows_and_map(cfg, old_tok, tok, tok_dir, read_tokenizer_meta(tok_dir))
+    pieces = {
+        int(i): tmap.pieces[int(i)]
+        for i in tmap.ids(AVERAGED)
+        if bool(io.learn_rows[int(i)]) and tmap.pieces.get(int(i))
+    }
+    return PieceMap(io.embed, pieces, old_embed) if pieces else None
+
+
 def _announce(run: Run) -> None:
     """The trainable-parameter count and the shape of the run, before the first step."""
     io, acc, t = run.io, run.acc, run.cfg.train
@@ -322,6 +347,13 @@ def _announce(run: Run) -> None:
     )
     if io.head is None and t.head_lr is not None:
         print("train-io: note: the head is tied to the embedding, so train.head_lr is unused (embed_lr is)")
+    if run.piece_map is not None:
+        H = io.embed.shape[1]
+        print(
+            f"train-io: piece map: {run.piece_map.n_rows:,} new input rows share one ({3 * H:,} x {H:,}) map over "
+            f"the original rows of their {len(run.piece_map.basis):,} distinct pieces (train.piece_map)",
+            flush=True,
+        )
 
 
 def _start_or_resume(run: Run, state: TrainState | None) -> tuple[TrainState, MetricsLog]:
