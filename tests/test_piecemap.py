@@ -3,6 +3,7 @@ same model written with the map and the residuals as parameters, and what it doe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,11 @@ def test_the_map_moves_new_rows_the_text_never_showed_and_nothing_old(tmp_path, 
     assert "piece map" not in capsys.readouterr().out
     _, _, mapped = _train(tmp_path / "map")  # train.piece_map null: on for one process
     assert "train-io: piece map:" in capsys.readouterr().out
+    reports = [
+        json.loads((tmp_path / k / "out" / "model-trained" / "train_report.json").read_text())["piece_map"]
+        for k in ("plain", "map")
+    ]
+    assert reports[0] is None and reports[1]["rows"] > 0 and reports[1]["lr"] == cfg.train.piece_map_lr
     E0, E_plain, E_map = (m["model.embed_tokens.weight"] for m in (init, plain, mapped))
     new = new_token_ids(stage_dir(cfg, "tokenizer"), E0.shape[0])
     n_old = min(new)

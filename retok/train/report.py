@@ -112,9 +112,11 @@ def write_report(
     device: str,
     precision: str,
     head_fit: dict | None = None,
+    piece_map: dict | None = None,
 ) -> dict:
     """Write train_report.json/.md and train_curve.png into ``out``; returns the JSON report. ``head_fit``: the
-    report of train.fit_head (None when it did not run)."""
+    report of train.fit_head (None when it did not run); ``piece_map``: rows, pieces and lr of train.piece_map
+    (None when off)."""
     losses, evals = read_metrics(out / "metrics.jsonl")
     original, init = state.original or {}, state.init or {}
     tps = state.tokens_seen / state.train_seconds if state.train_seconds else 0.0
@@ -157,6 +159,7 @@ def write_report(
         "strategy": state.strategy,
         "curve": CURVE,
         "head_fit": head_fit,
+        "piece_map": piece_map,
     }
     (out / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(out / CURVE, losses, evals, bpb)
@@ -207,7 +210,14 @@ def _markdown(r: dict, cfg: RetokConfig) -> str:
         f"({r['steps_io']} io + {r['steps_all']} all), {r['tokens_seen']:,} tokens, {r['minutes']:.1f} min "
         f"({r['train_minutes']:.1f} min in training steps, {r['tokens_per_second']:.0f} tokens/s) on "
         f"{r['processes']} process(es), {r['device']}, mixed precision {r['mixed_precision']}; objective "
-        f"{r['objective']}; peak resident memory {r['peak_rss_mb']:.0f} MB.",
+        f"{r['objective']}"
+        + (
+            f", the new input rows through the piece map ({r['piece_map']['rows']:,} rows over "
+            f"{r['piece_map']['pieces']:,} pieces, lr {r['piece_map']['lr']:g})"
+            if r.get("piece_map")
+            else ""
+        )
+        + f"; peak resident memory {r['peak_rss_mb']:.0f} MB.",
         "",
         "## Bits per byte on held-out text (lower is better)",
         "",

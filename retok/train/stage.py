@@ -493,6 +493,11 @@ def _finish(run: Run, state: TrainState, init_dir: Path, out: Path, head_fit: di
         str(acc.device),
         acc.mixed_precision,
         head_fit=head_fit,
+        piece_map=(
+            {"rows": pm.n_rows, "pieces": len(pm.basis), "lr": run.cfg.train.piece_map_lr}
+            if (pm := run.piece_map) is not None
+            else None
+        ),
     )
     mark_finished(run.state_dir, state)
     print(
