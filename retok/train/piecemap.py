@@ -19,12 +19,14 @@ features @ map with both as parameters (tested against that). The map parameter 
 change and is zeroed after it is applied: AdamW without weight decay never reads the parameter, only its
 moments, which are in the optimizer's checkpoint, so ``--resume`` is exact (bit for bit) with nothing more.
 
-The features are never materialised (16,000 x 3H on the demo, 1.6 GB for a 70B): they are index lists into
-the original rows of the distinct pieces, so a step costs three (pieces x H x H) products.
+The features are never materialised (16,000 x 3H on the demo, 1.6 GB for a 70B): one sparse matrix picks them
+from the original rows of the distinct pieces (2,188 on the demo), so a step costs three (pieces x H x H)
+products and two sparse products.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -47,18 +49,25 @@ class PieceMap:
         uniq = sorted({int(p) for t in rows for p in pieces[t]})
         pos = {p: k for k, p in enumerate(uniq)}
         device = embed.device
+        u = len(uniq)
         self.embed = embed
         self.rows = torch.tensor(rows, dtype=torch.long, device=device)
         self.basis = orig_rows[torch.tensor(uniq, dtype=torch.long)].to(device=device, dtype=torch.float32)
-        self.last = torch.tensor([pos[int(pieces[t][-1])] for t in rows], device=device)
-        self.first = torch.tensor([pos[int(pieces[t][0])] for t in rows], device=device)
-        flat = [pos[int(p)] for t in rows for p in pieces[t]]
-        self.flat = torch.tensor(flat, dtype=torch.long, device=device)
-        counts = torch.tensor([len(pieces[t]) for t in rows], device=device)
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=device), counts.cumsum(0)[:-1]])
-        # which row each flat piece belongs to, weighted 1/len: the mean's transpose
-        self.owner = torch.repeat_interleave(torch.arange(len(rows), device=device), counts)
-        self.inv_len = (1.0 / counts.float())[self.owner][:, None]
+        # One sparse (rows x 3 pieces) matrix picks the features: column block 0 the last piece, 1 the first,
+        # 2 every piece at 1/len (the mean); features @ map = picks @ [basis @ map_k stacked over k].
+        r, c, v = [], [], []
+        for j, t in enumerate(rows):
+            ps = [pos[int(p)] for p in pieces[t]]
+            r += [j, j] + [j] * len(ps)
+            c += [ps[-1], u + ps[0]] + [2 * u + k for k in ps]
+            v += [1.0, 1.0] + [1.0 / len(ps)] * len(ps)
+        picks = torch.sparse_coo_tensor(
+            torch.tensor([r, c]), torch.tensor(v), (len(rows), 3 * u), check_invariants=True
+        ).coalesce()  # a piece repeated inside a token adds up
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.picks = picks.to_sparse_csr().to(device)
+            self.picks_t = picks.t().coalesce().to_sparse_csr().to(device)
         H = orig_rows.shape[1]
         self.map = nn.Parameter(torch.zeros(3 * H, H, device=device))  # zero between steps
 
@@ -68,24 +77,18 @@ class PieceMap:
 
     def features(self) -> torch.Tensor:
         """(n_rows, 3H) features, materialised (for tests and small models)."""
-        mean = nn.functional.embedding_bag(self.flat, self.basis, self.offsets, mode="mean")
-        return torch.cat([self.basis[self.last], self.basis[self.first], mean], 1)
+        u = len(self.basis)
+        return torch.cat([self.picks @ _block(self.basis, k, u) for k in range(3)], 1)
 
     def apply(self, m: torch.Tensor) -> torch.Tensor:
         """features @ m, (n_rows, H), without materialising the features."""
         H = self.basis.shape[1]
-        by_piece = [self.basis @ m[k * H : (k + 1) * H] for k in range(3)]
-        mean = nn.functional.embedding_bag(self.flat, by_piece[2], self.offsets, mode="mean")
-        return by_piece[0][self.last] + by_piece[1][self.first] + mean
+        return self.picks @ torch.cat([self.basis @ m[k * H : (k + 1) * H] for k in range(3)])
 
     def transpose_apply(self, g: torch.Tensor) -> torch.Tensor:
         """features^T @ g for g (n_rows, H): the map's gradient when g is the rows' gradient."""
-        H, u = self.basis.shape[1], self.basis.shape[0]
-        g = g.float()
-        at_last = torch.zeros(u, H, device=g.device).index_add_(0, self.last, g)
-        at_first = torch.zeros(u, H, device=g.device).index_add_(0, self.first, g)
-        at_mean = torch.zeros(u, H, device=g.device).index_add_(0, self.flat, g[self.owner] * self.inv_len)
-        return torch.cat([self.basis.T @ at_last, self.basis.T @ at_first, self.basis.T @ at_mean], 0)
+        at = (self.picks_t @ g.float()).view(3, len(self.basis), -1)
+        return torch.cat([self.basis.T @ at[k] for k in range(3)], 0)
 
     def before_step(self) -> None:
         """Set the map's gradient from the embedding's (after clipping, before the optimizer step)."""
@@ -103,3 +106,10 @@ class PieceMap:
         delta = self.map.detach().clone()
         self.map.zero_()
         self.embed.index_add_(0, self.rows, self.apply(delta).to(self.embed.dtype))
+
+
+def _block(basis: torch.Tensor, k: int, u: int) -> torch.Tensor:
+    """(3u, H) with ``basis`` in row block k and zeros elsewhere."""
+    out = torch.zeros(3 * u, basis.shape[1], dtype=basis.dtype, device=basis.device)
+    out[k * u : (k + 1) * u] = basis
+    return out
