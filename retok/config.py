@@ -422,7 +422,7 @@ class TrainConfig(_Section):
         description="In the io phase each new token's input row learns as its own residual plus ONE map shared "
         "by all new tokens, applied to the original rows of its pieces (last, first, mean): what the text shows "
         "about frequent tokens moves the rare and unseen ones too (retok.train.piecemap). On the demo: zh "
-        "1.134x -> 1.110x of the original's BPB at the same steps. null = on, except under FSDP (not supported "
+        "1.134x -> 1.106x of the original's BPB at the same steps. null = on, except under FSDP (not supported "
         "there yet; true with FSDP is refused).",
     )
     piece_map_lr: float = Field(
