@@ -425,6 +425,11 @@ class TrainConfig(_Section):
         "1.134x -> 1.106x of the original's BPB at the same steps. null = on, except under FSDP (not supported "
         "there yet; true with FSDP is refused).",
     )
+
+    def piece_map_on(self, fsdp: bool) -> bool:
+        """train.piece_map resolved for a run: null means on, except under FSDP."""
+        return self.piece_map if self.piece_map is not None else not fsdp
+
     piece_map_lr: float = Field(
         3e-4,
         gt=0,

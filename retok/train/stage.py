@@ -311,8 +311,7 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
 
 def _piece_map(cfg: RetokConfig, strategy: str, io: Any, old_tok: Any, tok: Any, tok_dir: Path) -> Any:
     """train.piece_map (null: on except under FSDP): the map over the new rows that learn and have pieces."""
-    on = cfg.train.piece_map if cfg.train.piece_map is not None else strategy != "fsdp"
-    if not on:
+    if not cfg.train.piece_map_on(strategy == "fsdp"):
         return None
     from retok.headfit_run import original_rows_and_map
     from retok.stages import read_tokenizer_meta
