@@ -542,7 +542,13 @@ class EvalConfig(_Section):
         0, ge=0, description="Free greedy generation: bytes to generate (0 = skip the second figure)."
     )
     repeats: int = Field(3, ge=1, le=1000, description="Timed repeats; medians are reported.")
-    warmup: int = Field(1, ge=0, le=1000, description="Untimed warm-up runs.")
+    warmup: int = Field(
+        1,
+        ge=0,
+        le=1000,
+        description="Untimed warm-up rounds before the timed ones (a warm-up round of the reference continuation "
+        "runs the first speed piece only).",
+    )
     domains: list[str] | None = Field(None, description="Eval domains to run; null = every data.eval domain.")
     speed_domains: list[str] | None = Field(
         None, description="Domains for the decoding-speed runs; null = every eval domain."

@@ -419,3 +419,34 @@ def test_real_smollm2_against_itself(tmp_path: Path, assets):
     assert 1.6 <= zh["old"]["bytes_per_token"] <= 3.0 and 3.0 <= en["old"]["bytes_per_token"] <= 5.0
     assert 0.8 <= zh["old"]["bpb"] <= 2.5 and 0.4 <= en["old"]["bpb"] <= 1.5
     assert 0.5 <= zh["speedup_bytes_per_s"] <= 2.0
+
+
+def test_warmup_round_runs_the_first_piece_only(monkeypatch, tmp_path):
+    """A warm-up round runs each model on the first piece once; every timed round runs every piece, and only
+    the timed rounds' sums are kept (a warm-up's times never reach the medians)."""
+    import retok.evaluate.speed as speed
+    from retok.evaluate.stage import _time_reference
+
+    calls: list[tuple[str, int]] = []
+    clock = iter(range(1, 1000))
+
+    def fake_run(runs):
+        out = []
+        for model, text, _ in runs:
+            calls.append((model, text.prompt_ids[0]))
+            # a warm-up call takes 1000 s so that any leak into the medians shows
+            t = 1000.0 if len(calls) <= 2 else float(next(clock))
+            out.append((t, t))
+        return out
+
+    monkeypatch.setattr(speed, "reference_run", fake_run)
+    cfg = _cfg(tmp_path, warmup=1, repeats=2, speed_pieces=3)
+    models = [SimpleNamespace(role=r, model=r, device="cpu") for r in ("old", "new")]
+    texts = {r: [SpeedText([j], [7, 8], 3, 2) for j in range(3)] for r in ("old", "new")}
+    stats = _time_reference(models, texts, cfg)
+    # the warm-up: one call of piece 0 (both models), then 2 rounds x 3 pieces
+    assert [p for _, p in calls] == [0, 0] + [0, 0, 1, 1, 2, 2] * 2
+    assert len(calls) == 2 + 12
+    for s in stats:
+        assert s["decode_s_all"] and max(s["decode_s_all"]) < 1000.0
+        assert len(s["decode_s_all"]) == 2

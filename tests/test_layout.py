@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1] / "retok"
 STAGE_PACKAGES = ("tokenizer", "embeddings", "train", "evaluate", "export")
 CORE = (
     "alignment",
+    "bpb_memo",
     "config",
     "config_doc",
     "data",

@@ -201,6 +201,7 @@ def measure_bpb(
 
     import torch
 
+    from retok.bpb_memo import bpb_key, write_memo
     from retok.data import load_domains
     from retok.embeddings.rows import build_matrix
     from retok.metrics import bits_per_byte, score_starts
@@ -222,16 +223,26 @@ def measure_bpb(
     # Both models score exactly the same bytes of each document.
     starts = {d: score_starts([old_hf, new_hf], texts) for d, texts in docs.items()}
 
-    def score(model: Any, tok: Any, label: str) -> dict[str, float]:
+    def figures(model: Any, tok: Any, label: str) -> dict[str, dict[str, Any]]:
         return {
-            d: round(
-                bits_per_byte(model, tok, texts, desc=f"bpb {label} {d}", starts=starts[d], **kw)["bpb"], 5
-            )
+            d: bits_per_byte(model, tok, texts, desc=f"bpb {label} {d}", starts=starts[d], **kw)
             for d, texts in docs.items()
         }
 
+    def score(model: Any, tok: Any, label: str) -> dict[str, float]:
+        return {d: round(f["bpb"], 5) for d, f in figures(model, tok, label).items()}
+
     original = load_model(model_dir, allow_pickle=cfg.model.allow_pickle, **load)
-    orig = score(original, old_hf, "original")
+    orig_figures = figures(original, old_hf, "original")
+    orig = {d: round(f["bpb"], 5) for d, f in orig_figures.items()}
+    # eval-speed scores the original on these same bytes when eval.max_bytes equals init.eval_max_bytes
+    write_memo(
+        out,
+        {
+            bpb_key(model_dir, old_hf, docs[d], starts[d], model=original, **kw): f
+            for d, f in orig_figures.items()
+        },
+    )
     old_emb = original.get_input_embeddings().weight.detach().cpu()
     old_head = original.get_output_embeddings().weight.detach().cpu() if names.head is not None else old_emb
     del original

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retok.bpb_memo import read_memo
 from retok.config import ModelConfig, RetokConfig
 from retok.data import domains as domain_names
 from retok.data import iter_domain, load_domains
@@ -158,25 +159,48 @@ class _Loaded:
 
 
 def _quality(
-    m: _Loaded, cfg: RetokConfig, docs: dict[str, list[str]], starts: dict[str, list[int]]
+    m: _Loaded,
+    cfg: RetokConfig,
+    docs: dict[str, list[str]],
+    starts: dict[str, list[int]],
+    memo: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Bytes per token and sliding-window BPB of one model on every domain (scoring from ``starts``, which
-    are the same for both models)."""
+    are the same for both models). ``memo``: figures an earlier stage measured (retok.bpb_memo); a domain whose
+    key is there is not scored again."""
+    from retok.bpb_memo import bpb_key, remembered
     from retok.metrics import bits_per_byte, bytes_per_token
 
     ev = cfg.eval
     out: dict[str, dict[str, Any]] = {}
     for name, texts in docs.items():
         bpt = bytes_per_token(m.tok, texts)
-        bpb = bits_per_byte(
-            m.model,
-            m.tok,
-            texts,
-            window=ev.window,
-            stride=ev.stride,
-            device=m.device,
-            desc=f"{m.role} {name} bpb",
-            starts=starts[name],
+        key = (
+            bpb_key(
+                Path(m.info["folder"]),
+                m.tok,
+                texts,
+                starts[name],
+                window=ev.window,
+                stride=ev.stride,
+                model=m.model,
+            )
+            if memo
+            else ""
+        )
+        bpb, reused = remembered(
+            memo or {},
+            key,
+            lambda texts=texts, name=name: bits_per_byte(
+                m.model,
+                m.tok,
+                texts,
+                window=ev.window,
+                stride=ev.stride,
+                device=m.device,
+                desc=f"{m.role} {name} bpb",
+                starts=starts[name],
+            ),
         )
         out[name] = {
             "bytes_per_token": bpt["bytes_per_token"],
@@ -186,8 +210,11 @@ def _quality(
             "bpb_bytes": bpb["bytes"],
             "bpb_bos": bpb["bos"],
         }
+        if reused:
+            out[name]["bpb_measured_by"] = "init-embeddings"
         print(
-            f"retok: {m.role} {name}: {bpt['bytes_per_token']:.3f} bytes/token, BPB {bpb['bpb']:.4f}",
+            f"retok: {m.role} {name}: {bpt['bytes_per_token']:.3f} bytes/token, BPB {bpb['bpb']:.4f}"
+            + (" (init-embeddings measured it on the same bytes)" if reused else ""),
             flush=True,
         )
     return out
@@ -245,9 +272,11 @@ def _piece_tokens(models: list[_Loaded], cfg: RetokConfig, name: str, pieces: li
 
 
 def _time_reference(models: list[_Loaded], texts: dict[str, list], cfg: RetokConfig) -> list[dict[str, Any]]:
-    """Warm-up + timed rounds; in each round every piece is run once, the models' steps interleaved within a
-    piece (speed.reference_run) and who prefills first alternating; a round's times are summed over the
-    pieces. Returns each model's medians (speed.reference_stats)."""
+    """Warm-up + timed rounds; in each timed round every piece is run once, the models' steps interleaved
+    within a piece (speed.reference_run) and who prefills first alternating; a round's times are summed over
+    the pieces. A warm-up round runs the first piece only: it is there to load code paths and allocate the
+    caches once, which one piece does as well as all of them. Returns each model's medians
+    (speed.reference_stats)."""
     from retok.evaluate.speed import reference_run, reference_stats
 
     ev = cfg.eval
@@ -256,7 +285,7 @@ def _time_reference(models: list[_Loaded], texts: dict[str, list], cfg: RetokCon
     for r in range(ev.warmup + ev.repeats):
         order = models if r % 2 == 0 else models[::-1]
         sums = {m.role: [0.0, 0.0] for m in models}
-        for j in range(n_pieces):
+        for j in range(n_pieces if r >= ev.warmup else 1):
             timings = reference_run([(m.model, texts[m.role][j], m.device) for m in order])
             for m, (pre, dec) in zip(order, timings, strict=True):
                 sums[m.role][0] += pre
@@ -374,7 +403,9 @@ def measure(cfg: RetokConfig, inp: Inputs, device: str) -> tuple[dict, dict, dic
         f"retok: eval-speed: timing the models {'alternately' if both else 'one after the other'}", flush=True
     )
     old_m = _Loaded(cfg, "old", inp.configs[0], inp.folders[0], inp.toks[0])
-    old = _quality(old_m, cfg, inp.docs, inp.starts)
+    # the original's BPB on these bytes, if init-embeddings measured it (the same folder, text and settings)
+    init_dir = stage_dir(cfg, "model-init")
+    old = _quality(old_m, cfg, inp.docs, inp.starts, read_memo(init_dir if init_dir.is_dir() else None))
     if not both:
         for name, figs in _speed([old_m], cfg, inp.speed_texts)["old"].items():
             old[name].update(figs)
