@@ -43,15 +43,16 @@ TOP_K = 64  # teacher probabilities kept per state
 def fit_cache_bytes(cfg: RetokConfig, n_states: int, hidden: int, n_learn: int) -> int:
     """What the head fit holds besides the model: ``n_states`` cached states (float16) with their targets and,
     with the teacher, its top-k next-piece probabilities at every tree depth, twice (the float32 copy in the fit);
-    with the shared map, its features (float32, 2 x hidden per learning row) and the map with its gradient and
-    Adam moments."""
+    with the shared map, its features (float32, 2 or 3 x hidden per learning row) and the map with its gradient
+    and Adam moments."""
     # top-k probabilities (4 bytes) and ids (8) at the aligned position; per tree depth 4 + 4 + 4 (group) + 8
     teacher = cfg.init.fit_teacher_weight > 0
     depth = cfg.init.fit_tree_depth
     per_state = hidden * 2 + 8 + (TOP_K * 12 + depth * (TOP_K * 12 + 8) if teacher else 0)
     need = n_states * per_state * 2
     if cfg.init.fit_shared_map:
-        need += n_learn * 2 * hidden * 4 * 2 + 2 * hidden * hidden * 4 * 4
+        blocks = 3 if cfg.init.fit_input_feature else 2
+        need += n_learn * blocks * hidden * 4 * 2 + blocks * hidden * hidden * 4 * 4
     return need
 
 
@@ -196,6 +197,7 @@ def fit_new_rows(
         old_tok=old_hf,
         top_k=TOP_K,
         tree_depth=tree_depth,
+        teacher_fraction=init.fit_teacher_fraction,
         embed_weight=new_input.to(device=device, dtype=dtype),
         desc="fit head: forward",
     )
@@ -203,7 +205,12 @@ def fit_new_rows(
     copies = {int(i): int(tmap.source[i]) for kind in (COPY, SPECIAL) for i in tmap.ids(kind)}
     first = first_pieces(tmap.n_rows, tmap.pieces, copies)
     features = (
-        piece_features(old_head, tmap.pieces, torch.nonzero(learn).squeeze(1))
+        piece_features(
+            old_head,
+            tmap.pieces,
+            torch.nonzero(learn).squeeze(1),
+            input_rows=new_input if init.fit_input_feature else None,
+        )
         if init.fit_shared_map
         else None
     )
@@ -229,7 +236,9 @@ def fit_new_rows(
         "rows_fitted": int(learn.sum()),
         "teacher_weight": init.fit_teacher_weight,
         "tree_depth": tree_depth,
+        "teacher_fraction": init.fit_teacher_fraction,
         "shared_map": init.fit_shared_map,
+        "input_feature": init.fit_shared_map and init.fit_input_feature,
         "held_out_ce": {"start": round(result.held_out_ce_start, 4), "fitted": round(result.held_out_ce, 4)},
         "best_epoch": round(result.epochs, 2),
         "steps": result.steps,
