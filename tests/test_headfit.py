@@ -444,6 +444,18 @@ def test_piece_features_are_the_first_piece_row_and_the_mean_of_the_others():
     ]
 
 
+def _seen_states(H: torch.Tensor, Y: torch.Tensor, fit_at: torch.Tensor) -> States:
+    """The states of the targets in ``fit_at`` (every 10th held out): the others' tokens are never seen."""
+    n = int(fit_at.sum())
+    return States(
+        hidden=H[fit_at].half(),
+        target=Y[fit_at],
+        held_out=torch.arange(n) % 10 == 9,
+        domain=torch.zeros(n, dtype=torch.long),
+        domains=["x"],
+    )
+
+
 def test_shared_map_carries_what_seen_tokens_teach_to_unseen_ones():
     """New tokens whose true rows are one linear function of their pieces' rows; half of them never occur as
     a target in the fitted states. With the shared map their rows come much closer to the truth (and the
@@ -463,13 +475,7 @@ def test_shared_map_carries_what_seen_tokens_teach_to_unseen_ones():
     Y = torch.multinomial(torch.softmax(H @ truth.T, -1), 1, generator=g)[:, 0]
     unseen = Y >= old + new // 2  # the second half of the new tokens: kept out of the fitted states
     fit_at = ~unseen
-    states = States(
-        hidden=H[fit_at].half(),
-        target=Y[fit_at],
-        held_out=torch.arange(int(fit_at.sum())) % 10 == 9,
-        domain=torch.zeros(int(fit_at.sum()), dtype=torch.long),
-        domains=["x"],
-    )
+    states = _seen_states(H, Y, fit_at)
     start = truth.clone()
     start[old:] = torch.stack([(base[a] + base[b]) / 2 for a, b in pieces.values()])  # the mean init
     learn = torch.zeros(old + new, dtype=torch.bool)
@@ -557,13 +563,7 @@ def test_input_row_feature_is_the_tokens_own_row_and_carries_to_unseen_tokens():
     H = torch.randn(n, hidden, generator=g)
     Y = torch.multinomial(torch.softmax(H @ truth.T, -1), 1, generator=g)[:, 0]
     fit_at = Y < old + new // 2
-    states = States(
-        hidden=H[fit_at].half(),
-        target=Y[fit_at],
-        held_out=torch.arange(int(fit_at.sum())) % 10 == 9,
-        domain=torch.zeros(int(fit_at.sum()), dtype=torch.long),
-        domains=["x"],
-    )
+    states = _seen_states(H, Y, fit_at)
     start = truth.clone()
     start[old:] = torch.stack([(base[a] + base[b]) / 2 for a, b in pieces.values()])
     learn = torch.zeros(old + new, dtype=torch.bool)
