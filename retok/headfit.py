@@ -135,28 +135,28 @@ def collect_states(
                         shared = same_rows is not None and _same_window(
                             old_ids, new_ids, amap, s, e, same_rows
                         )
+                        skip = False
                         if not shared:
                             credit += teacher_fraction
-                            if credit < 1.0 - 1e-9:
-                                tp.append(torch.zeros(e - s - 1, top_k))
-                                ti.append(torch.zeros(e - s - 1, top_k, dtype=torch.long))
-                                trees.append(_no_tree(e - s - 1, tree_depth, top_k))
-                                n_win += 1
-                                continue
-                            credit -= 1.0
-                        p, i, tree = _teacher_topk(
-                            teacher,
-                            old_ids,
-                            amap,
-                            s,
-                            e,
-                            bos,
-                            top_k,
-                            device,
-                            tokens,
-                            seconds,
-                            states=h if shared else None,
-                            depth=tree_depth,
+                            skip = credit < 1.0 - 1e-9
+                            credit -= 0.0 if skip else 1.0
+                        p, i, tree = (
+                            _no_teacher(e - s - 1, top_k, tree_depth)
+                            if skip
+                            else _teacher_topk(
+                                teacher,
+                                old_ids,
+                                amap,
+                                s,
+                                e,
+                                bos,
+                                top_k,
+                                device,
+                                tokens,
+                                seconds,
+                                states=h if shared else None,
+                                depth=tree_depth,
+                            )
                         )
                         tp.append(p)
                         ti.append(i)
@@ -180,11 +180,19 @@ def collect_states(
     )
 
 
-def _no_tree(n: int, depth: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _no_teacher(
+    n: int, k: int, depth: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Teacher targets of ``n`` states that have none: zero probabilities (the fit's "no teacher here"), no
+    realised pieces (-1)."""
     return (
-        torch.zeros(n, depth, k),
-        torch.zeros(n, depth, k, dtype=torch.int32),
-        torch.full((n, depth), -1, dtype=torch.long),
+        torch.zeros(n, k),
+        torch.zeros(n, k, dtype=torch.long),
+        (
+            torch.zeros(n, depth, k),
+            torch.zeros(n, depth, k, dtype=torch.int32),
+            torch.full((n, depth), -1, dtype=torch.long),
+        ),
     )
 
 
@@ -207,11 +215,7 @@ def _teacher_topk(
     pieces) at the ``depth`` old positions after each. ``states``: the teacher's final states of this window
     when they are known to equal the student's (see :func:`_same_window`), so no forward pass."""
     pos = torch.as_tensor(amap[s : e - 1])
-    probs = torch.zeros(len(pos), k)
-    idx = torch.zeros(len(pos), k, dtype=torch.long)
-    tree_p = torch.zeros(len(pos), depth, k)
-    tree_i = torch.zeros(len(pos), depth, k, dtype=torch.int32)
-    prefix = torch.full((len(pos), depth), -1, dtype=torch.long)
+    probs, idx, (tree_p, tree_i, prefix) = _no_teacher(len(pos), k, depth)
     ok = pos >= 0
     if not ok.any():
         return probs, idx, (tree_p, tree_i, prefix)
