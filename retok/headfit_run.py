@@ -40,6 +40,44 @@ def fit_text(cfg: RetokConfig) -> dict[str, list[str]]:
 TOP_K = 64  # teacher probabilities kept per state
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Does ``device`` multiply in bfloat16 natively: a CUDA GPU that supports it, or a CPU whose flags show
+    AVX512-BF16 or AMX (Linux; elsewhere assumed not: emulated bfloat16 is slower than float32)?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def forward_dtype(setting: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the head fit's forward passes (init.fit_forward_dtype) for a model held in ``model_dtype``."""
+    if setting == "model" or model_dtype != torch.float32:
+        return model_dtype
+    if setting == "bfloat16" or native_bf16(device):
+        return torch.bfloat16
+    return model_dtype
+
+
+def forward_copy(model: Any, dtype: torch.dtype) -> Any:
+    """``model`` with its parameters in ``dtype`` for inference, ``model`` itself untouched (tied parameters stay
+    tied; buffers are shared as they are, so rotary frequencies keep their precision). Never holds a second
+    full-precision copy: the parameters are cast one by one into deepcopy's memo before the module is copied."""
+    import copy
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = b
+    return copy.deepcopy(model, memo)
+
+
 def fit_cache_bytes(cfg: RetokConfig, n_states: int, hidden: int, n_learn: int) -> int:
     """What the head fit holds besides the model: ``n_states`` cached states (float16) with their targets and,
     with the teacher, its top-k next-piece probabilities at every tree depth, twice (the float32 copy in the fit);
@@ -186,10 +224,12 @@ def fit_new_rows(
             "model yet; set init.fit_head: false"
         )
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    teacher = Teacher(model, old_embed, old_head) if init.fit_teacher_weight > 0 else None
+    fwd = forward_dtype(init.fit_forward_dtype, dtype, device)
+    body = model if fwd == dtype else forward_copy(model, fwd)
+    teacher = Teacher(body, old_embed, old_head) if init.fit_teacher_weight > 0 else None
     tree_depth = init.fit_tree_depth if teacher is not None else 0
     states = collect_states(
-        model,
+        body,
         new_hf,
         docs,
         window=init.fit_window,
@@ -198,10 +238,10 @@ def fit_new_rows(
         top_k=TOP_K,
         tree_depth=tree_depth,
         teacher_fraction=init.fit_teacher_fraction,
-        embed_weight=new_input.to(device=device, dtype=dtype),
+        embed_weight=new_input.to(device=device, dtype=fwd),
         desc="fit head: forward",
     )
-    del model, teacher
+    del model, body, teacher
     copies = {int(i): int(tmap.source[i]) for kind in (COPY, SPECIAL) for i in tmap.ids(kind)}
     first = first_pieces(tmap.n_rows, tmap.pieces, copies)
     features = (
@@ -237,6 +277,7 @@ def fit_new_rows(
         "teacher_weight": init.fit_teacher_weight,
         "tree_depth": tree_depth,
         "teacher_fraction": init.fit_teacher_fraction,
+        "forward_dtype": str(fwd).removeprefix("torch."),
         "shared_map": init.fit_shared_map,
         "input_feature": init.fit_shared_map and init.fit_input_feature,
         "held_out_ce": {"start": round(result.held_out_ce_start, 4), "fitted": round(result.held_out_ce, 4)},

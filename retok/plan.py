@@ -480,8 +480,14 @@ def _fit_phase(cfg: RetokConfig, s: Shape, strategy: str, n: int, device: str) -
         cfg.init.fit_max_memory_mb * 10**6,
     )
     window = cfg.init.fit_window * max(s.new_rows, s.old_rows) * 4 * 2
+    copy = []
+    fp32 = cfg.compute.dtype == "float32" or (cfg.compute.dtype == "auto" and device == "cpu")
+    if cfg.init.fit_forward_dtype != "model" and fp32:
+        # init.fit_forward_dtype: a bfloat16 copy of the weights for the forward passes (auto: where native)
+        copy = [Item("forward copy", 2 * params, f"bfloat16 weights ({cfg.init.fit_forward_dtype})")]
     items = [
         weights,
+        *copy,
         rows,
         Item("cached states", cache, f"~{states:,} states ({how})"),
         Item(

@@ -55,7 +55,7 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="the dtype of the body that collects the states (the fit and the scoring stay float32)",
     )
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     variants = [parse_variant(v) for v in args.variants]
 
     import torch

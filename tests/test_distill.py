@@ -58,10 +58,12 @@ def test_paired_blocks_align_across_cuts():
     assert [i for b in blocks for i in b.old] == old_all[: sum(len(b.old) for b in blocks)]
 
 
-def _run(tmp: Path, **train) -> tuple:
+def _run(tmp: Path, init: dict | None = None, **train) -> tuple:
     cfg = validate_dict(
         tiny_project(
-            tmp, train={"max_steps": 12, "eval_every": 12, "lr": 3e-3, "distill_layers": [1, 2], **train}
+            tmp,
+            train={"max_steps": 12, "eval_every": 12, "lr": 3e-3, "distill_layers": [1, 2], **train},
+            **({"init": init} if init else {}),
         )
     )
     run_all(cfg, only=["tokenizer", "model-init", "model-trained"])
@@ -96,11 +98,15 @@ def test_objectives_lower_their_losses_and_keep_the_body(tmp_path, objective):
         assert bpb[-1]["zh"] < bpb[0]["zh"] and bpb[-1]["en"] < bpb[0]["en"]  # held-out NLL down
 
 
-def test_head_fit_after_distillation_fits_only_new_head_rows(tmp_path):
+@pytest.mark.parametrize("forward", ["model", "bfloat16"])
+def test_head_fit_after_distillation_fits_only_new_head_rows(tmp_path, forward):
     """train.fit_head (the default): after the steps the new tokens' head rows are fitted on the trained input
-    rows' states; the old head rows, the trained input rows and the body are left exactly as they were, the fit
-    lowers its held-out loss and the held-out zh BPB, and the report and metrics say so."""
-    cfg, out, rows = _run(tmp_path, objective="distill", max_steps=24, eval_every=24)
+    rows' states; the old head rows, the trained input rows and the body are left exactly as they were (also
+    when the fit's forward passes run on a bfloat16 copy: init.fit_forward_dtype), the fit lowers its held-out
+    loss and the held-out zh BPB, and the report and metrics say so."""
+    cfg, out, rows = _run(
+        tmp_path, init={"fit_forward_dtype": forward}, objective="distill", max_steps=24, eval_every=24
+    )
     assert cfg.train.fit_head and not cfg.init.fit_head  # the defaults
     init = load_file(str(stage_dir(cfg, "model-init") / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
@@ -114,6 +120,8 @@ def test_head_fit_after_distillation_fits_only_new_head_rows(tmp_path):
     assert torch.equal(init["model.embed_tokens.weight"][:n_old], after["model.embed_tokens.weight"][:n_old])
     report = json.loads((out / "train_report.json").read_text())
     hf = report["head_fit"]
+    assert hf["forward_dtype"] == {"model": "float32", "bfloat16": "bfloat16"}[forward]
+    assert after["lm_head.weight"].dtype == torch.float32  # the model stays in compute.dtype
     assert hf["rows_fitted"] > 0 and hf["held_out_ce"]["fitted"] < hf["held_out_ce"]["start"]
     evals = [r for r in rows if "bpb" in r]
     assert evals[-1]["phase"] == "head-fit" and evals[-2]["phase"] != "head-fit"

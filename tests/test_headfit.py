@@ -20,9 +20,10 @@ from retok.config import validate_dict
 from retok.errors import RetokError
 from retok.export.check import check_folder
 from retok.headfit import States, _kl_to_teacher, first_pieces, fit_rows
+from retok.headfit_run import forward_copy, forward_dtype
 from retok.pipeline import run_stage
 from retok.stages import stage_dir
-from tests.tiny import tiny_project
+from tests.tiny import byte_level_tokenizer, tiny_llama, tiny_project
 
 
 def _synthetic(n: int = 6000, hidden: int = 16, old: int = 30, new: int = 10, seed: int = 0):
@@ -581,3 +582,45 @@ def test_input_row_feature_is_the_tokens_own_row_and_carries_to_unseen_tokens():
     with_input, pieces_only = err(True), err(False)
     # measured 0.63 vs 1.04: without the input block the unseen rows cannot be told apart from their pieces
     assert with_input < 0.7 * pieces_only, (with_input, pieces_only)
+
+
+def test_forward_dtype_follows_the_setting_and_the_device(monkeypatch):
+    import io
+
+    import retok.headfit_run as hr
+
+    cpu = torch.device("cpu")
+    assert forward_dtype("model", torch.float32, cpu) == torch.float32
+    assert forward_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
+    assert forward_dtype("bfloat16", torch.float16, cpu) == torch.float16  # only a float32 model gets a copy
+    assert forward_dtype("auto", torch.bfloat16, cpu) == torch.bfloat16
+    for flags, native in [
+        ("fpu avx2 avx512f avx512_bf16", True),
+        ("fpu amx_bf16 avx2", True),
+        ("fpu avx2", False),
+    ]:
+        monkeypatch.setattr(
+            "builtins.open", lambda *a, flags=flags, **k: io.StringIO(f"processor: 0\nflags\t: {flags}\n")
+        )
+        assert hr.native_bf16(cpu) is native
+        assert forward_dtype("auto", torch.float32, cpu) == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.undo()
+    assert hr.native_bf16(torch.device("meta")) is False
+
+
+def test_forward_copy_is_a_bfloat16_twin_that_leaves_the_model_as_it_was():
+    tok = byte_level_tokenizer()
+    model = tiny_llama(tok, tied=True).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    twin = forward_copy(model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in twin.parameters())
+    assert twin.get_input_embeddings().weight is twin.get_output_embeddings().weight  # tied stays tied
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    buffers = dict(model.named_buffers())
+    assert buffers and all(b is buffers[n] for n, b in twin.named_buffers())  # shared, full precision
+    x = torch.tensor([tok("机器学习是人工智能的一个分支 and a field of study")["input_ids"]])
+    with torch.no_grad():
+        h32 = model.model(input_ids=x).last_hidden_state
+        h16 = twin.model(input_ids=x).last_hidden_state.float()
+    assert 0 < float((h16 - h32).norm() / h32.norm()) < 0.03
