@@ -317,8 +317,8 @@ class InitConfig(_Section):
     )
     fit_forward_dtype: Literal["auto", "model", "bfloat16"] = Field(
         "auto",
-        description="fit_head: the dtype of the fit's forward passes (the new model's and the teacher's, most of "
-        "the fit's time; its states are kept in float16 either way). model = compute.dtype; bfloat16 = a bfloat16 "
+        description="fit_head: the dtype of the fit's forward passes (the new model's and the teacher's, the "
+        "teacher's next-token logits included; most of the fit's time; the states are kept in float16 either way). model = compute.dtype; bfloat16 = a bfloat16 "
         "copy of a float32 model's weights for them (half the model's size more memory; the fit itself and the "
         "model stay float32); auto = that copy where the device multiplies in bfloat16 natively (a CPU with "
         "AVX512-BF16 or AMX, a CUDA GPU that supports it), else model. On the demo's 2 cores (AVX512-BF16) the "

@@ -454,6 +454,27 @@ def fit_states(cfg: RetokConfig) -> tuple[int, str]:
     return n, how
 
 
+def _fit_forward_copy(cfg: RetokConfig, strategy: str, device: str) -> bool:
+    """Does the head fit run its forward passes on a bfloat16 copy (init.fit_forward_dtype)? Only of a float32
+    model: outside FSDP the trained model always is one, under FSDP the folder loads in compute.dtype. auto: where
+    the device multiplies in bfloat16 natively (this CPU's flags; a CUDA device is counted, to be safe)."""
+    import torch
+
+    from retok.headfit_run import native_bf16
+
+    setting = cfg.init.fit_forward_dtype
+    fp32 = (
+        strategy != "fsdp"
+        or cfg.compute.dtype == "float32"
+        or (cfg.compute.dtype == "auto" and device == "cpu")
+    )
+    if setting == "model" or not fp32:
+        return False
+    if setting == "bfloat16":
+        return True
+    return device.startswith("cuda") or (device == "cpu" and native_bf16(torch.device("cpu")))
+
+
 def _fit_phase(cfg: RetokConfig, s: Shape, strategy: str, n: int, device: str) -> PhasePlan:
     """The main process in train.fit_head, after the steps (the optimizer already released): the trained model
     (under FSDP the consolidated folder loaded whole beside this process's shards), the original's embedding
@@ -480,11 +501,17 @@ def _fit_phase(cfg: RetokConfig, s: Shape, strategy: str, n: int, device: str) -
         cfg.init.fit_max_memory_mb * 10**6,
     )
     window = cfg.init.fit_window * max(s.new_rows, s.old_rows) * 4 * 2
-    copy = []
-    fp32 = cfg.compute.dtype == "float32" or (cfg.compute.dtype == "auto" and device == "cpu")
-    if cfg.init.fit_forward_dtype != "model" and fp32:
-        # init.fit_forward_dtype: a bfloat16 copy of the weights for the forward passes (auto: where native)
-        copy = [Item("forward copy", 2 * params, f"bfloat16 weights ({cfg.init.fit_forward_dtype})")]
+    copy = (
+        [
+            Item(
+                "forward copy",
+                2 * params,
+                f"bfloat16 weights for the forward passes ({cfg.init.fit_forward_dtype})",
+            )
+        ]
+        if _fit_forward_copy(cfg, strategy, device)
+        else []
+    )
     items = [
         weights,
         *copy,

@@ -10,13 +10,14 @@ A variant is ``name:key=value,...`` with keys ``batch`` (states per Adam step), 
 ``epochs`` and ``rank`` (the shared map's features cut to their top principal directions; 0 = all); what it does
 not set is the config's (``--config``; by default the run's own, ``model-trained/retok_config.yaml``). The states
 are the run's trained input rows' states over the config's fit text, the teacher as the config says (cached in
-``RUN/ablate_head_fit.states.pt``). Prints a Markdown table (BPB after the fit as a multiple of the original's,
+``RUN/ablate_head_fit.states-<key>.pt``). Prints a Markdown table (BPB after the fit as a multiple of the original's,
 per domain, and the fit's seconds) and ends with ONE JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -51,9 +52,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument(
         "--states-dtype",
-        default="float32",
+        default=None,
         choices=["float32", "bfloat16"],
-        help="the dtype of the body that collects the states (the fit and the scoring stay float32)",
+        help="the dtype of the forward passes that collect the states (default: what the config's "
+        "init.fit_forward_dtype gives on this machine; the fit and the scoring stay float32)",
     )
     args = ap.parse_intermixed_args()
     variants = [parse_variant(v) for v in args.variants]
@@ -63,7 +65,7 @@ def main() -> None:
     from retok.config import load_config
     from retok.data import load_domains
     from retok.headfit import FIT_BATCH, collect_states, first_pieces, fit_rows, piece_features
-    from retok.headfit_run import TOP_K, fit_text, original_rows_and_map
+    from retok.headfit_run import TOP_K, fit_text, forward_copy, forward_dtype, original_rows_and_map
     from retok.metrics import bits_per_byte, score_starts
     from retok.sources import load_model, load_tokenizer, resolve_model, set_threads
     from retok.stages import read_tokenizer_meta
@@ -95,15 +97,20 @@ def main() -> None:
     learn[torch.as_tensor(tmap.ids(AVERAGED), dtype=torch.long)] = True
     learn[torch.as_tensor(tmap.ids(FALLBACK), dtype=torch.long)] = True
 
-    suffix = "" if args.states_dtype == "float32" else f".{args.states_dtype}"
-    cache = run / f"ablate_head_fit.states{suffix}.pt"
+    fwd = (
+        getattr(torch, args.states_dtype)
+        if args.states_dtype
+        else forward_dtype(init.fit_forward_dtype, torch.float32, torch.device("cpu"))
+    )
+    # the cache is named by everything the states depend on besides the run's model and text
+    key = [fwd, init.fit_bytes, init.fit_window, init.fit_teacher_weight > 0, init.fit_tree_depth]
+    key += [init.fit_teacher_fraction]
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+    cache = run / f"ablate_head_fit.states-{digest}.pt"
     if cache.is_file():
         states = torch.load(cache, weights_only=False)
     else:
-        body = (
-            model if not suffix else load_model(run / "model-trained", dtype=args.states_dtype, device="cpu")
-        )
-        body.eval()
+        body = model if fwd == torch.float32 else forward_copy(model, fwd)
         teacher = Teacher(body, old_embed, old_head) if init.fit_teacher_weight > 0 else None
         states = collect_states(
             body,
@@ -120,7 +127,7 @@ def main() -> None:
         )
         del body, teacher
         torch.save(states, cache)
-    print(f"{len(states.target):,} states; forward seconds {states.seconds}", flush=True)
+    print(f"{len(states.target):,} states ({fwd}); forward seconds {states.seconds}", flush=True)
     copies = {int(i): int(tmap.source[i]) for kind in (COPY, SPECIAL) for i in tmap.ids(kind)}
     first = first_pieces(tmap.n_rows, tmap.pieces, copies)
     ids = torch.nonzero(learn).squeeze(1)

@@ -141,7 +141,7 @@ def test_plan_time_comes_from_the_measured_tokens_per_second(tmp_path):
     assert p.minutes == pytest.approx(cfg.train.max_steps * p.tokens_per_step / rep["tokens_per_second"] / 60)
 
 
-def test_the_head_fit_after_the_steps_is_a_phase_of_its_own(tmp_path):
+def test_the_head_fit_after_the_steps_is_a_phase_of_its_own(tmp_path, monkeypatch):
     import math
 
     from retok.data import domains
@@ -171,6 +171,17 @@ def test_the_head_fit_after_the_steps_is_a_phase_of_its_own(tmp_path):
     assert fit_states(fresh)[0] == sum(budgets.values())
     # a tied head has no rows of its own to fit: no phase
     assert "fit" not in [p.phase for p in plan(fit, shape=replace(s, new_tied=True)).phases]
+    # init.fit_forward_dtype: a bfloat16 copy of the trained (float32) weights for the fit's forward passes
+    import retok.headfit_run as hr
+
+    copy = 2 * (s.body + 2 * s.new_rows * s.hidden)
+    cases = [("model", True, "cpu", None), ("bfloat16", False, "cpu", copy), ("auto", True, "cpu", copy)]
+    cases += [("auto", False, "cpu", None), ("auto", False, "cuda", copy)]
+    for setting, native, device, want in cases:
+        monkeypatch.setattr(hr, "native_bf16", lambda d, native=native: native)
+        c = load_config(path, ["train.fit_head=true", f"init.fit_forward_dtype={setting}"])
+        items = {i.name: i.bytes for i in {p.phase: p for p in plan(c, device=device).phases}["fit"].items}
+        assert items.get("forward copy") == want, (setting, native, device)
 
 
 def test_a_70b_head_fit_under_fsdp_loads_the_whole_model_on_one_device(tmp_path):
