@@ -469,7 +469,7 @@ class _RowObjective:
             self.learn_group, self.n_groups = group.to(self.device), len(firsts)
             ti = states.teacher_i.long()
             at = torch.searchsorted(firsts, ti.clamp(max=int(firsts[-1])))
-            self.group_at_top = torch.where(firsts[at] == ti, at, -1).to(torch.int32)
+            self.group_at_top = torch.where(firsts[at] == ti, at, -1).to(self.device, torch.int32)
         W = head.to(self.device, torch.float32)
         # rows = start + features @ map + residual: the map is shared by every learning row, so what it learns
         # from the tokens seen in the text carries over to those seen rarely or never
