@@ -6,6 +6,7 @@ Bad input ends with one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -134,17 +135,23 @@ def run_cmd(
     config_opt: ConfigOpt = None,
     set_: SetOpt = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Redo every stage even if its output is up to date.")
+        bool, typer.Option("--force", help="Redo every selected stage even if its output is up to date.")
     ] = False,
     stages: Annotated[
         str | None, typer.Option("--stages", help="Comma-separated subset, e.g. tokenizer,model-init.")
     ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", "-n", help="Say which stages would run and why; run nothing.")
+    ] = False,
 ):
-    """Run every stage in order; a stage whose output was made by the same config is skipped."""
+    """Run every stage in order, like make: a stage is redone when a key it reads changed, when what it reads
+    was remade, or when it is missing or incomplete (each reason printed); the rest is kept."""
     from retok.pipeline import run_all
 
     cfg = _config(config, config_opt, set_)
-    run_all(cfg, force=force, only=stages.split(",") if stages else None)
+    run_all(
+        cfg, force=force, only=[s.strip() for s in stages.split(",")] if stages else None, dry_run=dry_run
+    )
 
 
 @app.command("check")
@@ -241,27 +248,65 @@ def init_config_cmd(
     typer.echo(f"wrote {path}; edit model.path and data, then `retok validate {path}`")
 
 
+def _click_modules() -> list:
+    """The click exception modules in use: the typer pinned here vendors its own click (``typer._click``), older
+    typers use the ``click`` package; usage errors may come from either."""
+    mods = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return mods
+
+
+def usage_error_line(e: BaseException) -> str | None:
+    """One line for a click usage error (unknown option, missing argument, bad value), or None if ``e`` is
+    not one."""
+    for mod in _click_modules():
+        if isinstance(e, mod.ClickException):
+            ctx = getattr(e, "ctx", None)
+            path = getattr(ctx, "command_path", "") or ""
+            command = _command(path)
+            msg = " ".join(e.format_message().split()) or type(e).__name__
+            return f"{msg} (see `{command} --help`)"
+    return None
+
+
+def _command(path: str) -> str:
+    # click names the program after argv[0] ("-" under some launchers): always say retok
+    parts = path.split()[1:]
+    return " ".join(["retok", *parts])
+
+
+def _is_abort(e: BaseException) -> bool:
+    aborts = [getattr(typer, "Abort", None)] + [getattr(mod, "Abort", None) for mod in _click_modules()]
+    return any(isinstance(e, a) for a in aborts if isinstance(a, type))
+
+
 def main() -> None:
-    """Entry point: turn RetokError into one line and exit code 2."""
+    """Entry point: a RetokError or a usage error is one line and exit code 2; Ctrl-C one line and 130."""
     try:
         rc = app(standalone_mode=False)
     except RetokError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("retok: interrupted", err=True)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+    except Exception as e:
+        if _is_abort(e):  # click turns Ctrl-C (and EOF at a prompt) into Abort
+            typer.echo("retok: interrupted", err=True)
             sys.exit(130)
-        raise
+        line = usage_error_line(e)
+        if line is None:
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # `retok` alone: the help is printed already
+            sys.exit(2)
+        typer.echo(f"error: {line}", err=True)
+        sys.exit(2)
     # In non-standalone mode click returns the code of typer.Exit instead of exiting with it.
     if isinstance(rc, int) and rc:
         sys.exit(rc)

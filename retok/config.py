@@ -441,18 +441,24 @@ class TrainConfig(_Section):
         "one (8 of SmolLM2's 30: as good per token as 8/16/24/30 and 4-5x cheaper).",
     )
     distill_weight: float = Field(1.0, ge=0, description="Weight of the distillation term in lm+distill.")
-    piece_map: bool | None = Field(
-        None,
+    piece_map: bool = Field(
+        True,
         description="In the io phase each new token's input row learns as its own residual plus ONE map shared "
         "by all new tokens, applied to the original rows of its pieces (last, first, mean): what the text shows "
-        "about frequent tokens moves the rare and unseen ones too (retok.train.piecemap). On the demo: zh "
-        "1.134x -> 1.106x of the original's BPB at the same steps. null = on, except under FSDP (not supported "
-        "there yet; true with FSDP is refused).",
+        "about frequent tokens moves the rare and unseen ones too (retok.train.piecemap). Not supported under "
+        "FSDP yet: a run that resolves to FSDP with the map on is refused, so that the model a config makes "
+        "never depends on how it was launched; set false there (a different recipe, fingerprinted as such).",
     )
 
-    def piece_map_on(self, fsdp: bool) -> bool:
-        """train.piece_map resolved for a run: null means on, except under FSDP."""
-        return self.piece_map if self.piece_map is not None else not fsdp
+    @field_validator("piece_map", mode="before")
+    @classmethod
+    def _piece_map_null(cls, v: Any) -> Any:
+        return True if v is None else v  # null meant "on, except under FSDP" before the recipe stopped
+        # depending on the strategy
+
+    def piece_map_on(self) -> bool:
+        """train.piece_map for a run (the same whatever the launch)."""
+        return self.piece_map
 
     piece_map_lr: float = Field(
         3e-4,

@@ -1,5 +1,5 @@
-"""``retok run`` and the single-stage commands: run a stage into its folder, or every stage in order,
-skipping those whose folder was made by the same config (the stage table is retok.stages)."""
+"""``retok run`` and the single-stage commands: run a stage into its folder, or every stage in order, redoing
+only what is not up to date (retok.freshness says why; the stage table is retok.stages)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from pathlib import Path
 
 from retok.config import RetokConfig
 from retok.errors import RetokError
-from retok.stages import ORDER, entry_function, stage, stage_dir, stage_output, stage_status
+from retok.freshness import Verdict, plan_run
+from retok.stages import (
+    entry_function,
+    protect_inputs,
+    remove_stale_temporaries,
+    stage,
+    stage_dir,
+    stage_output,
+)
 
 
 def preflight(cfg: RetokConfig) -> list[str]:
@@ -41,28 +49,35 @@ def run_stage(cfg: RetokConfig, key: str, *, overwrite: bool = False, **options)
     return stage_dir(cfg, key)
 
 
-def run_all(cfg: RetokConfig, *, force: bool = False, only: list[str] | None = None) -> None:
-    """Every stage in order, skipping those whose output was made by the same config."""
-    keys = list(ORDER)
-    if only:
-        unknown = [s for s in only if s not in ORDER]
-        if unknown:
-            raise RetokError(f"--stages: unknown stage {unknown[0]!r}; choose from {', '.join(ORDER)}")
-        keys = [s for s in ORDER if s in only]
-    redo = force
-    for key in keys:
-        status = stage_status(cfg, key)
-        if status == "same" and not redo:
-            print(f"retok: {key}/ is up to date, skipped (--force redoes it)", flush=True)
-            continue
-        if status == "different" and not redo:
-            raise RetokError(
-                f"{stage_dir(cfg, key)} was made by a different config; pass --force to redo it "
-                "(and the stages after it), or set output_dir to a new folder"
-            )
+def print_plan(verdicts: list[Verdict]) -> None:
+    for v in verdicts:
+        print(f"retok: {v.line()}", flush=True)
+
+
+def run_all(
+    cfg: RetokConfig, *, force: bool = False, only: list[str] | None = None, dry_run: bool = False
+) -> list[Verdict]:
+    """Every selected stage in order: those not up to date are redone, with the reason printed first; the rest
+    kept. A folder retok did not make, or one that would replace what the config reads, stops the run before
+    anything starts. ``dry_run``: print the plan only (nothing is loaded or written)."""
+    verdicts = plan_run(cfg, only, force=force)
+    print_plan(verdicts)
+    refused = [v for v in verdicts if v.action == "refuse"]
+    if refused:
+        raise RetokError(refused[0].reasons[0])
+    todo = [v.key for v in verdicts if v.action == "run"]
+    protect_inputs(cfg, todo)
+    if dry_run:
+        print(
+            f"retok: dry run: {len(todo)} of {len(verdicts)} stage(s) would run; nothing was done", flush=True
+        )
+        return verdicts
+    for name in remove_stale_temporaries(cfg.out):
+        print(f"retok: removed {cfg.out / name}, left by an interrupted run", flush=True)
+    for key in todo:
         print(f"retok: ---- {stage(key).command} -> {stage_dir(cfg, key)}", flush=True)
         run_stage(cfg, key, overwrite=True)
-        redo = True  # everything downstream of a redone stage is redone too
     from retok.summary import print_summary
 
     print_summary(cfg)
+    return verdicts

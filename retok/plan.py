@@ -351,7 +351,7 @@ def _phase(cfg: RetokConfig, s: Shape, phase: str, strategy: str, n: int, device
             Item("gradients", 4 * learning * (2 if ddp else 1), "fp32" + (" + DDP buckets" if ddp else ""))
         )
     items.append(Item("optimizer", 8 * learning // (n if fsdp else 1), "AdamW moments, fp32"))
-    if phase == "io" and t.piece_map_on(fsdp):
+    if phase == "io" and t.piece_map_on():
         # retok.train.piecemap: a (3H x H) map with its gradient and moments, the pieces' original rows, and
         # one step's change of the new rows
         new = max(0, s.new_vocab - s.old_vocab)

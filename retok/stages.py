@@ -11,17 +11,21 @@ A stage turns the config (and the folders of the stages before it) into one fold
     export         export            export/                    model-trained (or model-init), eval
 
 The key is the folder's name and the stage's one name in code and reports; the command is what users type.
+eval and export read "the model": model-trained if its folder exists, else model-init (or export.source, or
+eval.candidate_model); :func:`stage_inputs` resolves that, and the folder actually read is what counts.
 Every stage folder holds ``retok_config.yaml`` (the resolved config that made it) and ``retok_stage.json``
-(written by :func:`mark_stage`: key, fingerprint, the fingerprints of the inputs it read, retok version,
-time, command). The fingerprint hashes the config fields the stage reads (``Stage.reads``) and the
-fingerprints of its inputs, so a change upstream reaches every stage after it. A stage that reads another
-stage's folder checks it with :func:`require_stage`: a folder made by another config is refused with the
-key that differs and the command that remakes it. ``tests/test_stage_contract.py`` runs every stage with a
-config that records every field it reads and fails when one is missing from ``Stage.reads``.
+(written by :func:`mark_stage`: key, fingerprint, a run id, the folders it read with their fingerprints and
+run ids, whether it is complete, retok version, time, command). The fingerprint hashes the config fields the
+stage reads (``Stage.reads``) and the fingerprints of the inputs it reads, so a change upstream reaches every
+stage after it. A stage that reads another stage's folder checks it with :func:`require_stage`: a folder made
+by another config is refused with the key that differs and the command that remakes it. Whether a finished
+folder is still up to date, and why not, is ``retok.freshness``. ``tests/test_stage_contract.py`` runs every
+stage with a config that records every field it reads and fails when one is missing from ``Stage.reads``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -29,11 +33,12 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
@@ -103,6 +108,7 @@ STAGES: dict[str, Stage] = {
     )
 }
 ORDER = tuple(STAGES)
+MODEL_STAGES = ("model-trained", "model-init")  # what eval and export read, newest first
 
 # Fields a stage may read that do not change what it makes, with the reason.
 NOT_FINGERPRINTED = {
@@ -111,9 +117,10 @@ NOT_FINGERPRINTED = {
     "compute.threads": "how fast, not what",
     "compute.device": "where it runs (init-embeddings and train-io); eval-speed's timings do depend on it",
     "train.log_with": "extra trackers of the same run",
-    "train.distributed": "how processes share the work (the same training within float tolerance); a resume "
-    "under another strategy is refused by the checkpoint itself",
-    "compute.memory_gb": "what the memory plan checks against, not what is made",
+    "train.distributed": "how processes share the work (the same training within float tolerance: nothing in the "
+    "recipe depends on the strategy, see train.piece_map); a resume under another strategy is refused by the "
+    "checkpoint itself",
+    "compute.memory_gb": "what the memory plan checks against (and so ddp or fsdp), not what is made",
 }
 
 # The Hugging Face files of a tokenizer folder, plus retok's own metadata of it. init-embeddings copies them
@@ -160,8 +167,37 @@ def field_value(dump: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def fingerprint(cfg: RetokConfig, key: str) -> str:
-    """Hash of the fields ``key`` reads and of the fingerprints of its inputs."""
+Present = Callable[[str], bool]
+
+
+def _exists(cfg: RetokConfig) -> Present:
+    return lambda key: stage_dir(cfg, key).is_dir()
+
+
+def model_source(cfg: RetokConfig, key: str, present: Present | None = None) -> str | None:
+    """The model stage that eval or export reads: eval.candidate_model (None: no stage), export.source, or
+    model-trained when its folder is there (``present``; default: exists now), else model-init."""
+    if key == "eval" and _unwrap(cfg).eval.candidate_model:
+        return None
+    wanted = _unwrap(cfg).export.source if key == "export" else "auto"
+    if wanted != "auto":
+        return wanted
+    present = present or _exists(cfg)
+    return next((k for k in MODEL_STAGES if present(k)), None)
+
+
+def stage_inputs(cfg: RetokConfig, key: str, present: Present | None = None) -> tuple[str, ...]:
+    """The stage folders ``key`` reads with this config: its inputs, with "the model" resolved for eval and
+    export (``present`` says which folders are there; default: those that exist now)."""
+    st = stage(key)
+    if key not in ("eval", "export"):
+        return st.inputs
+    src = model_source(cfg, key, present)
+    return ((src,) if src else ()) + tuple(k for k in st.inputs if k not in MODEL_STAGES)
+
+
+def fingerprint(cfg: RetokConfig, key: str, present: Present | None = None) -> str:
+    """Hash of the fields ``key`` reads and of the fingerprints of the inputs it reads (``stage_inputs``)."""
     dump = _unwrap(cfg).model_dump(mode="json")
     st = stage(key)
     # Leave out what does not change the output, also inside a section read whole (train.distributed).
@@ -171,7 +207,7 @@ def fingerprint(cfg: RetokConfig, key: str) -> str:
             dump[section].pop(leaf, None)
     part = {
         "reads": {f: field_value(dump, f) for f in st.reads},
-        "inputs": {k: fingerprint(cfg, k) for k in st.inputs},
+        "inputs": {k: fingerprint(cfg, k, present) for k in stage_inputs(cfg, key, present)},
     }
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -188,20 +224,50 @@ def upstream_fields(key: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ metadata
 
 
-def mark_stage(folder: Path, cfg: RetokConfig, key: str, *, seconds: float | None = None) -> None:
+def inputs_read(cfg: RetokConfig, key: str) -> dict[str, dict[str, Any]]:
+    """The stage folders ``key`` reads now, each with the fingerprint and run id its own metadata records:
+    what :func:`mark_stage` keeps, so a later run can tell when an input was remade or another one is read."""
+    out: dict[str, dict[str, Any]] = {}
+    for k in stage_inputs(cfg, key):
+        try:
+            made = read_stage_meta(stage_dir(cfg, k))
+        except RetokError:
+            continue  # not there (eval for export's card) or not retok's: nothing to record
+        out[k] = {"fingerprint": made.get("fingerprint"), "run_id": made.get("run_id")}
+    return out
+
+
+def mark_stage(
+    folder: Path,
+    cfg: RetokConfig,
+    key: str,
+    *,
+    seconds: float | None = None,
+    inputs: dict[str, dict[str, Any]] | None = None,
+    made_by: str | None = None,
+    incomplete: str | None = None,
+) -> None:
     """Write ``retok_config.yaml`` and ``retok_stage.json`` into ``folder``: this is what makes a folder a
-    stage output (stages, tests and benchmarks all mark their folders through here). ``seconds``: the stage's
-    wall time, recorded when known."""
+        stage output (stages, tests and benchmarks all mark their folders through here). ``inputs``: the folders
+        it read (:func:`inputs_read`) and ``made_by`` its fingerprint, both taken when the stage started (default:
+    now). ``incomplete``: why an optional
+        part the config asks for is missing (the folder is kept, and stays stale until it is made). ``seconds``:
+        the stage's wall time, recorded when known."""
     plain = _unwrap(cfg)
     (folder / CONFIG_FILE).write_text(to_yaml(plain), encoding="utf-8")
-    meta = {
+    inputs = inputs_read(plain, key) if inputs is None else inputs
+    meta: dict[str, Any] = {
         "stage": key,
-        "fingerprint": fingerprint(plain, key),
-        "inputs": {k: fingerprint(plain, k) for k in stage(key).inputs},
+        "fingerprint": made_by or fingerprint(plain, key),
+        "run_id": uuid.uuid4().hex[:16],
+        "inputs": inputs,
+        "complete": incomplete is None,
         "retok_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:]),
     }
+    if incomplete is not None:
+        meta["incomplete"] = incomplete
     if seconds is not None:
         meta["seconds"] = round(seconds, 1)
     (folder / STAGE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -221,18 +287,6 @@ def read_stage_meta(folder: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("stage"), str):
         raise RetokError(f"{meta} is damaged (not retok's JSON); remove {folder} and run the stage again")
     return data
-
-
-def stage_status(cfg: RetokConfig, key: str) -> Literal["missing", "same", "different"]:
-    """Whether a stage's folder exists and was made by the same (relevant) config."""
-    folder = stage_dir(cfg, key)
-    if not folder.exists():
-        return "missing"
-    try:
-        made = read_stage_meta(folder)
-    except RetokError:
-        return "different"
-    return "same" if made.get("fingerprint") == fingerprint(cfg, key) else "different"
 
 
 def _diff(path: str, before: Any, after: Any) -> list[str]:
@@ -263,6 +317,46 @@ def changed_fields(cfg: RetokConfig, folder: Path, key: str) -> list[str]:
     return out
 
 
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def own_changes(cfg: RetokConfig, folder: Path, key: str) -> list[str]:
+    """The keys ``key`` reads itself (not through its inputs) whose value in ``folder``'s retok_config.yaml
+    differs from ``cfg``, each as "key: before -> after" ([] when the saved config cannot be read: the
+    fingerprint still tells)."""
+    try:
+        saved = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    now = _unwrap(cfg).model_dump(mode="json")
+    out: list[str] = []
+    for f in stage(key).reads:
+        try:
+            before: Any = field_value(saved, f)
+        except (KeyError, TypeError):
+            before = None
+        after = field_value(now, f)
+        for d in _diff(f, before, after):
+            if d in NOT_FINGERPRINTED and d not in stage(key).reads:
+                continue
+            b_val, a_val = (_value_at(x, d) for x in (saved, now))
+            line = f"{d}: {_short(b_val)} -> {_short(a_val)}"
+            if line not in out:
+                out.append(line)
+    return out
+
+
+def _value_at(dump: Any, dotted: str) -> Any:
+    try:
+        return field_value(dump, dotted)
+    except (KeyError, TypeError):
+        return None
+
+
 def require_stage(cfg: RetokConfig, key: str, needed_by: str) -> Path:
     """The folder of stage ``key``, checked: made by retok, by this config (and so by these inputs)."""
     folder = stage_dir(cfg, key)
@@ -282,14 +376,6 @@ def require_stage(cfg: RetokConfig, key: str, needed_by: str) -> Path:
             "(or `retok run`) to remake it, or set output_dir to a new folder"
         )
     return folder
-
-
-def latest_model_stage(cfg: RetokConfig) -> str | None:
-    """model-trained if its folder exists, else model-init if it does, else None."""
-    for key in ("model-trained", "model-init"):
-        if stage_dir(cfg, key).is_dir():
-            return key
-    return None
 
 
 # ------------------------------------------------------------------------------------- tokenizer meta
@@ -342,21 +428,117 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(out: Path, key: str) -> list[str]:
-    """Remove ``.<key>.tmp-<pid>-*`` / ``.<key>.old-<pid>-*`` folders left by a killed run of this stage
-    (their process is gone); a live run's folders are left alone."""
+def remove_stale_temporaries(out: Path, keys: tuple[str, ...] = ORDER) -> list[str]:
+    """Remove ``.<key>.tmp-<pid>-*`` / ``.<key>.old-<pid>-*`` folders left by a killed run of any of these
+    stages (their process is gone); a live run's folders are left alone."""
     removed = []
     if not out.is_dir():
         return removed
-    for p in out.glob(f".{key}.*-*"):
-        parts = p.name[len(key) + 2 :].split("-", 2)  # "tmp", "<pid>", "<random>"
-        if len(parts) < 3 or parts[0] not in ("tmp", "old") or not parts[1].isdigit():
-            continue
-        if int(parts[1]) != os.getpid() and _pid_alive(int(parts[1])):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p.name)
+    for key in keys:
+        for p in out.glob(f".{key}.*-*"):
+            parts = p.name[len(key) + 2 :].split("-", 2)  # "tmp", "<pid>", "<random>"
+            if len(parts) < 3 or parts[0] not in ("tmp", "old") or not parts[1].isdigit():
+                continue
+            if int(parts[1]) != os.getpid() and _pid_alive(int(parts[1])):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
     return removed
+
+
+def foreign_folder(folder: Path, key: str) -> str | None:
+    """Why ``folder`` may not be replaced by stage ``key`` (it is not a folder retok made for that stage), or
+    None when it may (or is not there)."""
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    if folder.is_symlink() or not folder.is_dir():
+        return (
+            f"{folder} exists and is not a folder retok made; move it away or set output_dir to a new folder"
+        )
+    meta = folder / STAGE_FILE
+    if not meta.is_file():
+        return (
+            f"{folder} holds files retok did not make (no {STAGE_FILE}); retok never replaces them: move them "
+            "away or set output_dir to a new folder"
+        )
+    try:
+        made = read_stage_meta(folder)
+    except RetokError as e:
+        return str(e)
+    if made["stage"] != key:
+        return f"{folder} holds a {made['stage']!r} stage, not {key!r}; move it away or set output_dir to a new folder"
+    return None
+
+
+def input_paths(cfg: RetokConfig) -> list[tuple[str, Path]]:
+    """Local paths the config reads (the model, the compared models, the data), as (key, resolved path)."""
+    from retok.config import expand
+
+    plain = _unwrap(cfg)
+    named = [("model.path", plain.model.path)]
+    named += [
+        ("eval.baseline_model", plain.eval.baseline_model),
+        ("eval.candidate_model", plain.eval.candidate_model),
+    ]
+    for section in ("train", "eval"):
+        for i, src in enumerate(getattr(plain.data, section)):
+            named.append((f"data.{section}.{i}.path", src.path))
+    out = []
+    for name, value in named:
+        if not value:
+            continue
+        try:
+            text = expand(value)
+        except RetokError:
+            continue  # reported where the path is used
+        # a glob reads below its first wildcard
+        cut = min([i for i, c in enumerate(text) if c in "*?["] or [len(text)])
+        path = Path(text[:cut] or ".")
+        if cut < len(text) and not text[:cut].endswith(os.sep):
+            path = path.parent
+        if path.exists():
+            out.append((name, path.resolve()))
+    return out
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def protect_inputs(cfg: RetokConfig, keys: tuple[str, ...] | list[str]) -> None:
+    """Refuse, before anything is written, a stage folder that would replace or hold something the config
+    reads (``model.path: <output_dir>/export`` would be overwritten by export), or one that lies inside a
+    data folder (its files would become training text)."""
+    for key in keys:
+        folder = stage_dir(cfg, key).resolve()
+        for name, path in input_paths(cfg):
+            if _inside(path, folder):
+                raise RetokError(
+                    f"{name} ({path}) lies inside {folder}, which `retok {stage(key).command}` replaces; "
+                    "set output_dir to another folder (retok never writes over what it reads)"
+                )
+            if name.startswith("data.") and path.is_dir() and _inside(folder, path):
+                raise RetokError(
+                    f"output_dir puts {folder} inside {name}'s folder {path}, so its files would become "
+                    "text to read; set output_dir outside the data folders"
+                )
+
+
+def disk_error(e: BaseException) -> str | None:
+    """What went wrong when ``e`` is the file system refusing a write (full, read-only, no permission), else
+    None. Also the errors of libraries that wrap it (safetensors, torch.save) by their message."""
+    codes = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only"}
+    codes[getattr(errno, "EDQUOT", -1)] = "the disk quota is exceeded"
+    codes[errno.EACCES] = "permission denied"
+    if isinstance(e, OSError) and e.errno in codes:
+        where = f" ({e.filename})" if e.filename else ""
+        return codes[e.errno] + where
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text:
+        return "no space left on the device"
+    if "file write failed" in text:  # torch.save's writer does not say why
+        return "a file write failed (is the disk full?)"
+    return None
 
 
 def _make_out(cfg: RetokConfig) -> Path:
@@ -379,23 +561,28 @@ def _make_out(cfg: RetokConfig) -> Path:
 @contextmanager
 def stage_output(cfg: RetokConfig, key: str, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it is marked and becomes ``output_dir/<key>``, on failure
-    it is removed and the previous folder (if any) is left as it was."""
+    it is removed and the previous folder (if any) is left as it was. A folder retok did not make for this
+    stage is never replaced, and nothing the config reads may lie in the folder."""
     start = time.perf_counter()
     final = stage_dir(cfg, key)
     out = _make_out(cfg)
-    if final.exists() and not final.is_dir():
-        raise RetokError(f"{final} exists and is not a folder; move it away first")
-    if final.exists() and not overwrite:
-        raise RetokError(
-            f"{final} already exists; pass --overwrite to replace it, or set output_dir to a new folder"
-        )
-    for name in remove_stale_temporaries(out, key):
+    if final.exists() or final.is_symlink():
+        why = foreign_folder(final, key)
+        if why:
+            raise RetokError(why)
+        if not overwrite:
+            raise RetokError(
+                f"{final} already exists; pass --overwrite to replace it, or set output_dir to a new folder"
+            )
+    protect_inputs(cfg, [key])
+    for name in remove_stale_temporaries(out):
         print(f"retok: removed {out / name}, left by an interrupted run", flush=True)
+    inputs, made_by = inputs_read(cfg, key), fingerprint(cfg, key)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{os.getpid()}-", dir=out))
     except OSError as e:
         raise RetokError(
-            f"output_dir {out}: cannot create a folder there ({e.strerror or e.__class__.__name__}); "
+            f"output_dir {out}: cannot create a folder there ({disk_error(e) or e.strerror or e.__class__.__name__}); "
             "set output_dir to a writable folder with a shorter path"
         ) from None
     tmp.chmod(0o755)  # mkdtemp makes 0700; the finished folder should read like any other
@@ -405,7 +592,16 @@ def stage_output(cfg: RetokConfig, key: str, *, overwrite: bool = False) -> Iter
             yield tmp
         except PartialOutput as e:
             partial = e  # the main output is complete: keep it, then report what is missing
-        mark_stage(tmp, cfg, key, seconds=time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        mark_stage(
+            tmp,
+            cfg,
+            key,
+            seconds=seconds,
+            inputs=inputs,
+            made_by=made_by,
+            incomplete=partial and str(partial),
+        )
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{key}.old-{os.getpid()}-", dir=out))
             old.rmdir()
@@ -414,9 +610,24 @@ def stage_output(cfg: RetokConfig, key: str, *, overwrite: bool = False) -> Iter
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        why = disk_error(e) if not isinstance(e, RetokError) else None
+        if why is None:
+            raise
+        kept = (
+            f"the previous {final} is kept as it was"
+            if final.exists()
+            else f"nothing of {final.name}/ was kept"
+        )
+        if key == "model-trained" and (out / "train-state").is_dir():
+            kept += (
+                "; the last checkpoint in train-state/ is kept (`retok train-io --resume` continues from it)"
+            )
+        raise RetokError(
+            f"{stage(key).command}: writing into {out} failed: {why}; {kept}; free space or set output_dir "
+            "elsewhere, then run it again"
+        ) from None
     if partial is not None:
         raise partial
 

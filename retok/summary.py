@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from retok.config import RetokConfig
+from retok.freshness import judge
 from retok.stages import ORDER, stage, stage_dir
 
 
@@ -22,11 +23,18 @@ def _f(x: Any, fmt: str = ".3f") -> str:
 
 
 def collect(cfg: RetokConfig) -> dict[str, Any]:
-    """Per-domain figures gathered from every stage report that exists."""
-    comp = _report(cfg, "tokenizer").get("domains", {})
-    init = _report(cfg, "model-init").get("bpb", {})
-    train = _report(cfg, "model-trained").get("bpb", {})
-    report = _report(cfg, "eval")
+    """Per-domain figures gathered from the report of every stage whose folder is up to date (a stale one's
+    figures belong to another model or config: they are left out and the stage is named under ``stale``)."""
+    stale = {}
+    for key in ORDER:
+        if stage_dir(cfg, key).exists():
+            v = judge(cfg, key)
+            if v.action != "skip":
+                stale[key] = "; ".join(v.reasons)
+    comp = _report(cfg, "tokenizer", stale).get("domains", {})
+    init = _report(cfg, "model-init", stale).get("bpb", {})
+    train = _report(cfg, "model-trained", stale).get("bpb", {})
+    report = _report(cfg, "eval", stale)
     ev = report.get("domains", {})
     # BPB columns on one slice of text: eval-speed scores eval.max_bytes per domain, init-embeddings
     # init.eval_max_bytes and train-io train.eval_max_bytes. With eval-speed's figures, the init report's count
@@ -56,10 +64,13 @@ def collect(cfg: RetokConfig) -> dict[str, Any]:
     return {
         "domains": rows,
         "outputs": {k: str(stage_dir(cfg, k)) for k in ORDER if stage_dir(cfg, k).is_dir()},
+        "stale": stale,
     }
 
 
-def _report(cfg: RetokConfig, key: str) -> dict[str, Any]:
+def _report(cfg: RetokConfig, key: str, stale: dict[str, str]) -> dict[str, Any]:
+    if key in stale:
+        return {}
     return _load(stage_dir(cfg, key) / (stage(key).report or ""))
 
 
@@ -117,7 +128,12 @@ def print_summary(cfg: RetokConfig) -> dict[str, Any]:
         console = Console(width=120)
     console.print(table)
     for key, path in summary["outputs"].items():
-        console.print(f"  {key:>14}: {path}")
+        note = (
+            f"  (not up to date, figures left out: {summary['stale'][key]})"
+            if key in summary["stale"]
+            else ""
+        )
+        console.print(f"  {key:>14}: {path}{note}")
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (cfg.out / "summary.md").write_text(f"# retok summary\n\n{markdown_table(summary)}")

@@ -112,8 +112,12 @@ def test_existing_output_folder_is_refused_and_kept(tmp_path):
     stage = tmp_path / "out" / "tokenizer"
     stage.mkdir(parents=True)
     (stage / "keep.txt").write_text("mine")
-    assert_one_line_error(retok("build-tokenizer", str(cfg)), "already exists; pass --overwrite")
-    assert (stage / "keep.txt").read_text() == "mine"
+    # a folder retok did not make is never replaced, --overwrite or not
+    for extra in ([], ["--overwrite"]):
+        assert_one_line_error(retok("build-tokenizer", str(cfg), *extra), "holds files retok did not make")
+        assert (stage / "keep.txt").read_text() == "mine" and [p.name for p in stage.iterdir()] == [
+            "keep.txt"
+        ]
 
 
 def test_two_configs_and_no_config(tmp_path):

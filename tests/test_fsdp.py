@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BODY = "model.layers."
 
 
-def _project(tmp: Path, tied: bool = False, rows_odd: bool = False, **train) -> tuple:
+def _project(
+    tmp: Path, tied: bool = False, rows_odd: bool = False, compute: dict | None = None, **train
+) -> tuple:
     settings = {
         "objective": "lm",
         "max_steps": 4,
@@ -39,11 +41,14 @@ def _project(tmp: Path, tied: bool = False, rows_odd: bool = False, **train) -> 
         "save_every": 2,
         "lr": 3e-3,
         "fit_head": False,
+        "piece_map": False,  # not supported under FSDP: a config that resolves to FSDP must say so
     }
     settings |= train
     # No head fit unless asked (test_fsdp_head_fit_after_the_steps); tied: one matrix serves embedding and head.
     init = {"fit_head": False, "untie_head": not tied, "eval_bpb": False}
     sections = {"train": settings, "init": init}
+    if compute:
+        sections["compute"] = {"device": "cpu", "threads": 1, **compute}
     if rows_odd:  # 553 embedding rows: the two processes hold 277 and 276 of them
         sections |= {
             "init": {**init, "pad_to_multiple_of": 1},
@@ -119,7 +124,7 @@ def test_fsdp_matches_one_process_in_both_phases(tmp_path):
     """2 processes x grad_accum 1 under FSDP == 1 process x grad_accum 2: the same micro-batches make each step."""
     from transformers import AutoModelForCausalLM
 
-    # train.piece_map is off under FSDP (null: not supported there yet), so off on the one process too
+    # train.piece_map is not supported under FSDP; the config says false, so it is off on the one process too
     common = {"full": {"steps": 2, "lr": 1e-3}, "batch_size": 2, "tied": True, "piece_map": False}
     one, one_path = _project(tmp_path / "one", grad_accum=2, **common)
     res = _retok(one_path)  # its own process, so that its report's peak memory is its own
@@ -232,8 +237,9 @@ def test_fsdp_distill_resume_is_exact_and_the_body_stays(tmp_path):
 
 def test_fsdp_head_fit_after_the_steps(tmp_path):
     """train.fit_head under FSDP: the main process loads the consolidated folder, fits the new head rows and
-    writes it again; the old head rows and the body stay as model-init has them, the trained input rows as
-    the steps left them, and plain transformers loads the result."""
+    writes it again; the old head rows and the body stay as model-init has them (in its dtype, also when
+    compute.dtype is another one: the fit reloaded the folder in compute.dtype and saved the body in it), the
+    trained input rows as the steps left them, and plain transformers loads the result."""
     from transformers import AutoModelForCausalLM
 
     settings = {
@@ -243,7 +249,7 @@ def test_fsdp_head_fit_after_the_steps(tmp_path):
         "eval_every": 2,
         "fit_head": True,
     }
-    cfg, path = _project(tmp_path, **settings)
+    cfg, path = _project(tmp_path, compute={"dtype": "bfloat16"}, **settings)
     res = _launch(path)
     assert res.returncode == 0, res.stderr[-30000:]
     out = stage_dir(cfg, "model-trained")
@@ -255,6 +261,7 @@ def test_fsdp_head_fit_after_the_steps(tmp_path):
     from retok.sources import load_tokenizer
 
     n_old = len(load_tokenizer(cfg.model.path))
+    assert {t.dtype for t in after.values()} == {torch.float32}
     for name, t in init.items():
         if name.startswith(BODY):
             assert torch.equal(t, after[name]), name

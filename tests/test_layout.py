@@ -23,6 +23,7 @@ CORE = (
     "config_doc",
     "data",
     "errors",
+    "freshness",
     "headfit",
     "headfit_run",
     "metrics",

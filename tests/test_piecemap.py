@@ -146,10 +146,10 @@ def test_the_map_moves_new_rows_the_text_never_showed_and_nothing_old(tmp_path, 
 def test_the_map_under_fsdp_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     import retok.train.stage as stage_mod
 
-    cfg = validate_dict(tiny_project(tmp_path, train={"max_steps": 2, "piece_map": True}))
+    cfg = validate_dict(tiny_project(tmp_path, train={"max_steps": 2}))  # the default: on
     run_all(cfg, only=["tokenizer", "model-init"])
     monkeypatch.setattr(stage_mod, "_strategy", lambda cfg, acc: "fsdp")
-    with pytest.raises(RetokError, match="train.piece_map is not supported with FSDP"):
+    with pytest.raises(RetokError, match=r"train.piece_map \(on by default\) is not supported under FSDP"):
         run_stage(cfg, "model-trained")
     assert not stage_dir(cfg, "model-trained").exists()
     assert not (cfg.out / "train-state").exists()

@@ -10,7 +10,8 @@ import pytest
 
 from retok.config import apply_overrides, validate_dict
 from retok.errors import RetokError
-from retok.stages import require_stage, stage_dir, stage_output, stage_status
+from retok.freshness import stage_status
+from retok.stages import require_stage, stage_dir, stage_output
 
 
 def cfg(tmp_path, *sets):
@@ -84,12 +85,12 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
     (stale / "sub").mkdir(parents=True)
     live = c.out / f".export.tmp-{os.getppid()}-xyz"  # our parent is alive: its folder is left alone
     live.mkdir()
-    other = c.out / f".eval.tmp-{dead.pid}-q"  # another stage's temporaries are not this stage's business
+    other = c.out / f".eval.old-{dead.pid}-q"  # another stage's leftovers go too (a killed 8B export: ~16 GB)
     other.mkdir()
-    with stage_output(c, "export") as tmp:
+    with stage_output(c, "tokenizer") as tmp:
         (tmp / "x").write_text("x")
     names = sorted(p.name for p in c.out.iterdir())
-    assert names == sorted(["export", live.name, other.name])
+    assert names == sorted(["tokenizer", live.name])
 
 
 @pytest.mark.parametrize("case", ["file", "unwritable"])

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from retok.config import validate_dict
 from retok.errors import RetokError
+from retok.freshness import stage_status
 from retok.pipeline import run_all, run_stage
 from retok.stages import (
     NOT_FINGERPRINTED,
@@ -27,7 +28,6 @@ from retok.stages import (
     require_stage,
     stage_dir,
     stage_output,
-    stage_status,
     upstream_fields,
 )
 from tests.tiny import tiny_project
@@ -141,9 +141,15 @@ def test_fingerprints_follow_reads_and_inputs(project: dict):
                 node = node.setdefault(p, {})
             node[last] = value
         cfg = validate_dict(data)
-        return {k: fingerprint(cfg, k) for k in ORDER}
+        return {k: fingerprint(cfg, k, every) for k in ORDER}
 
-    same = {k: fingerprint(base, k) for k in ORDER}
+    def every(key: str) -> bool:  # as after a whole run: eval and export read model-trained
+        return True
+
+    same = {k: fingerprint(base, k, every) for k in ORDER}
+    # which model eval and export read is part of what they are: model-init's figures are not model-trained's
+    only_init = {k: fingerprint(base, k, lambda key: key != "model-trained") for k in ORDER}
+    assert [k for k in ORDER if only_init[k] != same[k]] == ["eval", "export"]
     # seed changes model-init's weights (random init) and everything after it, not the tokenizer
     s = fp(seed=7)
     assert s["tokenizer"] == same["tokenizer"] and all(s[k] != same[k] for k in ORDER[1:])
@@ -179,5 +185,7 @@ def test_stage_metadata_records_inputs(project: dict, tmp_path: Path):
     run_all(cfg, only=["tokenizer", "model-init"])
     meta = json.loads((stage_dir(cfg, "model-init") / STAGE_FILE).read_text())
     assert meta["stage"] == "model-init" and meta["fingerprint"] == fingerprint(cfg, "model-init")
-    assert meta["inputs"] == {"tokenizer": fingerprint(cfg, "tokenizer")}
+    tok = json.loads((stage_dir(cfg, "tokenizer") / STAGE_FILE).read_text())
+    assert meta["inputs"] == {"tokenizer": {"fingerprint": tok["fingerprint"], "run_id": tok["run_id"]}}
+    assert tok["fingerprint"] == fingerprint(cfg, "tokenizer") and meta["complete"] is True
     assert 0 < meta["seconds"] < 600  # the stage's own wall time, for benchmarks that reuse a folder

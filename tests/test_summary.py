@@ -6,13 +6,20 @@ import json
 from pathlib import Path
 
 from retok.config import validate_dict
-from retok.stages import stage_dir
+from retok.stages import ORDER, mark_stage, stage_dir
 from retok.summary import collect, markdown_table
 
 
 def _write(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
+
+
+def _mark_all(cfg) -> None:
+    """Mark every folder there as made by ``cfg``, in pipeline order (as a run would have)."""
+    for key in ORDER:
+        if stage_dir(cfg, key).is_dir():
+            mark_stage(stage_dir(cfg, key), cfg, key)
 
 
 def _config(out: Path, init_bytes: int = 8000):
@@ -52,6 +59,7 @@ def test_bpb_columns_come_from_one_slice(tmp_path: Path):
         },
     }
     _write(stage_dir(cfg, "eval") / "report.json", ev)
+    _mark_all(cfg)
     row = collect(cfg)["domains"]["zh"]
     assert (row["bpb_original"], row["bpb_init"], row["bpb_trained"]) == (1.80, 2.40, 2.25)
     assert row["speedup_bytes_per_s"] == 2.5 and row["compression_ratio"] == 2.0
@@ -81,5 +89,28 @@ def test_init_bpb_of_another_slice_is_left_out(tmp_path: Path):
         "domains": {"zh": {"old": {"bpb": 1.80}, "new": {"bpb": 2.25}}},
     }
     _write(stage_dir(cfg, "eval") / "report.json", ev)
+    _mark_all(cfg)
     row = collect(cfg)["domains"]["zh"]
     assert (row["bpb_original"], row["bpb_init"], row["bpb_trained"]) == (1.80, None, 2.25)
+
+
+def test_figures_of_a_stale_stage_are_left_out(tmp_path: Path):
+    """eval-speed measured model-init, then train-io made model-trained: eval's figures are of another model,
+    so the summary leaves them out (the bug: "BPB trained" printed beside model-init's figures) and names eval
+    under stale with the reason; train-io's own figure fills the trained column."""
+    cfg = _config(tmp_path)
+    _write(stage_dir(cfg, "tokenizer") / "compression.json", {"domains": {"zh": {"ratio": 2.0}}})
+    _write(stage_dir(cfg, "model-init") / "init_report.json", {"bpb": {"zh": {"original": 1.8, "init": 2.4}}})
+    ev = {
+        "candidate": {"folder": str(stage_dir(cfg, "model-init"))},
+        "domains": {"zh": {"old": {"bpb": 1.8}, "new": {"bpb": 2.4}, "speedup_bytes_per_s": 2.0}},
+    }
+    _write(stage_dir(cfg, "eval") / "report.json", ev)
+    _mark_all(cfg)
+    assert collect(cfg)["domains"]["zh"]["speedup_bytes_per_s"] == 2.0 and collect(cfg)["stale"] == {}
+    _write(stage_dir(cfg, "model-trained") / "train_report.json", {"bpb": {"zh": {"final": 2.1}}})
+    mark_stage(stage_dir(cfg, "model-trained"), cfg, "model-trained")
+    got = collect(cfg)
+    assert got["stale"] == {"eval": "it read model-init/, and would now read model-trained/"}
+    row = got["domains"]["zh"]
+    assert row["speedup_bytes_per_s"] is None and row["bpb_trained"] == 2.1 and row["bpb_eval_new"] is None

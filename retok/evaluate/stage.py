@@ -28,7 +28,7 @@ from retok.data import domains as domain_names
 from retok.data import iter_domain, load_domains
 from retok.errors import RetokError
 from retok.evaluate.report import charts, clean, compare, device_name, fmt, markdown_table, render_markdown
-from retok.stages import latest_model_stage, require_stage, stage_dir
+from retok.stages import model_source, require_stage, stage_dir
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -50,7 +50,7 @@ def pick_models(cfg: RetokConfig) -> tuple[ModelConfig, ModelConfig]:
     base = _model_cfg(cfg, cfg.eval.baseline_model) if cfg.eval.baseline_model else cfg.model
     if cfg.eval.candidate_model:
         return base, _model_cfg(cfg, cfg.eval.candidate_model)
-    key = latest_model_stage(cfg)
+    key = model_source(cfg, "eval")
     if key is None:
         raise RetokError(
             f"eval-speed needs a new model: neither {stage_dir(cfg, 'model-trained')} nor "

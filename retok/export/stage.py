@@ -23,7 +23,8 @@ from retok.errors import PartialOutput, RetokError
 from retok.export.card import model_card
 from retok.export.check import check_folder, ids_list, print_checks
 from retok.export.shards import stream_weights
-from retok.stages import latest_model_stage, require_stage, stage_dir, stage_status
+from retok.freshness import stage_status
+from retok.stages import model_source, require_stage, stage_dir
 
 REPORT_JSON = "retok_export.json"
 
@@ -34,7 +35,7 @@ REPORT_JSON = "retok_export.json"
 def export_source(cfg: RetokConfig) -> Path:
     """The stage folder to export: export.source, or (auto) model-trained, else model-init; checked to be made
     by this config."""
-    key = cfg.export.source if cfg.export.source != "auto" else latest_model_stage(cfg)
+    key = model_source(cfg, "export")
     if key is None:
         raise RetokError(
             f"export needs a model: neither {stage_dir(cfg, 'model-trained')} nor {stage_dir(cfg, 'model-init')} "

@@ -214,8 +214,14 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     acc = _accelerator(cfg, state_dir)
     strategy = _strategy(cfg, acc)
     if t.piece_map and strategy == "fsdp":
+        why = (
+            "train.distributed: fsdp"
+            if t.distributed == "fsdp"
+            else "train.distributed auto picked FSDP (ddp does not fit)"
+        )
         raise RetokError(
-            "train.piece_map is not supported with FSDP yet; set train.piece_map: null (off under FSDP) or false"
+            f"{why}, but train.piece_map (on by default) is not supported under FSDP yet; set train.piece_map: "
+            "false for this config (another recipe, so the model never depends on how it was launched)"
         )
     from retok.plan import check_plan
 
@@ -258,7 +264,7 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
             activation_checkpointing(model, True)
     io = io_params(model, len(tok), new_ids)
     io.head_learns = t.objective != "distill"
-    piece_map = _piece_map(cfg, strategy, io, old_tok, tok, tok_dir)
+    piece_map = _piece_map(cfg, io, old_tok, tok, tok_dir)
     from retok.train.fsdp import gathered
 
     with gathered(root) if root is not None else nullcontext():
@@ -309,9 +315,9 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     return report
 
 
-def _piece_map(cfg: RetokConfig, strategy: str, io: Any, old_tok: Any, tok: Any, tok_dir: Path) -> Any:
-    """train.piece_map (null: on except under FSDP): the map over the new rows that learn and have pieces."""
-    if not cfg.train.piece_map_on(strategy == "fsdp"):
+def _piece_map(cfg: RetokConfig, io: Any, old_tok: Any, tok: Any, tok_dir: Path) -> Any:
+    """train.piece_map: the map over the new rows that learn and have pieces (refused under FSDP earlier)."""
+    if not cfg.train.piece_map_on():
         return None
     from retok.headfit_run import original_rows_and_map
     from retok.stages import read_tokenizer_meta
@@ -446,8 +452,11 @@ def _fit_head(run: Run, state: TrainState, tok_dir: Path, out: Path) -> dict | N
         model = run.acc.unwrap_model(run.model)
         activation_checkpointing(model, False)
     else:
+        # the consolidated folder's own dtype (model-init's), not compute.dtype: the folder is written again
+        # below and must keep its body as it was saved, as the path without FSDP does
         dev = run.acc.device
-        model = load_model(out, dtype=cfg.compute.dtype, device="cpu" if dev.type == "cpu" else str(dev))
+        stored = str(_saved_dtype(out)).removeprefix("torch.")
+        model = load_model(out, dtype=stored, device="cpu" if dev.type == "cpu" else str(dev))
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or head.weight is emb.weight:
         print("retok: note: train.fit_head skipped: the LM head is tied to the input embedding", flush=True)
