@@ -265,18 +265,19 @@ def usage_error_line(e: BaseException) -> str | None:
     not one."""
     for mod in _click_modules():
         if isinstance(e, mod.ClickException):
-            ctx = getattr(e, "ctx", None)
-            path = getattr(ctx, "command_path", "") or ""
-            command = _command(path)
             msg = " ".join(e.format_message().split()) or type(e).__name__
-            return f"{msg} (see `{command} --help`)"
+            return f"{msg} (see `{_command(getattr(e, 'ctx', None))} --help`)"
     return None
 
 
-def _command(path: str) -> str:
-    # click names the program after argv[0] ("-" under some launchers): always say retok
-    parts = path.split()[1:]
-    return " ".join(["retok", *parts])
+def _command(ctx) -> str:
+    # the subcommand names from the context chain; the program is always "retok" (click would name it
+    # after argv[0], which is "-" or "python -m ..." under some launchers)
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["retok", *reversed(names)])
 
 
 def _is_abort(e: BaseException) -> bool:
@@ -307,7 +308,10 @@ def main() -> None:
             sys.exit(2)
         typer.echo(f"error: {line}", err=True)
         sys.exit(2)
-    # In non-standalone mode click returns the code of typer.Exit instead of exiting with it.
+    # In non-standalone mode click returns the code of typer.Exit instead of exiting with it; typer turns
+    # Ctrl-C into Exit(130) without a word.
+    if rc == 130:
+        typer.echo("retok: interrupted", err=True)
     if isinstance(rc, int) and rc:
         sys.exit(rc)
 

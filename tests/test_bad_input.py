@@ -140,3 +140,38 @@ def test_hub_errors_say_what_happened():
         )
         == 4
     )
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--bogus"], "No such option: --bogus (see `retok run --help`)"),
+        (["check"], "Missing argument 'folder'. (see `retok check --help`)"),
+        (["bogus"], "No such command 'bogus'."),
+        (["plan", "x.yaml", "-n", "0"], "Invalid value for '--processes' / '-n'"),
+        (["train-io", "--resume=maybe"], "Option '--resume' does not take a value."),
+    ],
+)
+def test_usage_errors_are_one_line(args, needle, monkeypatch, capsys):
+    """The bug: typer vendors its own click (typer._click), whose exceptions cli.main did not recognise, so
+    every usage error printed a traceback."""
+    code, err = _cli(args, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+
+
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "Abort"])
+def test_ctrl_c_outside_the_training_steps_is_one_line(how, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a stage loads (outside train-io's own handler) or at a click prompt: one line, exit 130."""
+    import typer
+
+    import retok.pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt if how == "KeyboardInterrupt" else typer.Abort()
+
+    monkeypatch.setattr(retok.pipeline, "run_stage", interrupted)
+    p = tmp_path / "c.yaml"
+    p.write_text(json.dumps(tiny_project(tmp_path)))
+    code, err = _cli(["build-tokenizer", str(p)], monkeypatch, capsys)
+    assert code == 130 and err.endswith("\nretok: interrupted\n") and "Traceback" not in err
