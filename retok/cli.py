@@ -238,12 +238,16 @@ def init_config_cmd(
         raise RetokError(f"{path} is a folder; give a file name such as {path / 'retok.yaml'}")
     if path.exists() and not force:
         raise RetokError(f"{path} already exists; pass --force to overwrite it or choose another name")
+    from retok.fileio import disk_error, write_text_atomic
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(commented_yaml(model_path=model), encoding="utf-8")
+        write_text_atomic(path, commented_yaml(model_path=model))  # a full disk keeps the old file whole
     except OSError as e:
+        kept = "; the existing file is kept as it was" if path.exists() else ""
         raise RetokError(
-            f"cannot write {path} ({e.strerror or e.__class__.__name__}); choose another path"
+            f"cannot write {path} ({disk_error(e) or e.strerror or e.__class__.__name__}){kept}; free space or "
+            "choose another path"
         ) from None
     typer.echo(f"wrote {path}; edit model.path and data, then `retok validate {path}`")
 

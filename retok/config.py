@@ -42,7 +42,9 @@ def parse_size(value: str | int) -> int:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan off: `.inf` or `.nan` in YAML is a typo, never a setting (compute.memory_gb: .inf made
+    # every plan "fit")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -72,6 +74,105 @@ class ModelConfig(_Section):
 
 
 DEVICE_RE = r"auto|cpu|mps|cuda(:[0-9]+)?"
+# The pre-tokenizer names llama.cpp accepts in tokenizer.ggml.pre (src/llama-vocab.cpp of the llama.cpp that
+# llama-cpp-python 0.3.36 vendors, the one scripts/build_llamacpp.py builds); any other name makes llama.cpp
+# refuse the file ("unknown pre-tokenizer type").
+LLAMACPP_PRE_NAMES = frozenset(
+    {
+        "a.x-4.0",
+        "afmoe",
+        "bailingmoe",
+        "bailingmoe2",
+        "bloom",
+        "chameleon",
+        "chatglm-bpe",
+        "codeshell",
+        "cohere2moe",
+        "command-r",
+        "dbrx",
+        "deepseek-coder",
+        "deepseek-llm",
+        "deepseek-r1-qwen",
+        "deepseek-v3",
+        "default",
+        "exaone",
+        "exaone-moe",
+        "exaone4",
+        "f2llmv2",
+        "falcon",
+        "falcon-h1",
+        "falcon3",
+        "gemma4",
+        "gigachat",
+        "glm4",
+        "glm5",
+        "gpt-2",
+        "gpt-4o",
+        "gpt3-finnish",
+        "granite-docling",
+        "granite-embed-multi-311m",
+        "granite-embed-multi-97m",
+        "grok-2",
+        "hunyuan",
+        "hunyuan-dense",
+        "hy_v4",
+        "jais",
+        "jais-2",
+        "jina-de",
+        "jina-es",
+        "jina-v1-en",
+        "jina-v2-code",
+        "jina-v2-de",
+        "jina-v2-es",
+        "jina-v5-nano",
+        "joyai-llm",
+        "kanana2",
+        "kimi-k2",
+        "kormo",
+        "laguna",
+        "lfm2",
+        "llada-moe",
+        "llama-bpe",
+        "llama-v3",
+        "llama3",
+        "llama4",
+        "megrez",
+        "mellum",
+        "mellum2",
+        "midm-2.0",
+        "minerva-7b",
+        "minicpm5",
+        "minimax-m2",
+        "modern-bert",
+        "mpt",
+        "olmo",
+        "phi-2",
+        "pixtral",
+        "poro-chat",
+        "qwen2",
+        "qwen35",
+        "refact",
+        "roberta-bpe",
+        "sarvam-moe",
+        "seed-coder",
+        "smaug-bpe",
+        "smollm",
+        "solar-open",
+        "spark2_5",
+        "stablelm2",
+        "starcoder",
+        "superbpe",
+        "talkie",
+        "tekken",
+        "tiny_aya",
+        "trillion",
+        "ufakzeka",
+        "viking",
+        "whitespace",
+        "youtu",
+    }
+)
+MODEL_NAME_RE = r"[A-Za-z0-9_+\-][A-Za-z0-9._+\-]{0,99}"  # a file name inside export/, never a path
 
 
 class ComputeConfig(_Section):
@@ -364,9 +465,10 @@ class InitConfig(_Section):
 
     @model_validator(mode="after")
     def _fit_lr_default(self) -> InitConfig:
-        """The measured best row learning rate, with or without the shared map, where the config leaves it null
-        (after validation: fit_shared_map is a bool however it was spelled)."""
-        if self.fit_lr is None:
+        """The measured best row learning rate, with or without the shared map, where the config does not set it
+        (after validation: fit_shared_map is a bool however it was spelled; run again on assignment, so the
+        default follows a later change of fit_shared_map)."""
+        if self.fit_lr is None or "fit_lr" not in self.model_fields_set:
             self.__dict__["fit_lr"] = 2.5e-4 if self.fit_shared_map else 1e-3
         return self
 
@@ -400,19 +502,17 @@ class TrainConfig(_Section):
             raise ValueError("layers count from 1 (the first decoder layer's output)")
         return sorted(set(v)) if v is not None else None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _recipe_defaults(cls, data: Any) -> Any:
-        """The measured best lr and trainable rows of each objective, where the config leaves them null."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        distill = data.get("objective", "distill") == "distill"
-        if data.get("lr") is None:
-            data["lr"] = 1e-2 if distill else 5e-5
-        if data.get("trainable") is None:
-            data["trainable"] = "io_new_rows" if distill else "io"
-        return data
+    @model_validator(mode="after")
+    def _recipe_defaults(self) -> TrainConfig:
+        """The measured best lr and trainable rows of each objective, where the config does not set them. Run
+        again on assignment: a key left to its default follows a later change of the objective (a key the user
+        set, in the file or by assignment, is in model_fields_set and stays)."""
+        distill = self.objective == "distill"
+        if self.lr is None or "lr" not in self.model_fields_set:
+            self.__dict__["lr"] = 1e-2 if distill else 5e-5
+        if self.trainable is None or "trainable" not in self.model_fields_set:
+            self.__dict__["trainable"] = "io_new_rows" if distill else "io"
+        return self
 
     trainable: Literal["io", "io_new_rows"] | None = Field(
         None,
@@ -611,8 +711,21 @@ class ExportConfig(_Section):
         "keep", description="Dtype of exported weights."
     )
     model_name: str | None = Field(
-        None, description="Name shown in the model card; null = derived from model.path."
+        None,
+        description="Name shown in the model card and given to the GGUF file (<name>-<type>.gguf in export/): "
+        "letters, digits and . _ + - only, at most 100 characters; null = derived from model.path.",
     )
+
+    @field_validator("model_name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(MODEL_NAME_RE, v):
+            raise ValueError(
+                f"{v[:60]!r} is not a plain name: use letters, digits and . _ + - (no path separators, not "
+                "starting with a dot), at most 100 characters; it names a file inside export/"
+            )
+        return v
+
     gguf: Literal["off", "f32", "f16", "bf16", "q8_0"] = Field(
         "off",
         description="Also write export/<name>-<type>.gguf for llama.cpp (Ollama, LM Studio): off, or the type of its "
@@ -630,6 +743,15 @@ class ExportConfig(_Section):
         "original tokenizer's (read from model.path when it is a .gguf, else from its hash) when the new tokenizer "
         "splits text the same way; a tokenizer trained with its own pre-tokenizer needs it set.",
     )
+
+    @field_validator("gguf_pre")
+    @classmethod
+    def _known_pre(cls, v: str | None) -> str | None:
+        if v is not None and v not in LLAMACPP_PRE_NAMES:
+            near = sorted(n for n in LLAMACPP_PRE_NAMES if n[:3] == v[:3].lower())[:6]
+            hint = f" (near: {', '.join(near)})" if near else " (e.g. llama-bpe, qwen2, smollm, gpt-2)"
+            raise ValueError(f"llama.cpp knows no pre-tokenizer {v!r}{hint}; it would refuse the GGUF")
+        return v
 
 
 # -------------------------------------------------------------------------------------------- root

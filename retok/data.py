@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import glob
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -38,6 +39,11 @@ def source_files(src: DataSource, key: str) -> list[Path]:
     else:
         raise RetokError(
             f"{key}.path: {p} not found; check the path (scripts/fetch_assets.py fetches the demo corpora)"
+        )
+    unreadable = [f for f in files if not os.access(f, os.R_OK)]
+    if unreadable:
+        raise RetokError(
+            f"{key}.path: {unreadable[0]} cannot be read (permission denied); make it readable or leave it out"
         )
     bad = [f for f in files if f.suffix.lower() not in SUFFIXES]
     if bad:
@@ -87,14 +93,20 @@ def _rows(src: DataSource, key: str) -> Iterator[str]:
     files = source_files(src, key)
     kind = SUFFIXES[files[0].suffix.lower()]
     for f in files:
-        if kind != "parquet":
-            check_utf8(f)
-        if kind == "text":
-            yield from _txt_docs(f, src.txt_unit)
-            continue
-        if f.suffix.lower() == ".jsonl":
-            yield from _texts(_jsonl_rows(f), src.text_field, str(f))
-            continue
+        try:
+            if kind != "parquet":
+                check_utf8(f)
+            if kind == "text":
+                yield from _txt_docs(f, src.txt_unit)
+                continue
+            if f.suffix.lower() == ".jsonl":
+                yield from _texts(_jsonl_rows(f), src.text_field, str(f))
+                continue
+        except OSError as e:
+            raise RetokError(
+                f"{key}.path: {f} cannot be read ({e.strerror or e.__class__.__name__}); make it readable or "
+                f"leave it out of {key}.path"
+            ) from None
         try:
             ds = load_dataset(kind, data_files=[str(f)], split="train", streaming=True)
             yield from _texts(ds, src.text_field, str(f))

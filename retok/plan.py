@@ -115,7 +115,7 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["peak"] = self.peak
-        d["fits"] = self.fits
+        d["fits"] = self.fits if self.capacity is not None else None  # null: the device's memory is unknown
         for p, src in zip(d["phases"], self.phases, strict=True):
             p["total"] = src.total
         return d
@@ -132,7 +132,13 @@ class Plan:
             for i in p.items:
                 if i.bytes:
                     out.append(f"       {i.name:<22} {i.bytes / GB:>8.2f} GB  {i.note}")
-        verdict = "fits" if self.fits else "DOES NOT FIT"
+        if self.capacity is None:
+            verdict = (
+                f"cannot tell whether it fits ({self.capacity_source}); set compute.memory_gb to the GB one "
+                "device has (e.g. --set compute.memory_gb=80) to check against it"
+            )
+        else:
+            verdict = "fits" if self.fits else "DOES NOT FIT"
         out.append(f"  peak {self.peak / GB:.2f} GB per device: {verdict}")
         if self.minutes is not None:
             out.append(
@@ -159,8 +165,25 @@ def _model_config(cfg: RetokConfig, model_config: Path | None) -> tuple[Any, str
             raise RetokError(
                 f"--model-config {model_config}: no config.json there; give the model's config.json"
             )
-        data = json.loads(path.read_text(encoding="utf-8"))
-        conf = AutoConfig.for_model(data.pop("model_type"), **data)
+        where = f"--model-config {path}"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise RetokError(
+                f"{where}: not a readable JSON file ({e.__class__.__name__}); give the model's config.json"
+            ) from None
+        if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+            raise RetokError(f"{where}: no model_type in it; give the model's config.json")
+        model_type = data.pop("model_type")
+        try:
+            conf = AutoConfig.for_model(model_type, **data)
+        except (ValueError, KeyError):
+            import transformers
+
+            raise RetokError(
+                f"{where}: model_type {model_type!r} is unknown to transformers {transformers.__version__}; check "
+                "the file, or update transformers"
+            ) from None
         return conf, str(model_config)
     from retok.sources import resolve_model
 

@@ -70,9 +70,15 @@ MAX_HEADER_BYTES = 100_000_000
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The JSON header of a .safetensors file and the offset where its data starts, checked: the header fits
     the file, and every tensor's byte range lies inside the file and matches its shape and dtype."""
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+        f = path.open("rb")
+    except OSError as e:
+        raise RetokError(
+            f"{path} cannot be read ({e.strerror or e.__class__.__name__}); make it a readable file or write it again"
+        ) from None
     broken = f"{path} is not a valid safetensors file"
-    with path.open("rb") as f:
+    with f:
         raw = f.read(8)
         if len(raw) != 8:
             raise RetokError(f"{broken} (too short); download or write it again")

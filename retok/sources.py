@@ -59,6 +59,11 @@ def check_local_model_path(model: ModelConfig) -> str:
         if not p.is_dir():
             raise RetokError(f"model.path: {p} is neither a model folder nor a .gguf file")
         check_model_folder(p, allow_pickle=model.allow_pickle)
+        if any(p.glob("*.safetensors")):
+            from retok.safetensors_io import read_checkpoint
+
+            infos, files, _ = read_checkpoint(p)  # every shard there, readable, its header sound
+            return f"model.path: model folder {p} ({len(infos)} tensors in {len(files)} safetensors file(s))"
         return f"model.path: model folder {p}"
     if _looks_like_hub_id(raw):
         return f"model.path: hub id {raw} (downloaded when a stage first needs it)"

@@ -25,7 +25,6 @@ stage with a config that records every field it reads and fails when one is miss
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -45,6 +44,7 @@ import yaml
 from retok import __version__
 from retok.config import RetokConfig, to_yaml
 from retok.errors import PartialOutput, RetokError
+from retok.fileio import disk_error
 
 STAGE_FILE = "retok_stage.json"
 CONFIG_FILE = "retok_config.yaml"
@@ -522,23 +522,6 @@ def protect_inputs(cfg: RetokConfig, keys: tuple[str, ...] | list[str]) -> None:
                     f"output_dir puts {folder} inside {name}'s folder {path}, so its files would become "
                     "text to read; set output_dir outside the data folders"
                 )
-
-
-def disk_error(e: BaseException) -> str | None:
-    """What went wrong when ``e`` is the file system refusing a write (full, read-only, no permission), else
-    None. Also the errors of libraries that wrap it (safetensors, torch.save) by their message."""
-    codes = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the file system is read-only"}
-    codes[getattr(errno, "EDQUOT", -1)] = "the disk quota is exceeded"
-    codes[errno.EACCES] = "permission denied"
-    if isinstance(e, OSError) and e.errno in codes:
-        where = f" ({e.filename})" if e.filename else ""
-        return codes[e.errno] + where
-    text = str(e)
-    if "No space left on device" in text or "os error 28" in text:
-        return "no space left on the device"
-    if "file write failed" in text:  # torch.save's writer does not say why
-        return "a file write failed (is the disk full?)"
-    return None
 
 
 def _make_out(cfg: RetokConfig) -> Path:

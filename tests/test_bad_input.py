@@ -175,3 +175,186 @@ def test_ctrl_c_outside_the_training_steps_is_one_line(how, tmp_path, monkeypatc
     p.write_text(json.dumps(tiny_project(tmp_path)))
     code, err = _cli(["build-tokenizer", str(p)], monkeypatch, capsys)
     assert code == 130 and err.endswith("\nretok: interrupted\n") and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- files that cannot be read or written
+
+
+def _config_file(tmp_path: Path, **sections) -> tuple[dict, Path]:
+    cfg = tiny_project(tmp_path, **sections)
+    p = tmp_path / "c.yaml"
+    p.write_text(json.dumps(cfg))
+    return cfg, p
+
+
+def test_an_extension_that_learns_no_token_is_refused(tmp_path, monkeypatch, capsys):
+    """The bug: 0 new tokens gave a tokenizer equal to the old one, and train-io ran every step for nothing
+    before failing in the head fit."""
+    _, p = _config_file(tmp_path, tokenizer={"new_tokens": 40, "domains": ["zh"], "min_frequency": 10**6})
+    code, err = _cli(["build-tokenizer", str(p)], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    assert "learned 0 new tokens" in err and "tokenizer.min_frequency" in err
+    assert not (tmp_path / "out" / "tokenizer").exists()
+
+
+def test_unreadable_data_file_is_one_line(tmp_path, monkeypatch, capsys):
+    """An OSError while reading a data file (permission denied, an I/O error): one line naming the key and the
+    file. Root reads anything, so the refusal is simulated where the file is opened."""
+    cfg, p = _config_file(tmp_path)
+    bad = Path(cfg["data"]["train"][0]["path"])
+    real_open = Path.open
+
+    def refuse(self, *a, **k):
+        if self == bad:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *a, **k)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    code, err = _cli(["build-tokenizer", str(p)], monkeypatch, capsys)
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1
+    assert f"data.train.0.path: {bad} cannot be read (Permission denied)" in errors[0]
+    assert not (tmp_path / "out" / "tokenizer").exists()
+
+
+def test_validate_reads_every_safetensors_header(tmp_path, monkeypatch, capsys):
+    """`retok validate` opens the model's shards (a folder where a shard should be, a truncated one), so what a
+    stage would meet after minutes of work is found at once."""
+    _, p = _config_file(tmp_path)
+    shard = tmp_path / "model" / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-64])
+    code, err = _cli(["validate", str(p)], monkeypatch, capsys)
+    assert code == 2 and "truncated" in err and "Traceback" not in err
+    shard.unlink()
+    shard.mkdir()
+    code, err = _cli(["validate", str(p)], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and "model.safetensors" in err
+
+
+def test_a_full_disk_during_a_stage_keeps_the_previous_folder(tmp_path, monkeypatch, capsys):
+    """No space left while a stage writes: one line naming output_dir and what was kept; the earlier folder is
+    as it was and no temporary is left."""
+    cfg, p = _config_file(tmp_path)
+    run_stage(validate_dict(cfg), "tokenizer")
+    folder = tmp_path / "out" / "tokenizer"
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    _fault(monkeypatch, "tokenizer", OSError(28, "No space left on device", str(tmp_path / "out" / "x")))
+    code, err = _cli(["build-tokenizer", str(p), "--overwrite"], monkeypatch, capsys)
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1
+    assert (
+        "no space left on the device" in errors[0] and f"the previous {folder} is kept as it was" in errors[0]
+    )
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert sorted(x.name for x in (tmp_path / "out").iterdir()) == ["tokenizer"]
+
+
+def _fault(monkeypatch, key: str, error: BaseException) -> None:
+    """Make stage ``key`` fail with ``error`` where it would write (a seam for faults of the file system)."""
+    import dataclasses
+
+    import retok.stages
+
+    def fail(*a, **k):
+        raise error
+
+    mod = type(sys)("retok_fault")
+    mod.run = fail
+    monkeypatch.setitem(sys.modules, "retok_fault", mod)
+    monkeypatch.setitem(
+        retok.stages.STAGES, key, dataclasses.replace(retok.stages.STAGES[key], entry="retok_fault:run")
+    )
+
+
+def test_init_config_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    """The bug: `retok init-config --force` on a full disk left the user's config truncated."""
+    import os
+
+    target = tmp_path / "mine.yaml"
+    target.write_text("output_dir: runs/mine  # my settings\n")
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:10])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Full(real_fdopen(fd, *a, **k)))
+    code, err = _cli(["init-config", str(target), "--force"], monkeypatch, capsys)
+    assert code == 2 and "no space left on the device" in err and "the existing file is kept" in err
+    assert target.read_text() == "output_dir: runs/mine  # my settings\n"
+    assert [x.name for x in tmp_path.iterdir()] == ["mine.yaml"]
+
+
+def test_a_damaged_checkpoint_on_resume_is_one_line(tmp_path, monkeypatch, capsys):
+    from retok.pipeline import run_all
+
+    cfg, p = _config_file(
+        tmp_path, train={"max_steps": 2, "eval_every": 2, "save_every": 1, "fit_head": False}
+    )
+    run_all(validate_dict(cfg), only=["tokenizer", "model-init", "model-trained"])
+    ckpt = tmp_path / "out" / "train-state" / "checkpoint"
+    params = ckpt / "params.safetensors"
+    params.write_bytes(params.read_bytes()[:100])
+    code, err = _cli(["train-io", str(p), "--overwrite", "--resume"], monkeypatch, capsys)
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1
+    assert f"--resume: the checkpoint in {ckpt} is damaged" in errors[0] and "truncated" in errors[0]
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, "step": "x"}))
+    code, err = _cli(["train-io", str(p), "--overwrite", "--resume"], monkeypatch, capsys)
+    assert code == 2 and "state.json is damaged" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("not json", "not a readable JSON file"),
+        ('{"hidden_size": 8}', "no model_type in it"),
+        ('{"model_type": "nonsense-llm"}', "model_type 'nonsense-llm' is unknown to transformers"),
+    ],
+)
+def test_plan_with_a_bad_model_config_is_one_line(tmp_path, monkeypatch, capsys, content, needle):
+    _, p = _config_file(tmp_path)
+    mc = tmp_path / "config.json"
+    mc.write_text(content)
+    code, err = _cli(["plan", str(p), "--model-config", str(mc)], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err and needle in err
+
+
+def test_init_embeddings_never_publishes_a_folder_that_fails_its_checks(tmp_path, monkeypatch):
+    """The bug: the folder was published with a warning only."""
+    import retok.embeddings.stage as emb
+
+    cfg = validate_dict(tiny_project(tmp_path))
+    run_stage(cfg, "tokenizer")
+    monkeypatch.setattr(
+        emb, "verify_folder", lambda out, tmap: {"ok": False, "problems": ["config eos_token_id=7 but ..."]}
+    )
+    with pytest.raises(RetokError, match=r"fails its own checks \(config eos_token_id=7 but ...\)"):
+        run_stage(cfg, "model-init")
+    assert not (tmp_path / "out" / "model-init").exists()
+
+
+def test_check_on_a_folder_with_an_unreadable_shard_is_a_fail_row(model_dir: Path, monkeypatch, capsys):
+    shard = model_dir / "model.safetensors"
+    shard.unlink()
+    shard.mkdir()  # what a reader meets where a file cannot be opened
+    from retok.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["retok", "check", str(model_dir)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    assert e.value.code == 1 and "Traceback" not in out.err + out.out
+    assert "FAIL" in out.out

@@ -77,6 +77,19 @@ def test_head_fit_lr_defaults_to_the_measured_best_with_and_without_the_shared_m
         ({"seed": 2**64}, "seed:"),
         ({"seed": -1}, "seed:"),
         ({"tokenizer": {"new_tokens": 10**9}}, "tokenizer.new_tokens:"),
+        # names that become files must stay inside export/; .inf is a typo, not a size
+        (
+            {"export": {"model_name": "../../escaped"}},
+            "export.model_name: '../../escaped' is not a plain name",
+        ),
+        ({"export": {"model_name": "a/b"}}, "export.model_name: 'a/b' is not a plain name"),
+        ({"export": {"model_name": "x" * 300}}, "export.model_name: 'xxxx"),
+        (
+            {"export": {"gguf_pre": "smolm"}},
+            "export.gguf_pre: llama.cpp knows no pre-tokenizer 'smolm' (near: smollm",
+        ),
+        ({"compute": {"memory_gb": float("inf")}}, "compute.memory_gb: Input should be a finite number"),
+        ({"train": {"lr": float("nan")}}, "train.lr: Input should be a finite number"),
         # keys that moved say where to
         ({"model": {"path": "m/x", "device": "cpu"}}, "model.device: this key is now compute.device"),
         ({"eval": {"threads": 2}}, "eval.threads: this key is now compute.threads"),
@@ -225,3 +238,22 @@ def test_readme_config_reference_is_current():
     assert markdown_reference() in readme, (
         "README's config reference is stale: run `python scripts/gen_readme_reference.py`"
     )
+
+
+def test_defaults_resolved_from_another_key_follow_it_on_assignment():
+    """The bug: assigning train.objective after loading kept the other objective's lr and trainable rows (and
+    init.fit_shared_map its fit_lr). A key the user set stays set."""
+    cfg = validate_dict(base())
+    assert (cfg.train.lr, cfg.train.trainable, cfg.init.fit_lr) == (1e-2, "io_new_rows", 2.5e-4)
+    cfg.train.objective = "lm"
+    cfg.init.fit_shared_map = False
+    assert (cfg.train.lr, cfg.train.trainable, cfg.init.fit_lr) == (5e-5, "io", 1e-3)
+    cfg.train.objective = "distill"
+    assert (cfg.train.lr, cfg.train.trainable) == (1e-2, "io_new_rows")
+    mine = validate_dict({**base(), "train": {"lr": 0.5}})
+    mine.train.objective = "lm"
+    assert (mine.train.lr, mine.train.trainable) == (0.5, "io")
+    mine.train.trainable = "io_new_rows"
+    mine.train.objective = "distill"
+    mine.train.objective = "lm"
+    assert (mine.train.lr, mine.train.trainable) == (0.5, "io_new_rows")

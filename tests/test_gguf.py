@@ -224,7 +224,11 @@ def test_yaml_off_means_no_gguf():
 def _assert_folder_kept(out: Path) -> None:
     assert (out / "config.json").is_file() and not list(out.glob("*.gguf"))
     assert not list(out.glob(".*.part"))
-    assert all(c.ok for c in check_folder(out))
+    checks = check_folder(out)
+    assert all(c.ok for c in checks if c.name != "up to date")
+    # the folder says it is incomplete (export.gguf asked for a GGUF it lacks), until a run makes the part
+    fresh = [c for c in checks if c.name == "up to date"]
+    assert len(fresh) == 1 and not fresh[0].ok and "its last run left a part out (export.gguf" in fresh[0].detail
 
 
 def test_train_mode_tokenizer_without_a_pre_name_keeps_the_folder_and_exits_2(project: Path):
@@ -244,8 +248,11 @@ def test_train_mode_tokenizer_without_a_pre_name_keeps_the_folder_and_exits_2(pr
     report = json.loads((out / "retok_export.json").read_text())
     assert report["gguf"]["written"] is False and "splits text differently" in report["gguf"]["reason"]
     # Naming a llama.cpp pre-tokenizer explicitly is the way out.
-    out = run_stage(_config(project, gguf="f16", gguf_pre="gpt2"), "export", overwrite=True)
+    fixed = _config(project, gguf="f16", gguf_pre="gpt-2")
+    out = run_stage(fixed, "export", overwrite=True)
     assert (out / "base-retok-f16.gguf").is_file()
+    assert json.loads((out / "retok_stage.json").read_text())["complete"] is True
+    assert [c.ok for c in check_folder(out) if c.name == "up to date"] == [True]
 
 
 def test_unknown_original_pre_tokenizer_exits_2_with_the_folder(project: Path):

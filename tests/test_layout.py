@@ -23,6 +23,7 @@ CORE = (
     "config_doc",
     "data",
     "errors",
+    "fileio",
     "freshness",
     "headfit",
     "headfit_run",

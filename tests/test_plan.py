@@ -196,3 +196,19 @@ def test_a_70b_head_fit_under_fsdp_loads_the_whole_model_on_one_device(tmp_path)
     assert not p.fits and {ph.phase: ph for ph in p.phases}["io"].total < 80 * GB
     eight = _big("llama3-8b-zh", tmp_path)
     assert eight.train.fit_head and plan(eight, 8, shape=model_shape(eight, SHAPES / "llama-3-8b.json")).fits
+
+
+def test_a_device_whose_memory_is_unknown_is_not_said_to_fit(tmp_path):
+    """The bug: a GPU config planned on a machine without one printed "fits". Now it says it cannot tell and
+    what to pass; --json has fits: null; compute.memory_gb makes it a verdict again."""
+    _, path = _project(tmp_path)
+    gpu = load_config(path, ["compute.device=cuda"])
+    p = plan(gpu)
+    assert p.capacity is None and p.to_json()["fits"] is None
+    last = [ln for ln in p.lines() if ln.startswith("  peak")][0]
+    assert "cannot tell whether it fits (no GPU visible here); set compute.memory_gb" in last
+    assert not last.endswith(": fits")
+    known = plan(load_config(path, ["compute.device=cuda", "compute.memory_gb=80"]))
+    assert known.to_json()["fits"] is True and [ln for ln in known.lines() if ln.startswith("  peak")][
+        0
+    ].endswith(": fits")

@@ -121,13 +121,20 @@ def test_figures_of_model_init_are_stale_once_model_trained_exists(done, tmp_pat
     for key in ("model-trained", "eval", "export"):
         shutil.rmtree(stage_dir(cfg, key))
     run_stage(cfg, "eval")
+    run_stage(cfg, "export")
     assert judge(cfg, "eval").action == "skip"
+    from retok.export.check import check_folder
+
+    assert [c.ok for c in check_folder(stage_dir(cfg, "export")) if c.name == "up to date"] == [True]
     meta = json.loads((stage_dir(cfg, "eval") / STAGE_FILE).read_text())
     assert list(meta["inputs"]) == ["model-init"]
     run_stage(cfg, "model-trained")
     v = judge(cfg, "eval")
     assert v.action == "run" and v.reasons == ("it read model-init/, and would now read model-trained/",)
     assert _to_run(cfg) == ["eval", "export"]
+    # `retok check` no longer passes the export of the untrained model once a trained one is there
+    fresh = [c for c in check_folder(stage_dir(cfg, "export")) if c.name == "up to date"]
+    assert len(fresh) == 1 and not fresh[0].ok and "would now read model-trained/" in fresh[0].detail
     from retok.summary import collect
 
     assert "eval" in collect(cfg)["stale"]

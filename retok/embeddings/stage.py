@@ -163,8 +163,13 @@ def init_embeddings(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     ids = write_configs(inputs.model_dir, out, tmap, names)
     tok_files = copy_tokenizer_files(inputs.tok_dir, out, inputs.old_hf)
     checks = verify_folder(out, tmap)
-    if not checks["ok"]:
-        print("retok: warning: " + "; ".join(checks["problems"]), flush=True)
+    if not checks["ok"]:  # never publish a folder that fails its own checks (nothing is kept)
+        raise RetokError(
+            "init-embeddings: the new model folder fails its own checks ("
+            + "; ".join(checks["problems"])
+            + "); "
+            "check that model.path's config.json and tokenizer agree on these ids, then run it again"
+        )
 
     report = rows_report(cfg, inputs, layout, plan)
     report.update(

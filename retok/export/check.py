@@ -457,6 +457,36 @@ def _gate(ctx: _Ctx, need: str, name: str, fn: Callable[[_Ctx], Check]) -> Check
         )
 
 
+def check_up_to_date(folder: Path) -> Check | None:
+    """For a stage folder of a retok run (it has retok_stage.json): is it still what its run folder says, by the
+    config saved in it (the folders it read were not remade since, the model it read is still the one its stage
+    would read, it is complete)? None for any other folder, or one moved out of its run folder."""
+    import yaml
+
+    from retok.config import validate_dict
+    from retok.freshness import judge
+    from retok.stages import CONFIG_FILE, STAGE_FILE, STAGES, stage_dir
+
+    try:
+        meta = json.loads((folder / STAGE_FILE).read_text(encoding="utf-8"))
+        key = meta["stage"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if key not in STAGES or folder.name != key:
+        return None
+    try:
+        saved = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        cfg = validate_dict({**saved, "output_dir": str(folder.parent)}, str(folder / CONFIG_FILE))
+    except (OSError, yaml.YAMLError, TypeError, RetokError) as e:
+        return Check("up to date", False, f"its {CONFIG_FILE} cannot be read ({e.__class__.__name__})")
+    if stage_dir(cfg, key).resolve() != folder.resolve():
+        return None
+    v = judge(cfg, key)
+    if v.action == "skip":
+        return Check("up to date", True, "the folders it read are as it read them, and it is complete")
+    return Check("up to date", False, "; ".join(v.reasons) + " (`retok run` with its config remakes it)")
+
+
 def check_folder(path: str | Path) -> list[Check]:
     """Check a model folder the way its users will meet it; every check runs, failures say what to fix.
     A .gguf file in the folder gets the GGUF section (check_gguf.py).
@@ -477,6 +507,9 @@ def check_folder(path: str | Path) -> list[Check]:
         _gate(ctx, "tok", "round trip", _check_round_trip),
         _gate(ctx, "model", "greedy generation", _check_generation),
     ]
+    fresh = check_up_to_date(folder)
+    if fresh is not None:
+        results.append(fresh)
     ggufs = sorted(folder.glob("*.gguf"))
     if ggufs:
         from retok.export.check_gguf import check_gguf

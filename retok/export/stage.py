@@ -98,10 +98,12 @@ def sync_special_ids(conf: dict[str, Any], tok: Any, where: str) -> list[str]:
 
 
 def _model_name(cfg: RetokConfig) -> str:
+    """export.model_name, or one made from model.path's last part that is a plain file name too."""
     if cfg.export.model_name:
         return cfg.export.model_name
     stem = Path(cfg.model.path.rstrip("/")).name
     stem = re.sub(r"\.gguf$", "", stem, flags=re.IGNORECASE)
+    stem = re.sub(r"[^A-Za-z0-9._+\-]+", "-", stem).strip(".-")[:80] or "model"
     return f"{stem}-retok"
 
 

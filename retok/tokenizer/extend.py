@@ -630,6 +630,11 @@ def extend_tokenizer(
         base, texts, real_of_unit, chars, new_tokens, min_frequency, max_token_length, progress
     )
 
+    if not got.pick.vocab:  # a tokenizer identical to the old one: every later stage would run for nothing
+        raise RetokError(
+            f"build-tokenizer learned 0 new tokens: no pair of tokens occurs at least tokenizer.min_frequency="
+            f"{min_frequency} times in the training text; add text to data.train or lower tokenizer.min_frequency"
+        )
     warnings: list[str] = []
     if len(got.pick.vocab) < new_tokens:
         warnings.append(

@@ -49,10 +49,25 @@ class TrainState:
 
     @classmethod
     def from_json(cls, data: dict) -> TrainState:
-        known = {f.name for f in fields(cls)}
+        """A TrainState from state.json; TypeError when a field has the wrong type (a damaged file)."""
+        known = {f.name: f for f in fields(cls)}
         if "stage" in data and "phase" not in data:  # checkpoints of retok <= 0.1 named the phase "stage"
             data = {**data, "phase": data["stage"]}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        kept = {k: v for k, v in data.items() if k in known}
+        for name, value in kept.items():
+            typ = str(known[name].type)
+            want = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict}.get(
+                typ.split(" ")[0].split("[")[0]
+            )
+            if value is None and "None" in typ:
+                continue
+            if want is not None and (
+                not isinstance(value, want) or (want is int and isinstance(value, bool))
+            ):
+                raise TypeError(f"{name}: {value!r}")
+        if not isinstance(kept.get("fingerprint"), str):
+            raise TypeError("fingerprint")
+        return cls(**kept)
 
 
 def save_checkpoint(state_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, state: TrainState) -> None:
@@ -143,6 +158,23 @@ def read_state(state_dir: Path) -> TrainState | None:
         raise RetokError(f"{f} is damaged; remove {state_dir} to start train-io over") from None
 
 
+def check_checkpoint_files(state_dir: Path, state: TrainState) -> None:
+    """--resume: the checkpoint's tensor files are there and sound (their headers fit the files), so a damaged
+    one is one line before anything is loaded, not a traceback from deep inside safetensors."""
+    from retok.safetensors_io import read_header
+
+    ckpt = state_dir / CKPT
+    if state.strategy == "fsdp":
+        return  # torch.distributed.checkpoint's own files (one shard per process), checked when read
+    for name in ("params.safetensors", "optimizer.safetensors"):
+        try:
+            read_header(ckpt / name)
+        except RetokError as e:
+            raise RetokError(
+                f"--resume: the checkpoint in {ckpt} is damaged ({e}); remove {state_dir} to start over"
+            ) from None
+
+
 def mark_finished(state_dir: Path, state: TrainState) -> None:
     """A finished checkpoint: a later run without --resume starts over instead of refusing."""
     saved = read_state(state_dir) or state
@@ -171,6 +203,7 @@ def check_state(
                 f"--resume: {state_dir} was made by a different config (fingerprint {state.fingerprint}, "
                 f"this config {fingerprint}); resume with the config that made it, or remove {state_dir} to start over"
             )
+        check_checkpoint_files(state_dir, state)
         saved = (state.strategy or "single", state.world_size)
         if state.strategy is not None and saved != (strategy, world):
             raise RetokError(
