@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from retok.errors import RetokError
+from retok.core.errors import RetokError
 
 app = typer.Typer(
     name="retok",
@@ -39,7 +39,7 @@ OverwriteOpt = Annotated[
 
 
 def _config(arg: Path | None, opt: Path | None, sets: list[str] | None):
-    from retok.config import load_config
+    from retok.core.config import load_config
 
     if arg is not None and opt is not None and arg != opt:
         raise RetokError(f"two configs given ({arg} and --config {opt}); give one")
@@ -232,13 +232,13 @@ def init_config_cmd(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ):
     """Write a commented config with every key, its default and what it does."""
-    from retok.config_doc import commented_yaml
+    from retok.core.config_doc import commented_yaml
 
     if path.is_dir():
         raise RetokError(f"{path} is a folder; give a file name such as {path / 'retok.yaml'}")
     if path.exists() and not force:
         raise RetokError(f"{path} already exists; pass --force to overwrite it or choose another name")
-    from retok.fileio import disk_error, write_text_atomic
+    from retok.core.fileio import disk_error, write_text_atomic
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,15 @@
 """``retok run`` and the single-stage commands: run a stage into its folder, or every stage in order, redoing
-only what is not up to date (retok.freshness says why; the stage table is retok.stages)."""
+only what is not up to date (retok.core.freshness says why; the stage table is retok.core.stages)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-from retok.config import RetokConfig
-from retok.errors import RetokError
-from retok.freshness import Verdict, plan_run
-from retok.stages import (
+from retok.core.config import RetokConfig
+from retok.core.errors import RetokError
+from retok.core.freshness import Verdict, plan_run
+from retok.core.stages import (
     entry_function,
     protect_inputs,
     remove_stale_temporaries,
@@ -22,8 +22,8 @@ from retok.stages import (
 def preflight(cfg: RetokConfig) -> list[str]:
     """Cheap checks that need no model loading: input paths exist, a local model folder is one.
     Returns notes for the user."""
-    from retok.data import source_files
-    from retok.sources import check_local_model_path
+    from retok.core.data import source_files
+    from retok.core.sources import check_local_model_path
 
     notes = [check_local_model_path(cfg.model)]
     for section, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from retok.config import RetokConfig
-from retok.freshness import judge
-from retok.stages import ORDER, stage, stage_dir
+from retok.core.config import RetokConfig
+from retok.core.errors import RetokError
+from retok.core.fileio import disk_error, write_text_atomic
+from retok.core.freshness import judge
+from retok.core.stages import ORDER, stage, stage_dir
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -134,8 +136,14 @@ def print_summary(cfg: RetokConfig) -> dict[str, Any]:
             else ""
         )
         console.print(f"  {key:>14}: {path}{note}")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (cfg.out / "summary.md").write_text(f"# retok summary\n\n{markdown_table(summary)}")
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cfg.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(cfg.out / "summary.md", f"# retok summary\n\n{markdown_table(summary)}")
+    except OSError as e:
+        raise RetokError(
+            f"cannot write the summary into {cfg.out} ({disk_error(e) or e.strerror}); every stage folder is "
+            "complete and kept, only summary.md/json are missing"
+        ) from None
     console.print(f"  {'summary':>14}: {cfg.out / 'summary.md'}")
     return summary

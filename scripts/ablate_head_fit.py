@@ -1,4 +1,4 @@
-"""Ablate train-io's head fit (train.fit_head) on a finished run: the fit's states are collected ONCE from the run's
+"""Ablate train-io's head fit (fit.after_train) on a finished run: the fit's states are collected ONCE from the run's
 trained model (cached in the run folder), then each variant is fitted with retok's own ``fit_rows`` from the run's
 initial head rows and scored on the same held-out bytes as eval-speed. What a change to the fit's settings is worth,
 in minutes instead of a whole demo each.
@@ -55,22 +55,23 @@ def main() -> None:
         default=None,
         choices=["float32", "bfloat16"],
         help="the dtype of the forward passes that collect the states (default: what the config's "
-        "init.fit_forward_dtype gives on this machine; the fit and the scoring stay float32)",
+        "fit.forward_dtype gives on this machine; the fit and the scoring stay float32)",
     )
     args = ap.parse_intermixed_args()
     variants = [parse_variant(v) for v in args.variants]
 
     import torch
 
-    from retok.config import load_config
-    from retok.data import load_domains
-    from retok.headfit import FIT_BATCH, collect_states, first_pieces, fit_rows, piece_features
-    from retok.headfit_run import TOP_K, fit_text, forward_copy, forward_dtype, original_rows_and_map
-    from retok.metrics import bits_per_byte, score_starts
-    from retok.sources import load_model, load_tokenizer, resolve_model, set_threads
-    from retok.stages import read_tokenizer_meta
-    from retok.teacher import Teacher
-    from retok.tokenmap import AVERAGED, COPY, FALLBACK, SPECIAL
+    from retok.core.config import load_config
+    from retok.core.data import load_domains
+    from retok.core.metrics import bits_per_byte, score_starts
+    from retok.core.sources import load_model, load_tokenizer, resolve_model, set_threads
+    from retok.core.stages import read_tokenizer_meta
+    from retok.core.tokenmap import AVERAGED, COPY, FALLBACK, SPECIAL
+    from retok.headfit.fit import FIT_BATCH, first_pieces, fit_rows, piece_features
+    from retok.headfit.run import TOP_K, fit_text, forward_copy, forward_dtype, original_rows_and_map
+    from retok.headfit.states import collect_states
+    from retok.teacher.body import Teacher
 
     run = args.run
     cfg_path = args.config or run / "model-trained" / "retok_config.yaml"
@@ -78,7 +79,7 @@ def main() -> None:
         raise SystemExit(f"{cfg_path} not found: give a finished run's output_dir, or --config")
     cfg = load_config(cfg_path)
     set_threads(args.threads or cfg.compute.threads)
-    init, ev_cfg = cfg.init, cfg.eval
+    fit, ev_cfg = cfg.fit, cfg.eval
     tok_dir = run / "tokenizer"
     new_tok = load_tokenizer(tok_dir)
     old_tok = load_tokenizer(resolve_model(cfg.model, cfg.cache))
@@ -100,28 +101,28 @@ def main() -> None:
     fwd = (
         getattr(torch, args.states_dtype)
         if args.states_dtype
-        else forward_dtype(init.fit_forward_dtype, torch.float32, torch.device("cpu"))
+        else forward_dtype(fit.forward_dtype, torch.float32, torch.device("cpu"))
     )
     # the cache is named by everything the states depend on besides the run's model and text
-    key = [fwd, init.fit_bytes, init.fit_window, init.fit_teacher_weight > 0, init.fit_tree_depth]
-    key += [init.fit_teacher_fraction]
+    key = [fwd, fit.bytes, fit.window, fit.teacher_weight > 0, fit.tree_depth]
+    key += [fit.teacher_fraction]
     digest = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
     cache = run / f"ablate_head_fit.states-{digest}.pt"
     if cache.is_file():
         states = torch.load(cache, weights_only=False)
     else:
         body = model if fwd == torch.float32 else forward_copy(model, fwd)
-        teacher = Teacher(body, old_embed, old_head) if init.fit_teacher_weight > 0 else None
+        teacher = Teacher(body, old_embed, old_head) if fit.teacher_weight > 0 else None
         states = collect_states(
             body,
             new_tok,
             fit_text(cfg),
-            window=init.fit_window,
+            window=fit.window,
             teacher=teacher,
             old_tok=old_tok,
             top_k=TOP_K,
-            tree_depth=init.fit_tree_depth if teacher is not None else 0,
-            teacher_fraction=init.fit_teacher_fraction,
+            tree_depth=fit.tree_depth if teacher is not None else 0,
+            teacher_fraction=fit.teacher_fraction,
             embed_weight=new_input.to(next(body.parameters()).dtype),
             desc="states",
         )
@@ -132,7 +133,7 @@ def main() -> None:
     first = first_pieces(tmap.n_rows, tmap.pieces, copies)
     ids = torch.nonzero(learn).squeeze(1)
     feats_all = piece_features(
-        old_head, tmap.pieces, ids, input_rows=new_input if init.fit_input_feature else None
+        old_head, tmap.pieces, ids, input_rows=new_input if fit.input_feature else None
     )
 
     docs = load_domains(cfg.data.eval, "data.eval", ev_cfg.max_bytes)
@@ -150,13 +151,13 @@ def main() -> None:
     for name, over in variants:
         o = {
             "batch": FIT_BATCH,
-            "lr": init.fit_lr,
-            "map_lr": init.fit_map_lr,
-            "epochs": init.fit_epochs,
+            "lr": fit.lr,
+            "map_lr": fit.map_lr,
+            "epochs": fit.epochs,
             "rank": 0,
             **over,
         }
-        feats = feats_all if init.fit_shared_map else None
+        feats = feats_all if fit.shared_map else None
         if feats is not None and o["rank"]:
             _, _, vh = torch.linalg.svd(feats, full_matrices=False)
             feats = feats @ vh[: o["rank"]].T
@@ -167,7 +168,7 @@ def main() -> None:
             learn,
             first_piece=first,
             pieces=tmap.pieces,
-            kl_weight=init.fit_teacher_weight,
+            kl_weight=fit.teacher_weight,
             features=feats,
             map_lr=o["map_lr"],
             lr=o["lr"],

@@ -41,8 +41,8 @@ METHODS = ("extend", "train", "hf")
 
 
 def _load(model: str, corpus: str, max_bytes: int | None):
-    from retok.config import ModelConfig
-    from retok.sources import load_tokenizer, resolve_model
+    from retok.core.config import ModelConfig
+    from retok.core.sources import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(ModelConfig(path=model)))
     docs, used = [], 0

@@ -161,7 +161,7 @@ def init_inputs(work: Path, new_vocab: int) -> dict[str, Path]:
 
 
 def smollm2() -> Path:
-    from retok.sources import resolve_model
+    from retok.core.sources import resolve_model
 
     if not GGUF.is_file():
         sys.exit(f"bench_costs: {GGUF} missing; run scripts/fetch_assets.py")
@@ -173,7 +173,7 @@ def smollm2() -> Path:
 
 def tokenizer_config(work: Path, corpus: Path, corpus_bytes: int, new_tokens: int):
     """The demo's build-tokenizer settings (configs/smollm2-zh.yaml) on the interleaved corpus."""
-    from retok.config import validate_dict
+    from retok.core.config import validate_dict
 
     return validate_dict(
         {
@@ -236,7 +236,7 @@ def work_init(work: Path, new_vocab: int) -> dict:
 
 def _train_config(work: Path, model: Path, a: argparse.Namespace):
     """bench_train_io's config with the paper's recipe: objective lm, every embedding/head row trainable."""
-    from retok.config import validate_dict
+    from retok.core.config import validate_dict
 
     data = _BENCH_TRAIN_CONFIG(work, model, a).model_dump()
     data["train"].update(objective="lm", trainable="io", lr=1e-3)

@@ -42,7 +42,7 @@ N_SPECIAL = 256  # Llama-3 keeps 256 special tokens at the end of its vocabulary
 
 
 def _alphabet() -> list[str]:
-    from retok.tokens import BYTE_TO_UNICODE
+    from retok.core.tokens import BYTE_TO_UNICODE
 
     return [BYTE_TO_UNICODE[b] for b in range(256)]
 
@@ -262,8 +262,8 @@ def worker(variant: str, model: Path, run: Path, out: Path) -> dict:
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    from retok.config import RetokConfig
-    from retok.stages import mark_stage
+    from retok.core.config import RetokConfig
+    from retok.core.stages import mark_stage
 
     cfg = RetokConfig(output_dir=str(run), model={"path": str(model)}, init={"eval_bpb": False})
     mark_stage(
@@ -279,16 +279,16 @@ def worker(variant: str, model: Path, run: Path, out: Path) -> dict:
     else:
         from transformers import AutoModelForCausalLM
 
+        from retok.core.sources import load_tokenizer
+        from retok.core.tokenmap import build_token_map
         from retok.embeddings.rows import Plan, build_matrix
-        from retok.sources import load_tokenizer
-        from retok.tokenmap import build_token_map
 
         old_tok, new_tok = load_tokenizer(model), load_tokenizer(run / "tokenizer")
         m = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.bfloat16)
         old_emb = m.get_input_embeddings().weight.detach().clone()
         old_head = m.get_output_embeddings().weight.detach().clone()
         tmap = build_token_map(old_tok, new_tok, old_rows=old_emb.shape[0], pad_to_multiple_of=64)
-        from retok.tokenmap import pick_pad_donor
+        from retok.core.tokenmap import pick_pad_donor
 
         pick_pad_donor(tmap, old_head)
         m.resize_token_embeddings(tmap.n_rows, mean_resizing=False)

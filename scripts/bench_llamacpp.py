@@ -101,7 +101,7 @@ def _verify(cfg: Any, export: Path, new_tok: Any, texts: dict[str, str], work: P
     import torch
     from transformers import AutoModelForCausalLM
 
-    from retok.tokens import token_bytes_table
+    from retok.core.tokens import token_bytes_table
 
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     f32 = _write(export, work / "new-f32.gguf", "f32", new_tok, pre, None)
@@ -140,12 +140,12 @@ def main() -> None:
     ap.add_argument("--no-verify", action="store_true")
     args = ap.parse_args()
 
-    from retok.config import load_config
-    from retok.data import load_domains
+    from retok.core.config import load_config
+    from retok.core.data import load_domains
+    from retok.core.sources import load_tokenizer, resolve_model
+    from retok.core.stages import stage_dir
     from retok.export.llamacpp import KNOWN_HASHES, chkhsh
     from retok.export.stage import _old_pre_name, _source_gguf
-    from retok.sources import load_tokenizer, resolve_model
-    from retok.stages import stage_dir
 
     if lt.find_bin() is None:
         raise SystemExit(

@@ -42,7 +42,7 @@ RECIPES: dict[str, dict] = {
     "lm": {
         "what": "LM loss train-io (the recipe before issue 13): shifted head init, then every io row at lr 5e-5",
         "set": {
-            "init.fit_head": False,
+            "fit.at_init": False,
             "init.head_method": "weighted",
             "init.head_shift": 1.0,
             "init.head_shift_outside": 2.0,
@@ -54,12 +54,12 @@ RECIPES: dict[str, dict] = {
     },
     "headfit": {
         "what": "head fit only (380 KB, teacher KL), no training",
-        "set": {"init.fit_bytes": 380_000, "init.fit_epochs": 3},
+        "set": {"fit.bytes": 380_000, "fit.epochs": 3},
         "train": False,
     },
     "distill": {
         "what": "distillation only: mean rows, then 500 steps of layer-8 distillation of the new input rows",
-        "set": {"init.fit_head": False, "train.objective": "distill", "train.max_steps": 500},
+        "set": {"fit.at_init": False, "train.objective": "distill", "train.max_steps": 500},
     },
     "both": {"what": "head fit, then distillation: the config as it is", "set": {}},
 }
@@ -83,9 +83,9 @@ def _run(cmd: list[str], log: Path) -> tuple[float, float, int]:
 
 def _score(cfg, folder: Path) -> dict[str, float]:
     """Held-out BPB of ``folder`` on init.eval_max_bytes per domain, on the same byte spans as the original."""
-    from retok.data import load_domains
-    from retok.metrics import bits_per_byte, score_starts
-    from retok.sources import load_model, load_tokenizer, resolve_model
+    from retok.core.data import load_domains
+    from retok.core.metrics import bits_per_byte, score_starts
+    from retok.core.sources import load_model, load_tokenizer, resolve_model
 
     docs = load_domains(cfg.data.eval, "data.eval", cfg.init.eval_max_bytes)
     old = load_tokenizer(resolve_model(cfg.model, cfg.cache))
@@ -99,7 +99,7 @@ def _score(cfg, folder: Path) -> dict[str, float]:
 
 
 def _recipe(name: str, a: argparse.Namespace, tok_dir: Path) -> dict:
-    from retok.config import load_config
+    from retok.core.config import load_config
 
     spec = RECIPES[name]
     out = a.out / name

@@ -34,7 +34,7 @@ def peak_rss_mb() -> float:
 
 
 def config(work: Path, model: Path, a: argparse.Namespace):
-    from retok.config import validate_dict
+    from retok.core.config import validate_dict
 
     return validate_dict(
         {
@@ -63,7 +63,7 @@ def config(work: Path, model: Path, a: argparse.Namespace):
 
 def prepare(work: Path, model: Path, a: argparse.Namespace) -> None:
     """output_dir/tokenizer and output_dir/model-init as links to the model folder's files."""
-    from retok.stages import mark_stage, stage_dir
+    from retok.core.stages import mark_stage, stage_dir
 
     cfg = config(work, model, a)
     for stage in ("tokenizer", "model-init"):
@@ -98,7 +98,7 @@ def child_trainer(work: Path, model_dir: Path, a: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from retok.sources import load_tokenizer
+    from retok.core.sources import load_tokenizer
     from retok.train.packing import train_batches
 
     cfg = config(work, model_dir, a)
@@ -244,7 +244,7 @@ def main() -> None:
     if a.model is None:
         if not GGUF.is_file():
             sys.exit(f"bench_train_io: {GGUF} missing; run scripts/fetch_assets.py or pass --model")
-        from retok.sources import resolve_model
+        from retok.core.sources import resolve_model
 
         a.model = resolve_model(str(GGUF))
     with tempfile.TemporaryDirectory(prefix="bench-train-io-") as tmp:

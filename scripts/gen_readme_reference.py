@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from retok.config_doc import markdown_reference
+from retok.core.config_doc import markdown_reference
 
 BEGIN = "<!-- config-reference:begin -->"
 END = "<!-- config-reference:end -->"

@@ -27,8 +27,8 @@ EOF
 SETS=(
   --set "output_dir=$OUT/run"
   --set tokenizer.max_bytes=1000000
-  --set init.fit_bytes=600000
-  --set init.fit_epochs=2
+  --set fit.bytes=600000
+  --set fit.epochs=2
   --set train.max_steps=60
   --set train.warmup_steps=6
   --set train.eval_every=60

@@ -33,7 +33,7 @@ class Assets:
     CI (RETOK_REQUIRE_REAL=1, set by .ci/run): a real-model test must not pass by skipping there."""
 
     def __init__(self) -> None:
-        from retok.config import default_cache
+        from retok.core.config import default_cache
 
         self.root = default_cache() / "assets"
         self.gguf = self.root / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

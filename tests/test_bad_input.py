@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from retok.config import DataSource, validate_dict
-from retok.data import iter_source
-from retok.errors import RetokError
+from retok.core.config import DataSource, validate_dict
+from retok.core.data import iter_source
+from retok.core.errors import RetokError
+from retok.core.safetensors_io import read_checkpoint, read_header
+from retok.core.sources import hub_error
 from retok.pipeline import run_stage
-from retok.safetensors_io import read_checkpoint, read_header
-from retok.sources import hub_error
 from tests.tiny import byte_level_tokenizer, save_model_folder, tiny_llama, tiny_project
 
 
@@ -254,7 +254,7 @@ def _fault(monkeypatch, key: str, error: BaseException) -> None:
     """Make stage ``key`` fail with ``error`` where it would write (a seam for faults of the file system)."""
     import dataclasses
 
-    import retok.stages
+    import retok.core.stages
 
     def fail(*a, **k):
         raise error
@@ -263,7 +263,9 @@ def _fault(monkeypatch, key: str, error: BaseException) -> None:
     mod.run = fail
     monkeypatch.setitem(sys.modules, "retok_fault", mod)
     monkeypatch.setitem(
-        retok.stages.STAGES, key, dataclasses.replace(retok.stages.STAGES[key], entry="retok_fault:run")
+        retok.core.stages.STAGES,
+        key,
+        dataclasses.replace(retok.core.stages.STAGES[key], entry="retok_fault:run"),
     )
 
 
@@ -300,7 +302,7 @@ def test_a_damaged_checkpoint_on_resume_is_one_line(tmp_path, monkeypatch, capsy
     from retok.pipeline import run_all
 
     cfg, p = _config_file(
-        tmp_path, train={"max_steps": 2, "eval_every": 2, "save_every": 1, "fit_head": False}
+        tmp_path, train={"max_steps": 2, "eval_every": 2, "save_every": 1}, fit={"after_train": False}
     )
     run_all(validate_dict(cfg), only=["tokenizer", "model-init", "model-trained"])
     ckpt = tmp_path / "out" / "train-state" / "checkpoint"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from retok.bpb_memo import MEMO_FILE, bpb_key, read_memo, remembered, write_memo
-from retok.config import validate_dict
+from retok.core.bpb_memo import MEMO_FILE, bpb_key, read_memo, remembered, write_memo
+from retok.core.config import validate_dict
 from retok.pipeline import run_stage
 from tests.tiny import byte_level_tokenizer, save_model_folder, tiny_llama, tiny_project
 

@@ -19,12 +19,12 @@ import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
-from retok.config import validate_dict
-from retok.errors import RetokError
+from retok.core.config import validate_dict
+from retok.core.errors import RetokError
+from retok.core.tokens import detect_family, token_to_bytes
 from retok.pipeline import run_stage
 from retok.tokenizer.extend import TrainingText, extend_tokenizer, repeat_counts, splits_digits_individually
 from retok.tokenizer.stage import training_text
-from retok.tokens import detect_family, token_to_bytes
 from tests.tiny import (
     SAMPLE_TEXT,
     byte_level_tokenizer,

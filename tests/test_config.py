@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from retok.config import apply_overrides, load_config, validate_dict
-from retok.config_doc import commented_yaml, markdown_reference
-from retok.errors import RetokError
-from retok.stages import fingerprint, stage_dir
+from retok.core.config import apply_overrides, load_config, validate_dict
+from retok.core.config_doc import commented_yaml, markdown_reference
+from retok.core.errors import RetokError
+from retok.core.stages import fingerprint, stage_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,25 +30,25 @@ def test_minimal_config_gets_defaults():
     # the measured recipe: input rows leaning on the last piece, head rows from the mean, the head fitted after
     # train-io on the trained input rows' states (not at init)
     assert (cfg.init.method, cfg.init.weighted_decay, cfg.init.head_method) == ("weighted", 0.3, None)
-    assert cfg.init.fit_head is False and cfg.train.fit_head is True
+    assert cfg.fit.at_init is False and cfg.fit.after_train is True
     assert cfg.model.trust_remote_code is False
     assert cfg.model.allow_pickle is False
     assert stage_dir(cfg, "model-init") == Path("runs/x/model-init")
 
 
 @pytest.mark.parametrize(
-    ("overrides", "fit_lr"),
+    ("overrides", "lr"),
     [
         ([], 2.5e-4),  # the shared map (the default): its rows' residuals learn slower
-        (["init.fit_shared_map=false"], 1e-3),  # every row free
-        (["init.fit_shared_map=false", "init.fit_lr=0.02"], 0.02),  # given: kept
-        (["init.fit_lr=0.02"], 0.02),
+        (["fit.shared_map=false"], 1e-3),  # every row free
+        (["fit.shared_map=false", "fit.lr=0.02"], 0.02),  # given: kept
+        (["fit.lr=0.02"], 0.02),
     ],
 )
-def test_head_fit_lr_defaults_to_the_measured_best_with_and_without_the_shared_map(overrides, fit_lr):
+def test_head_fit_lr_defaults_to_the_measured_best_with_and_without_the_shared_map(overrides, lr):
     cfg = validate_dict(apply_overrides(base(), overrides))
-    assert cfg.init.fit_lr == fit_lr and cfg.init.fit_map_lr == 5e-4
-    assert cfg.init.fit_shared_map is ("init.fit_shared_map=false" not in overrides)
+    assert cfg.fit.lr == lr and cfg.fit.map_lr == 5e-4
+    assert cfg.fit.shared_map is ("fit.shared_map=false" not in overrides)
 
 
 @pytest.mark.parametrize(
@@ -93,6 +93,9 @@ def test_head_fit_lr_defaults_to_the_measured_best_with_and_without_the_shared_m
         # keys that moved say where to
         ({"model": {"path": "m/x", "device": "cpu"}}, "model.device: this key is now compute.device"),
         ({"eval": {"threads": 2}}, "eval.threads: this key is now compute.threads"),
+        ({"init": {"fit_head": True}}, "init.fit_head: this key is now fit.at_init"),
+        ({"train": {"fit_head": False}}, "train.fit_head: this key is now fit.after_train"),
+        ({"init": {"fit_teacher_weight": 1}}, "init.fit_teacher_weight: this key is now fit.teacher_weight"),
         (
             {"train": {"max_train_bytes": 5}},
             "train.max_train_bytes: this key is now train.max_bytes_per_source",
@@ -242,12 +245,12 @@ def test_readme_config_reference_is_current():
 
 def test_defaults_resolved_from_another_key_follow_it_on_assignment():
     """The bug: assigning train.objective after loading kept the other objective's lr and trainable rows (and
-    init.fit_shared_map its fit_lr). A key the user set stays set."""
+    fit.shared_map its fit.lr). A key the user set stays set."""
     cfg = validate_dict(base())
-    assert (cfg.train.lr, cfg.train.trainable, cfg.init.fit_lr) == (1e-2, "io_new_rows", 2.5e-4)
+    assert (cfg.train.lr, cfg.train.trainable, cfg.fit.lr) == (1e-2, "io_new_rows", 2.5e-4)
     cfg.train.objective = "lm"
-    cfg.init.fit_shared_map = False
-    assert (cfg.train.lr, cfg.train.trainable, cfg.init.fit_lr) == (5e-5, "io", 1e-3)
+    cfg.fit.shared_map = False
+    assert (cfg.train.lr, cfg.train.trainable, cfg.fit.lr) == (5e-5, "io", 1e-3)
     cfg.train.objective = "distill"
     assert (cfg.train.lr, cfg.train.trainable) == (1e-2, "io_new_rows")
     mine = validate_dict({**base(), "train": {"lr": 0.5}})

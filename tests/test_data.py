@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from retok.config import DataSource
-from retok.data import iter_source, load_domains, truncate_utf8
-from retok.errors import RetokError
+from retok.core.config import DataSource
+from retok.core.data import iter_source, load_domains, truncate_utf8
+from retok.core.errors import RetokError
 
 
 def src(path, **kw) -> DataSource:

@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 import retok.train.loop as loop_mod
-from retok.alignment import ByteLengths
-from retok.config import validate_dict
-from retok.errors import RetokError
+from retok.core.config import validate_dict
+from retok.core.errors import RetokError
+from retok.core.stages import stage_dir
 from retok.pipeline import run_all, run_stage
-from retok.stages import stage_dir
+from retok.teacher.alignment import ByteLengths
 from retok.train.packing import doc_pairs, pack_pairs, special_ids
 from tests.tiny import SAMPLE_TEXT, byte_level_tokenizer, tiny_project
 
@@ -58,12 +58,13 @@ def test_paired_blocks_align_across_cuts():
     assert [i for b in blocks for i in b.old] == old_all[: sum(len(b.old) for b in blocks)]
 
 
-def _run(tmp: Path, init: dict | None = None, **train) -> tuple:
+def _run(tmp: Path, init: dict | None = None, fit: dict | None = None, **train) -> tuple:
     cfg = validate_dict(
         tiny_project(
             tmp,
             train={"max_steps": 12, "eval_every": 12, "lr": 3e-3, "distill_layers": [1, 2], **train},
             **({"init": init} if init else {}),
+            **({"fit": fit} if fit else {}),
         )
     )
     run_all(cfg, only=["tokenizer", "model-init", "model-trained"])
@@ -79,8 +80,10 @@ def _mean(rows: list[dict], key: str, part: slice) -> float:
 
 @pytest.mark.parametrize("objective", ["distill", "lm+distill"])
 def test_objectives_lower_their_losses_and_keep_the_body(tmp_path, objective):
-    # the steps alone (train.fit_head, which refits the head afterwards, is tested below)
-    cfg, out, rows = _run(tmp_path, objective=objective, max_steps=24, eval_every=24, fit_head=False)
+    # the steps alone (fit.after_train, which refits the head afterwards, is tested below)
+    cfg, out, rows = _run(
+        tmp_path, objective=objective, max_steps=24, eval_every=24, fit={"after_train": False}
+    )
     own = "loss_distill" if objective == "distill" else "loss"  # lm+distill minimises the sum
     assert _mean(rows, own, slice(-6, None)) < _mean(rows, own, slice(0, 6))
     before = load_file(str(stage_dir(cfg, "model-init") / "model.safetensors"))
@@ -100,14 +103,14 @@ def test_objectives_lower_their_losses_and_keep_the_body(tmp_path, objective):
 
 @pytest.mark.parametrize("forward", ["model", "bfloat16"])
 def test_head_fit_after_distillation_fits_only_new_head_rows(tmp_path, forward):
-    """train.fit_head (the default): after the steps the new tokens' head rows are fitted on the trained input
+    """fit.after_train (the default): after the steps the new tokens' head rows are fitted on the trained input
     rows' states; the old head rows, the trained input rows and the body are left exactly as they were (also
-    when the fit's forward passes run on a bfloat16 copy: init.fit_forward_dtype), the fit lowers its held-out
+    when the fit's forward passes run on a bfloat16 copy: fit.forward_dtype), the fit lowers its held-out
     loss and the held-out zh BPB, and the report and metrics say so."""
     cfg, out, rows = _run(
-        tmp_path, init={"fit_forward_dtype": forward}, objective="distill", max_steps=24, eval_every=24
+        tmp_path, fit={"forward_dtype": forward}, objective="distill", max_steps=24, eval_every=24
     )
-    assert cfg.train.fit_head and not cfg.init.fit_head  # the defaults
+    assert cfg.fit.after_train and not cfg.fit.at_init  # the defaults
     init = load_file(str(stage_dir(cfg, "model-init") / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
     for name, t in init.items():
@@ -127,7 +130,7 @@ def test_head_fit_after_distillation_fits_only_new_head_rows(tmp_path, forward):
     assert evals[-1]["phase"] == "head-fit" and evals[-2]["phase"] != "head-fit"
     assert evals[-1]["bpb"]["zh"] < evals[-2]["bpb"]["zh"]  # the fit helps held-out text of the new tokens
     assert report["bpb"]["zh"]["final"] == evals[-1]["bpb"]["zh"]
-    assert "train.fit_head" in (out / "train_report.md").read_text()
+    assert "fit.after_train" in (out / "train_report.md").read_text()
 
 
 def test_head_fit_is_skipped_for_a_tied_head(tmp_path, capsys):
@@ -141,36 +144,35 @@ def test_head_fit_is_skipped_for_a_tied_head(tmp_path, capsys):
     run_all(cfg, only=["tokenizer", "model-init", "model-trained"])
     report = json.loads((stage_dir(cfg, "model-trained") / "train_report.json").read_text())
     assert "tied" in report["head_fit"]["skipped"]
-    assert "train.fit_head skipped" in capsys.readouterr().out
+    assert "fit.after_train skipped" in capsys.readouterr().out
 
 
 def test_a_head_fit_over_the_memory_cap_is_refused_before_any_step(tmp_path):
     cfg = validate_dict(
         tiny_project(
             tmp_path,
-            init={"fit_max_memory_mb": 1, "fit_bytes": 6000, "eval_max_bytes": 400},
+            init={"eval_max_bytes": 400},
+            fit={"max_memory_mb": 1, "bytes": 6000},
             train={"objective": "distill", "distill_layers": [1], "max_steps": 2},
         )
     )
     run_all(cfg, only=["tokenizer", "model-init"])
-    with pytest.raises(
-        RetokError, match=r"init.fit_bytes: the head fit would cache .* init.fit_max_memory_mb=1"
-    ):
+    with pytest.raises(RetokError, match=r"fit.bytes: the head fit would cache .* fit.max_memory_mb=1"):
         run_stage(cfg, "model-trained")
     assert not stage_dir(cfg, "model-trained").exists()
     assert not (cfg.out / "train-state" / "checkpoint").exists()  # refused before the first step
 
 
 def load_tokenizer_of(folder):
-    from retok.sources import load_tokenizer
+    from retok.core.sources import load_tokenizer
 
     return load_tokenizer(folder)
 
 
 def test_held_out_distillation_loss_goes_down(tmp_path):
     """distill alone: the held-out distance to the teacher's states falls (its own held-out loss)."""
-    from retok.sources import load_model, load_tokenizer
-    from retok.teacher import load_teacher
+    from retok.core.sources import load_model, load_tokenizer
+    from retok.teacher.body import load_teacher
     from retok.train.distill import DistillLoss
     from retok.train.packing import collate_pairs
 
@@ -230,7 +232,7 @@ def test_a_tokenizer_that_cannot_be_aligned_is_refused(tmp_path):
     from tokenizers import normalizers
     from transformers import AutoModelForCausalLM
 
-    from retok.sources import load_tokenizer
+    from retok.core.sources import load_tokenizer
     from retok.train.stage import _teacher
 
     cfg = validate_dict(tiny_project(tmp_path, train={"objective": "distill", "distill_layers": [1]}))

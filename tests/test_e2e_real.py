@@ -40,7 +40,8 @@ def run_dir(tmp_path_factory, assets) -> Path:
             ],
         },
         "tokenizer": {"mode": "extend", "new_tokens": 1000, "domains": ["zh"]},
-        "init": {"method": "mean", "fit_bytes": 30_000},
+        "init": {"method": "mean"},
+        "fit": {"bytes": 30_000},
         "train": {
             "max_steps": 3,
             "seq_len": 64,
@@ -196,7 +197,7 @@ def test_llamacpp_greedy_ids_equal_transformers_at_f32_and_f16(llama, assets, tm
 
 @pytest.mark.llamacpp
 def test_llamacpp_perplexity_gives_the_same_bits_per_byte(llama, assets):
-    from retok.tokens import token_bytes_table
+    from retok.core.tokens import token_bytes_table
 
     tools, _, gguf, tok, model = llama
     n_ctx = 128
@@ -219,14 +220,14 @@ def test_plan_is_within_20_percent_of_measured_peak_memory(run_dir, tmp_path, pr
     import os
     import shutil
 
-    from retok.config import load_config
+    from retok.core.config import load_config
     from retok.plan import plan
 
     out = tmp_path / "run"
     for stage in ("tokenizer", "model-init"):
         shutil.copytree(run_dir / "run" / stage, out / stage)
     # the steps' memory; the head fit after them is a phase of its own (the demo: planned 3.26 GB, measured 3.11)
-    sets = [f"output_dir={out}", "train.eval_every=2", "train.max_steps=2", "train.fit_head=false"]
+    sets = [f"output_dir={out}", "train.eval_every=2", "train.max_steps=2", "fit.after_train=false"]
     if processes == 2:
         sets.append("train.distributed=fsdp")
     cfg = load_config(run_dir / "cfg.yaml", sets)

@@ -13,8 +13,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from retok.config import validate_dict
-from retok.errors import RetokError
+from retok.core.config import validate_dict
+from retok.core.errors import RetokError
+from retok.core.metrics import bits_per_byte, bytes_per_token, score_starts
 from retok.evaluate.speed import (
     SpeedText,
     _prefill,
@@ -28,7 +29,6 @@ from retok.evaluate.speed import (
     time_greedy,
     time_reference,
 )
-from retok.metrics import bits_per_byte, bytes_per_token, score_starts
 from retok.pipeline import run_stage
 from tests.tiny import (
     SAMPLE_TEXT,

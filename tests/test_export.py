@@ -17,15 +17,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from retok.config import parse_size, validate_dict
-from retok.errors import RetokError
+from retok.core.config import parse_size, validate_dict
+from retok.core.errors import RetokError
+from retok.core.safetensors_io import read_header
+from retok.core.stages import mark_stage, stage_dir
 from retok.evaluate.report import markdown_table
 from retok.export.check import check_folder
 from retok.export.llamacpp import CHKTXT, KNOWN_HASHES, chkhsh, gguf_advice
 from retok.export.shards import plan_shards, weight_files
 from retok.pipeline import run_stage
-from retok.safetensors_io import read_header
-from retok.stages import mark_stage, stage_dir
 from tests.tiny import byte_level_tokenizer, save_model_folder, tiny_llama
 
 ZH_EXTRA = "机器学习是人工智能的一个分支。语言模型把文本切分成词元，再预测下一个词元。" * 8
@@ -441,7 +441,7 @@ def test_a_crashing_check_is_retok_s_error_not_the_folder_s(exported: Path, monk
 def test_real_smollm2_check_and_chkhsh(assets):
     GGUF = assets.gguf
     assets.need(GGUF)
-    from retok.sources import read_gguf_metadata, resolve_model
+    from retok.core.sources import read_gguf_metadata, resolve_model
 
     folder = resolve_model(str(GGUF))
     tok = AutoTokenizer.from_pretrained(folder)

@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from retok.config import to_yaml, validate_dict
+from retok.core.config import to_yaml, validate_dict
+from retok.core.stages import stage_dir
 from retok.pipeline import run_all
-from retok.stages import stage_dir
 from tests.tiny import tiny_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,13 +40,13 @@ def _project(
         "eval_every": 2,
         "save_every": 2,
         "lr": 3e-3,
-        "fit_head": False,
         "piece_map": False,  # not supported under FSDP: a config that resolves to FSDP must say so
     }
     settings |= train
     # No head fit unless asked (test_fsdp_head_fit_after_the_steps); tied: one matrix serves embedding and head.
-    init = {"fit_head": False, "untie_head": not tied, "eval_bpb": False}
-    sections = {"train": settings, "init": init}
+    init = {"untie_head": not tied, "eval_bpb": False}
+    fit = {"after_train": settings.pop("fit_after_train", False)}
+    sections = {"train": settings, "init": init, "fit": fit}
     if compute:
         sections["compute"] = {"device": "cpu", "threads": 1, **compute}
     if rows_odd:  # 553 embedding rows: the two processes hold 277 and 276 of them
@@ -236,7 +236,7 @@ def test_fsdp_distill_resume_is_exact_and_the_body_stays(tmp_path):
 
 
 def test_fsdp_head_fit_after_the_steps(tmp_path):
-    """train.fit_head under FSDP: the main process loads the consolidated folder, fits the new head rows and
+    """fit.after_train under FSDP: the main process loads the consolidated folder, fits the new head rows and
     writes it again; the old head rows and the body stay as model-init has them (in its dtype, also when
     compute.dtype is another one: the fit reloaded the folder in compute.dtype and saved the body in it), the
     trained input rows as the steps left them, and plain transformers loads the result."""
@@ -247,7 +247,7 @@ def test_fsdp_head_fit_after_the_steps(tmp_path):
         "distributed": "fsdp",
         "max_steps": 2,
         "eval_every": 2,
-        "fit_head": True,
+        "fit_after_train": True,
     }
     cfg, path = _project(tmp_path, compute={"dtype": "bfloat16"}, **settings)
     res = _launch(path)
@@ -258,7 +258,7 @@ def test_fsdp_head_fit_after_the_steps(tmp_path):
     assert rep["head_fit"]["held_out_ce"]["fitted"] < rep["head_fit"]["held_out_ce"]["start"]
     assert [r["phase"] for r in _metrics(out) if "bpb" in r][-1] == "head-fit"
     init, after = _weights(stage_dir(cfg, "model-init")), _weights(out)
-    from retok.sources import load_tokenizer
+    from retok.core.sources import load_tokenizer
 
     n_old = len(load_tokenizer(cfg.model.path))
     assert {t.dtype for t in after.values()} == {torch.float32}

@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from retok.config import validate_dict
-from retok.errors import PartialOutput, RetokError
+from retok.core.config import validate_dict
+from retok.core.errors import PartialOutput, RetokError
+from retok.core.stages import mark_stage, stage_dir
 from retok.export import gguf_out
 from retok.export.check import check_folder
 from retok.export.check_gguf import check_gguf
 from retok.export.gguf_out import write_gguf
 from retok.pipeline import run_stage
-from retok.stages import mark_stage, stage_dir
 from tests.tiny import (
     byte_level_tokenizer,
     save_model_folder,
@@ -228,7 +228,9 @@ def _assert_folder_kept(out: Path) -> None:
     assert all(c.ok for c in checks if c.name != "up to date")
     # the folder says it is incomplete (export.gguf asked for a GGUF it lacks), until a run makes the part
     fresh = [c for c in checks if c.name == "up to date"]
-    assert len(fresh) == 1 and not fresh[0].ok and "its last run left a part out (export.gguf" in fresh[0].detail
+    assert (
+        len(fresh) == 1 and not fresh[0].ok and "its last run left a part out (export.gguf" in fresh[0].detail
+    )
 
 
 def test_train_mode_tokenizer_without_a_pre_name_keeps_the_folder_and_exits_2(project: Path):

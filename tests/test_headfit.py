@@ -1,4 +1,4 @@
-"""init.fit_head: the head rows of new tokens fitted on the new model's own states (retok.headfit).
+"""fit.at_init: the head rows of new tokens fitted on the new model's own states (retok.headfit).
 
 - fit_rows lowers its own loss and the held-out loss, touches only the rows that may learn, and the teacher
   term pulls the first-piece marginal towards the teacher's distribution;
@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from retok.config import validate_dict
-from retok.errors import RetokError
+from retok.core.config import validate_dict
+from retok.core.errors import RetokError
+from retok.core.stages import stage_dir
 from retok.export.check import check_folder
-from retok.headfit import States, _kl_to_teacher, first_pieces, fit_rows
-from retok.headfit_run import forward_copy, forward_dtype
+from retok.headfit.fit import first_pieces, fit_rows
+from retok.headfit.objective import kl_to_teacher
+from retok.headfit.run import forward_copy, forward_dtype
+from retok.headfit.states import States
 from retok.pipeline import run_stage
-from retok.stages import stage_dir
 from tests.tiny import byte_level_tokenizer, tiny_llama, tiny_project
 
 
@@ -82,7 +84,7 @@ def test_teacher_term_pulls_the_first_piece_marginal():
         lse = torch.logsumexp(logits, 1)
         fixed_at_top = logits[:, :old].gather(1, states.teacher_i)
         return float(
-            _kl_to_teacher(
+            kl_to_teacher(
                 lse, fixed_at_top, logits[:, old:], first[old:], old, states.teacher_p, states.teacher_i
             ).mean()
         )
@@ -96,7 +98,7 @@ def test_teacher_term_pulls_the_first_piece_marginal():
 def fitted(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("headfit")
     data = tiny_project(
-        root, init={"eval_max_bytes": 300, "fit_bytes": 6000, "fit_window": 64, "fit_head": True}
+        root, init={"eval_max_bytes": 300}, fit={"bytes": 6000, "window": 64, "at_init": True}
     )
     cfg = validate_dict(data)
     run_stage(cfg, "tokenizer")
@@ -135,17 +137,17 @@ def test_fitted_model_init_passes_check(fitted):
 
 
 def test_a_tied_head_cannot_be_fitted_without_untie(tmp_path: Path):
-    cfg = validate_dict(tiny_project(tmp_path, init={"untie_head": False, "fit_head": True}))
+    cfg = validate_dict(tiny_project(tmp_path, init={"untie_head": False}, fit={"at_init": True}))
     run_stage(cfg, "tokenizer")
     with pytest.raises(
-        RetokError, match="init.fit_head: the model ties its LM head .* set init.untie_head: true"
+        RetokError, match="fit.at_init: the model ties its LM head .* set init.untie_head: true"
     ):
         run_stage(cfg, "model-init")
     assert not stage_dir(cfg, "model-init").exists()
 
 
 def test_fit_text_is_half_target_domains_half_the_rest():
-    from retok.headfit_run import fit_budgets
+    from retok.headfit.run import fit_budgets
 
     assert fit_budgets(["zh", "en", "code"], ["zh"], 200_000) == {"zh": 100_000, "en": 50_000, "code": 50_000}
     assert fit_budgets(["zh", "en"], None, 100_000) == {"zh": 50_000, "en": 50_000}  # one group: even
@@ -153,13 +155,11 @@ def test_fit_text_is_half_target_domains_half_the_rest():
 
 
 def test_states_that_would_not_fit_the_memory_cap_are_refused_up_front(tmp_path: Path):
-    cfg = validate_dict(
-        tiny_project(tmp_path, init={"fit_max_memory_mb": 1, "fit_bytes": 6000, "fit_head": True})
-    )
+    cfg = validate_dict(tiny_project(tmp_path, fit={"max_memory_mb": 1, "bytes": 6000, "at_init": True}))
     run_stage(cfg, "tokenizer")
     with pytest.raises(
         RetokError,
-        match=r"init.fit_bytes: the head fit would cache [\d,]+ states .* over init.fit_max_memory_mb=1",
+        match=r"fit.bytes: the head fit would cache [\d,]+ states .* over fit.max_memory_mb=1",
     ):
         run_stage(cfg, "model-init")
     assert not stage_dir(cfg, "model-init").exists()
@@ -169,9 +169,9 @@ def test_windows_the_teacher_reads_identically_reuse_the_students_states(fitted,
     """Where a window's new ids are old ids with copied rows (English in extend mode), the teacher's forward
     pass is skipped: its top-k must equal what its own forward pass gives, and windows with new tokens still
     run the teacher."""
-    import retok.headfit as hf
-    from retok.sources import load_model, load_tokenizer
-    from retok.teacher import Teacher
+    import retok.headfit.states as hf
+    from retok.core.sources import load_model, load_tokenizer
+    from retok.teacher.body import Teacher
 
     cfg, out = fitted
     old_tok, new_tok = load_tokenizer(cfg.model.path), load_tokenizer(out)
@@ -214,9 +214,9 @@ def test_teacher_fraction_runs_the_teacher_on_that_share_of_the_windows_that_nee
     """teacher_fraction 0.5: every other window that needs a teacher pass gets one (the same top-k as with
     every window), the others keep zeros (no teacher target, no tree); the students' states are unchanged and
     windows the teacher reads as they are keep their free top-k."""
-    from retok.headfit import collect_states
-    from retok.sources import load_model, load_tokenizer
-    from retok.teacher import Teacher
+    from retok.core.sources import load_model, load_tokenizer
+    from retok.headfit.states import collect_states
+    from retok.teacher.body import Teacher
 
     cfg, out = fitted
     old_tok, new_tok = load_tokenizer(cfg.model.path), load_tokenizer(out)
@@ -253,7 +253,7 @@ def test_teacher_fraction_runs_the_teacher_on_that_share_of_the_windows_that_nee
 def test_tree_groups_name_the_new_tokens_spelled_with_the_realised_pieces():
     """Depth 1: teacher entry q after realised r1 -> the group of new tokens spelled (r1, q, ...); depth 2:
     (r1, r2, q, ...); entries no new token spells, and states without a realised prefix, map to -1."""
-    from retok.headfit import _Tree
+    from retok.headfit.objective import TreeTerms
 
     pieces = {10: [1, 2], 11: [1, 3, 4], 12: [2, 3], 13: [1, 3, 5]}
     learn_ids = torch.tensor([10, 11, 12, 13])
@@ -267,7 +267,7 @@ def test_tree_groups_name_the_new_tokens_spelled_with_the_realised_pieces():
         tree_i=torch.tensor([[[2, 3, 5], [4, 5, 2]], [[3, 2, 1], [0, 0, 0]]], dtype=torch.int32),
         tree_prefix=torch.tensor([[1, 3], [2, -1]]),
     )
-    tree = _Tree(states, learn_ids, pieces)
+    tree = TreeTerms(states, learn_ids, pieces)
     g1 = tree.gid[:, 0].tolist()
     grp1 = dict(zip(tree.members[0].tolist(), tree.group_of[0].tolist(), strict=True))  # learn pos -> group
     # state 0, r1 = 1: q=2 -> {10}; q=3 -> {11, 13} (one group: both spelled 1, 3, ...); q=5 -> none
@@ -284,7 +284,7 @@ def test_tree_groups_name_the_new_tokens_spelled_with_the_realised_pieces():
 def test_tree_term_pulls_the_second_piece_and_lowers_held_out_loss():
     """New tokens spelled (f, s): a teacher whose second-piece distribution comes from the truth's head; the fit
     with the tree terms moves the students' grouped mass towards it, much closer than the fit without."""
-    from retok.headfit import _RowObjective
+    from retok.headfit.objective import RowObjective
 
     states, truth, start, learn = _synthetic(n=3000, old=30, new=12)
     old = 30
@@ -309,7 +309,7 @@ def test_tree_term_pulls_the_second_piece_and_lowers_held_out_loss():
     states.tree_prefix = r1[:, None]
 
     def tree_kl(head: torch.Tensor) -> float:
-        obj = _RowObjective(states, head, learn, first, True, "cpu", pieces)
+        obj = RowObjective(states, head, learn, first, True, "cpu", pieces)
         with torch.no_grad():
             ll = states.hidden.float() @ obj.rows().T
             return float(obj.tree.kl(torch.arange(n), ll))
@@ -338,7 +338,7 @@ def test_written_out_gradient_equals_autograd_of_the_loss():
     """The fit's step uses RowObjective.loss_and_grad (the gradient written out): it equals autograd's gradient
     of CE + w * (first-piece KL + tree terms) on states with and without a teacher, targets in fixed and in
     learning rows, rows with and without a depth-1 group, and its loss values equal the loss's."""
-    from retok.headfit import _RowObjective
+    from retok.headfit.objective import RowObjective
 
     states, truth, start, learn = _synthetic(n=400, old=30, new=12, seed=3)
     old, n = 30, 400
@@ -353,7 +353,7 @@ def test_written_out_gradient_equals_autograd_of_the_loss():
     states.tree_p = torch.softmax(torch.randn(n, 1, 4, generator=g), -1)
     states.tree_i = torch.randint(3, 8, (n, 1, 4), generator=g, dtype=torch.int32)
     states.tree_prefix = torch.randint(0, 3, (n, 1), generator=g)
-    obj = _RowObjective(states, start, learn, first, True, "cpu", pieces)
+    obj = RowObjective(states, start, learn, first, True, "cpu", pieces)
     assert (obj.tgt_learn >= 0).any() and (obj.tgt_learn < 0).any()
     idx = torch.randperm(n, generator=g)[:256]
     ll = (
@@ -363,7 +363,7 @@ def test_written_out_gradient_equals_autograd_of_the_loss():
     tl = obj.tgt_learn[idx]
     ce = (lse - torch.where(tl >= 0, ll.gather(1, tl.clamp(min=0)[:, None])[:, 0], obj.tgt_fixed[idx])).mean()
     has = states.teacher_p[idx].sum(1) > 0
-    kl = _kl_to_teacher(
+    kl = kl_to_teacher(
         lse[has],
         obj.top_fixed[idx][has],
         ll[has],
@@ -387,11 +387,11 @@ def test_written_out_gradient_equals_autograd_of_the_loss():
 def test_tree_targets_are_the_original_models_next_pieces_after_the_realised_ones(fitted):
     """At depth d the state aligned with old position a carries the original model's (loaded on its own) top-k
     at old position a + d and the realised pieces old[a+1..a+d]."""
-    from retok.alignment import ByteLengths, align
-    from retok.headfit import collect_states
-    from retok.metrics import bos_id
-    from retok.sources import load_model, load_tokenizer
-    from retok.teacher import Teacher
+    from retok.core.metrics import bos_id
+    from retok.core.sources import load_model, load_tokenizer
+    from retok.headfit.states import collect_states
+    from retok.teacher.alignment import ByteLengths, align
+    from retok.teacher.body import Teacher
 
     cfg, out = fitted
     old_tok, new_tok = load_tokenizer(cfg.model.path), load_tokenizer(out)
@@ -432,7 +432,7 @@ def test_tree_targets_are_the_original_models_next_pieces_after_the_realised_one
 
 
 def test_piece_features_are_the_first_piece_row_and_the_mean_of_the_others():
-    from retok.headfit import piece_features
+    from retok.headfit.fit import piece_features
 
     old_head = torch.arange(12.0).reshape(6, 2)  # row r = (2r, 2r + 1)
     pieces = {10: [1, 2, 3], 11: [4], 12: [], 13: [5, 0]}
@@ -461,7 +461,7 @@ def test_shared_map_carries_what_seen_tokens_teach_to_unseen_ones():
     """New tokens whose true rows are one linear function of their pieces' rows; half of them never occur as
     a target in the fitted states. With the shared map their rows come much closer to the truth (and the
     held-out loss on them drops); without it, they only get pushed down."""
-    from retok.headfit import piece_features
+    from retok.headfit.fit import piece_features
 
     g = torch.Generator().manual_seed(3)
     hidden, old, new, n = 16, 30, 120, 8000
@@ -512,12 +512,13 @@ def test_shared_map_carries_what_seen_tokens_teach_to_unseen_ones():
 def test_logits_through_the_features_equal_the_built_rows_with_the_same_gradients():
     """The fit takes X @ rows.T in whichever order costs less; a one-state batch goes through the features, a
     large one builds the rows: both give the same logits and the same gradients of the map and residuals."""
-    from retok.headfit import _RowObjective, piece_features
+    from retok.headfit.fit import piece_features
+    from retok.headfit.objective import RowObjective
 
     states, truth, start, learn = _synthetic(n=600, hidden=16, old=30, new=40)
     pieces = {30 + j: [j % 30, (3 * j) % 30, (7 * j) % 30] for j in range(40)}
     feats = piece_features(truth[:30], pieces, torch.arange(30, 70))
-    obj = _RowObjective(states, start, learn, None, False, "cpu", None, feats)
+    obj = RowObjective(states, start, learn, None, False, "cpu", None, feats)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         obj.map.copy_(torch.randn(obj.map.shape, generator=g) * 0.1)
@@ -545,7 +546,7 @@ def test_input_row_feature_is_the_tokens_own_row_and_carries_to_unseen_tokens():
     """piece_features(..., input_rows) appends each token's own input row. New tokens whose true head rows are
     a linear function of their INPUT rows (not of their pieces); half never occur as a target: with the input
     block the map brings the unseen rows far nearer the truth than the pieces alone can."""
-    from retok.headfit import piece_features
+    from retok.headfit.fit import piece_features
 
     old_head = torch.arange(12.0).reshape(6, 2)
     emb = torch.arange(100.0, 128.0).reshape(14, 2)
@@ -587,7 +588,7 @@ def test_input_row_feature_is_the_tokens_own_row_and_carries_to_unseen_tokens():
 def test_forward_dtype_follows_the_setting_and_the_device(monkeypatch):
     import io
 
-    import retok.headfit_run as hr
+    import retok.headfit.run as hr
 
     cpu = torch.device("cpu")
     assert forward_dtype("model", torch.float32, cpu) == torch.float32

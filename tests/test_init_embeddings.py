@@ -17,13 +17,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from retok.config import RetokConfig, validate_dict
+from retok.core.config import RetokConfig, validate_dict
+from retok.core.errors import RetokError
+from retok.core.safetensors_io import read_checkpoint, read_header
+from retok.core.stages import mark_stage, stage_dir
+from retok.core.tokens import BYTE_TO_UNICODE, SPIECE_SPACE, detect_family, token_to_bytes
 from retok.embeddings import methods
 from retok.embeddings.stage import init_embeddings
-from retok.errors import RetokError
-from retok.safetensors_io import read_checkpoint, read_header
-from retok.stages import mark_stage, stage_dir
-from retok.tokens import BYTE_TO_UNICODE, SPIECE_SPACE, detect_family, token_to_bytes
 
 WORDS = ["机器学习", "人工智能", "词元", "分词器", " tokenizer", " embeddings", "龘龘"]
 ZH_RARE = "龘"  # in neither tiny vocabulary: its bytes are single byte pieces / byte fallback
@@ -122,7 +122,6 @@ def make_cfg(tmp: Path, model_dir: Path, **init) -> RetokConfig:
     data.train; tests/test_headfit.py covers it), no BPB report."""
     init.setdefault("eval_bpb", False)
     init.setdefault("untie_head", False)
-    init.setdefault("fit_head", False)
     init.setdefault("method", "mean")
     return RetokConfig(output_dir=str(tmp / "run"), model={"path": str(model_dir)}, init=init)
 
@@ -517,7 +516,6 @@ def test_bpb_report_compare_and_head_shift(tmp_path):
         },
         init={
             "untie_head": True,
-            "fit_head": False,  # the shift alone is what is measured here
             "head_shift": 3.0,
             "compare_methods": ["mean", "zero"],
             "calibration_bytes": 3000,
@@ -570,7 +568,6 @@ def test_head_shift_outside_target_domains(tmp_path):
     ]
     init = {
         "untie_head": True,
-        "fit_head": False,
         "head_shift_outside": 4.0,
         "eval_bpb": False,
         "calibration_bytes": 4000,
@@ -627,13 +624,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # as teacher) on less fitting text. Plain mean rows start at 1.379x the original's zh BPB on the demo's 8 KB
 # (measured); the fitted head must beat that and keep English and code where they were.
 # the head fit at init (the demo fits it after train-io instead) on less text
-DEMO_INIT_SMALLER = ["init.fit_head=true", "init.fit_bytes=100000", "init.compare_methods=[]"]
+DEMO_INIT_SMALLER = ["fit.at_init=true", "fit.bytes=100000", "init.compare_methods=[]"]
 
 
 @pytest.mark.real
 @pytest.mark.slow
 def test_real_smollm2_zh_extension_keeps_en_and_code_bpb(tmp_path, assets):
-    from retok.config import load_config
+    from retok.core.config import load_config
     from retok.pipeline import run_stage
 
     assets.need(assets.gguf, assets.corpora)

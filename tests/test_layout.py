@@ -1,5 +1,6 @@
-"""The layout holds: imports form a DAG, stage packages never import each other, the shared core imports no
-stage, and every stage package has its entry where the stage table says.
+"""The layout holds: imports form a DAG; the foundations (retok/core/) import nothing but each other; the shared
+features (retok/headfit/, retok/teacher/, retok/plan/) import the foundations and each other, never a stage;
+stage packages never import each other; every stage package has its entry where the stage table says.
 
 Every ``import`` / ``from ... import`` of a retok module counts, including those inside functions: a lazy
 import is still a dependency.
@@ -12,31 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from retok.stages import STAGES, entry_function
+from retok.core.stages import STAGES, entry_function
 
 ROOT = Path(__file__).resolve().parents[1] / "retok"
 STAGE_PACKAGES = ("tokenizer", "embeddings", "train", "evaluate", "export")
-CORE = (
-    "alignment",
-    "bpb_memo",
-    "config",
-    "config_doc",
-    "data",
-    "errors",
-    "fileio",
-    "freshness",
-    "headfit",
-    "headfit_run",
-    "metrics",
-    "model_io",
-    "plan",
-    "safetensors_io",
-    "sources",
-    "stages",
-    "teacher",
-    "tokenmap",
-    "tokens",
-)
+FOUNDATIONS = ("core",)  # config, errors, the stage contract, sources, data, tokens, metrics, file I/O
+FEATURES = ("headfit", "teacher", "plan")  # what two or more stages share that is not a foundation
 ORCHESTRATORS = ("cli", "pipeline", "summary")
 
 
@@ -91,7 +73,7 @@ def _top(module: str) -> str:
 def test_the_graph_is_read():
     graph = import_graph()
     # a few arrows that must exist, so that an empty graph cannot pass the tests below
-    assert "retok.config" in graph["retok.stages"]
+    assert "retok.core.config" in graph["retok.core.stages"]
     assert "retok.train.loss" in graph["retok.train.loop"]
     assert "retok.embeddings.rows" in graph["retok.embeddings.report"]
 
@@ -128,18 +110,33 @@ def test_stage_packages_do_not_import_each_other():
     assert not bad, "a stage package reaches into another (share through the core instead): " + ", ".join(bad)
 
 
-def test_core_imports_no_stage_and_no_orchestrator():
-    bad = [
-        f"{m} -> {d}"
-        for m, deps in import_graph().items()
-        for d in deps
-        if _top(m) in CORE and _top(d) in STAGE_PACKAGES + ORCHESTRATORS
+def _arrows(src: tuple[str, ...], dst: tuple[str, ...]) -> list[str]:
+    return [
+        f"{m} -> {d}" for m, deps in import_graph().items() for d in deps if _top(m) in src and _top(d) in dst
     ]
-    assert not bad, "the core must not depend on a stage or on the CLI: " + ", ".join(bad)
+
+
+def test_foundations_import_only_foundations():
+    bad = _arrows(FOUNDATIONS, STAGE_PACKAGES + FEATURES + ORCHESTRATORS)
+    assert not bad, "a foundation must not depend on a feature, a stage or the CLI: " + ", ".join(bad)
+
+
+def test_features_import_no_stage_and_no_orchestrator():
+    bad = _arrows(FEATURES, STAGE_PACKAGES + ORCHESTRATORS)
+    assert not bad, "a shared feature must not depend on a stage or the CLI: " + ", ".join(bad)
+
+
+def test_the_foundations_and_features_are_folders():
+    """The rooms show in the tree: every module below retok/ is in core/, a feature, a stage package, or one
+    of the orchestrators at the top."""
+    top = {p.stem for p in ROOT.glob("*.py")} - {"__init__"}
+    assert top == set(ORCHESTRATORS)
+    for room in FOUNDATIONS + FEATURES + STAGE_PACKAGES:
+        assert (ROOT / room / "__init__.py").is_file(), room
 
 
 def test_every_module_is_in_a_known_room():
-    rooms = set(STAGE_PACKAGES) | set(CORE) | set(ORCHESTRATORS) | {"retok"}
+    rooms = set(STAGE_PACKAGES) | set(FOUNDATIONS) | set(FEATURES) | set(ORCHESTRATORS) | {"retok"}
     assert {_top(m) for m in import_graph()} <= rooms
 
 

@@ -13,8 +13,8 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from retok.core.sources import read_gguf_metadata
 from retok.export.gguf_out import write_gguf
-from retok.sources import read_gguf_metadata
 from retok.tokenizer.extend import TrainingText, extend_tokenizer
 from tests.tiny import save_model_folder, tiny_llama
 

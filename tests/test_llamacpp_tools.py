@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import llamacpp_tools as lt  # noqa: E402
 
-from retok.tokens import token_bytes_table  # noqa: E402
+from retok.core.tokens import token_bytes_table  # noqa: E402
 from tests.tiny import byte_level_tokenizer, tiny_llama  # noqa: E402
 
 

@@ -17,7 +17,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retok.metrics import bits_per_byte, bos_id, clean_boundaries, encode_docs, score_starts, score_windows
+from retok.core.metrics import (
+    bits_per_byte,
+    bos_id,
+    clean_boundaries,
+    encode_docs,
+    score_starts,
+    score_windows,
+)
 from tests.tiny import SAMPLE_TEXT, byte_level_tokenizer, sentencepiece_tokenizer, tiny_gemma, tiny_llama
 
 EN = SAMPLE_TEXT[:400]

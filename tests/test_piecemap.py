@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from retok.config import validate_dict
-from retok.errors import RetokError
+from retok.core.config import validate_dict
+from retok.core.errors import RetokError
+from retok.core.stages import new_token_ids, stage_dir
 from retok.pipeline import run_all, run_stage
-from retok.stages import new_token_ids, stage_dir
 from retok.train.piecemap import PieceMap
 from tests.tiny import tiny_project
 
@@ -107,9 +107,9 @@ def _train(tmp: Path, **train):
                 "seq_len": 16,
                 "batch_size": 1,
                 "distill_layers": [1, 2],
-                "fit_head": False,
                 **train,
             },
+            fit={"after_train": False},
         )
     )
     run_all(cfg, only=["tokenizer", "model-init", "model-trained"])

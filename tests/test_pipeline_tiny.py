@@ -10,22 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from retok.config import validate_dict
+from retok.core.config import validate_dict
+from retok.core.stages import CONFIG_FILE, ORDER, STAGE_FILE, stage_dir
 from retok.export.check import check_folder
 from retok.pipeline import run_all
-from retok.stages import CONFIG_FILE, ORDER, STAGE_FILE, stage_dir
 from tests.tiny import tiny_project
 
 # train-io on tiny_project(train.max_steps=6, eval_every=3) with the default objective (distill), one thread:
-# the loss of every step and the held-out BPB at steps 0 (init), 3 and 6, then after the head fit (train.fit_head).
+# the loss of every step and the held-out BPB at steps 0 (init), 3 and 6, then after the head fit (fit.after_train).
 # Regenerate only for an intended change, and say why in the commit.
 # Regenerated on 2026-12-03 for the new defaults: input rows leaning on the last piece (init.method weighted,
-# decay 0.3; the distillation losses start lower) and the head fitted after the steps (train.fit_head) instead
-# of at init (the fourth BPB record). The fourth record again for init.fit_teacher_weight 1 -> 0.5 (measured
+# decay 0.3; the distillation losses start lower) and the head fitted after the steps (fit.after_train) instead
+# of at init (the fourth BPB record). The fourth record again for fit.teacher_weight 1 -> 0.5 (measured
 # better on the demo: zh 1.140x -> 1.134x of the original's BPB). Losses from step 2 on and the BPB records after
 # for train.piece_map on by default (the new input rows learn through a map shared over their pieces: on the
 # demo zh 1.134x -> 1.110x); the first loss is before any step and stays. The fourth record again for
-# init.fit_input_feature on by default (the head map also reads the trained input rows: on the demo's states zh
+# fit.input_feature on by default (the head map also reads the trained input rows: on the demo's states zh
 # 1.113x -> 1.095x; here zh 4.0143 -> 4.0038).
 GOLDEN_LOSSES = [0.024237, 0.02685, 0.021368, 0.018703, 0.016554, 0.013388]
 GOLDEN_BPB = [
@@ -41,13 +41,14 @@ def run(tmp_path_factory: pytest.TempPathFactory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        # init.fit_forward_dtype pinned: auto runs the head fit's forward passes in bfloat16 where the CPU has
+        # fit.forward_dtype pinned: auto runs the head fit's forward passes in bfloat16 where the CPU has
         # native bf16, so the golden BPB would depend on the machine
         cfg = validate_dict(
             tiny_project(
                 tmp_path_factory.mktemp("pipeline"),
                 train={"max_steps": 6, "eval_every": 3},
-                init={"eval_max_bytes": 600, "fit_forward_dtype": "model"},
+                init={"eval_max_bytes": 600},
+                fit={"forward_dtype": "model"},
             )
         )
         run_all(cfg)

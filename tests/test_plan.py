@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from retok.config import load_config
-from retok.errors import RetokError
+from retok.core.config import load_config
+from retok.core.errors import RetokError
+from retok.core.stages import stage_dir
 from retok.pipeline import run_stage
 from retok.plan import GB, model_shape, plan
-from retok.stages import stage_dir
 from tests.test_fsdp import _project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_shape_counts_the_model_init_parameters(tmp_path):
     total = sum(p.numel() for p in model.parameters())
     assert s.body + 2 * s.new_rows * s.hidden == total
     assert s.layer_params == sum(p.numel() for p in model.model.layers[0].parameters())
-    from retok.sources import load_tokenizer
+    from retok.core.sources import load_tokenizer
 
     assert s.new_vocab == len(load_tokenizer(stage_dir(cfg, "tokenizer"))) == 552
 
@@ -144,58 +144,58 @@ def test_plan_time_comes_from_the_measured_tokens_per_second(tmp_path):
 def test_the_head_fit_after_the_steps_is_a_phase_of_its_own(tmp_path, monkeypatch):
     import math
 
-    from retok.data import domains
-    from retok.headfit_run import fit_budgets, fit_cache_bytes
+    from retok.core.data import domains
+    from retok.headfit.run import fit_budgets, fit_cache_bytes
     from retok.plan import fit_states
 
     cfg, path = _project(tmp_path)  # model-init built: the tokenizer's compression.json is there
-    assert "fit" not in [p.phase for p in plan(cfg).phases]  # train.fit_head: false
-    fit = load_config(path, ["train.fit_head=true"])
+    assert "fit" not in [p.phase for p in plan(cfg).phases]  # fit.after_train: false
+    fit = load_config(path, ["fit.after_train=true"])
     parts = {i.name: i.bytes for i in {p.phase: p for p in plan(fit).phases}["fit"].items}
     s = model_shape(fit)
-    # states: each domain's share of init.fit_bytes over the new tokenizer's measured bytes per token
+    # states: each domain's share of fit.bytes over the new tokenizer's measured bytes per token
     comp = json.loads((stage_dir(fit, "tokenizer") / "compression.json").read_text())["domains"]
-    budgets = fit_budgets(domains(fit.data.train), fit.tokenizer.domains, fit.init.fit_bytes)
+    budgets = fit_budgets(domains(fit.data.train), fit.tokenizer.domains, fit.fit.bytes)
     assert set(budgets) <= set(comp)
     n = sum(math.ceil(b / comp[d]["new_bytes_per_token"]) for d, b in budgets.items())
     assert fit_states(fit) == (n, "bytes/token of compression.json")
-    assert fit.init.fit_bytes / 10 < n < fit.init.fit_bytes
+    assert fit.fit.bytes / 10 < n < fit.fit.bytes
     assert parts["cached states"] == fit_cache_bytes(fit, n, s.hidden, s.new_vocab - s.old_vocab) > 0
     assert parts["weights"] == 4 * (s.body + 2 * s.new_rows * s.hidden)
     assert parts["fit logits"] == 1024 * s.new_rows * 4 * 3
-    # init.fit_max_memory_mb bounds the cache (a larger one is refused before any step)
-    capped = load_config(path, ["train.fit_head=true", "init.fit_max_memory_mb=1"])
+    # fit.max_memory_mb bounds the cache (a larger one is refused before any step)
+    capped = load_config(path, ["fit.after_train=true", "fit.max_memory_mb=1"])
     assert {i.name: i.bytes for i in plan(capped).phases[-1].items}["cached states"] == 10**6
     # before the tokenizer exists: at most one state per byte
-    fresh = load_config(path, ["train.fit_head=true", f"output_dir={tmp_path / 'none'}"])
+    fresh = load_config(path, ["fit.after_train=true", f"output_dir={tmp_path / 'none'}"])
     assert fit_states(fresh)[0] == sum(budgets.values())
     # a tied head has no rows of its own to fit: no phase
     assert "fit" not in [p.phase for p in plan(fit, shape=replace(s, new_tied=True)).phases]
-    # init.fit_forward_dtype: a bfloat16 copy of the trained (float32) weights for the fit's forward passes
-    import retok.headfit_run as hr
+    # fit.forward_dtype: a bfloat16 copy of the trained (float32) weights for the fit's forward passes
+    import retok.headfit.run as hr
 
     copy = 2 * (s.body + 2 * s.new_rows * s.hidden)
     cases = [("model", True, "cpu", None), ("bfloat16", False, "cpu", copy), ("auto", True, "cpu", copy)]
     cases += [("auto", False, "cpu", None), ("auto", False, "cuda", copy)]
     for setting, native, device, want in cases:
         monkeypatch.setattr(hr, "native_bf16", lambda d, native=native: native)
-        c = load_config(path, ["train.fit_head=true", f"init.fit_forward_dtype={setting}"])
+        c = load_config(path, ["fit.after_train=true", f"fit.forward_dtype={setting}"])
         items = {i.name: i.bytes for i in {p.phase: p for p in plan(c, device=device).phases}["fit"].items}
         assert items.get("forward copy") == want, (setting, native, device)
 
 
 def test_a_70b_head_fit_under_fsdp_loads_the_whole_model_on_one_device(tmp_path):
-    """Why configs/llama3-70b-zh.yaml turns train.fit_head off: the consolidated 70B in bf16 (141 GB) on the
+    """Why configs/llama3-70b-zh.yaml turns fit.after_train off: the consolidated 70B in bf16 (141 GB) on the
     main process's GPU does not fit 80 GB, while the 8B's (16 GB) does."""
     shape = model_shape(_big("llama3-70b-zh", tmp_path), SHAPES / "llama-3-70b.json")
-    on = _big("llama3-70b-zh", tmp_path, "train.fit_head=true")
+    on = _big("llama3-70b-zh", tmp_path, "fit.after_train=true")
     p = plan(on, 8, shape=shape)
     fit = {ph.phase: ph for ph in p.phases}["fit"]
     whole = 2 * (shape.body + 2 * shape.new_rows * shape.hidden)
     assert {i.name: i.bytes for i in fit.items}["weights"] >= whole > 140 * GB
     assert not p.fits and {ph.phase: ph for ph in p.phases}["io"].total < 80 * GB
     eight = _big("llama3-8b-zh", tmp_path)
-    assert eight.train.fit_head and plan(eight, 8, shape=model_shape(eight, SHAPES / "llama-3-8b.json")).fits
+    assert eight.fit.after_train and plan(eight, 8, shape=model_shape(eight, SHAPES / "llama-3-8b.json")).fits
 
 
 def test_a_device_whose_memory_is_unknown_is_not_said_to_fit(tmp_path):

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from retok.config import apply_overrides, to_yaml, validate_dict
-from retok.errors import PartialOutput, RetokError
-from retok.freshness import judge, plan_run
+from retok.core.config import apply_overrides, to_yaml, validate_dict
+from retok.core.errors import PartialOutput, RetokError
+from retok.core.freshness import judge, plan_run
+from retok.core.stages import ORDER, STAGE_FILE, protect_inputs, stage_dir, stage_output
 from retok.pipeline import run_all, run_stage
-from retok.stages import ORDER, STAGE_FILE, protect_inputs, stage_dir, stage_output
 from tests.tiny import tiny_project
 
 
@@ -63,10 +63,14 @@ def _to_run(cfg) -> list[str]:
         ("tokenizer.new_tokens=30", list(ORDER)),
         ("init.method=mean", ["model-init", "model-trained", "eval", "export"]),
         ("train.max_steps=3", ["model-trained", "eval", "export"]),
+        # a fit key reaches only the stage that fits: train-io (fit.after_train), not init (fit.at_init off)
+        ("fit.epochs=3", ["model-trained", "eval", "export"]),
+        ("fit.at_init=true", ["model-init", "model-trained", "eval", "export"]),
         ("eval.repeats=2", ["eval", "export"]),
         ("export.max_shard_size=1GB", ["export"]),
         ("compute.threads=2", []),  # how fast, not what
         ("train.distributed=ddp", []),  # how processes share the work: the same model
+        ("compute.memory_gb=3", []),  # what the plan checks against (ddp or fsdp), not the recipe
     ],
 )
 def test_one_changed_key_redoes_its_stage_and_those_after_it(done, tmp_path, change, redone):

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from retok.config import ModelConfig
-from retok.errors import RetokError
-from retok.sources import check_model_folder, fix_gguf_tokenizer, load_model, resolve_model
+from retok.core.config import ModelConfig
+from retok.core.errors import RetokError
+from retok.core.sources import check_model_folder, fix_gguf_tokenizer, load_model, resolve_model
 from tests.tiny import byte_level_tokenizer
 
 
@@ -108,7 +108,7 @@ def test_long_documents_do_not_warn_of_indexing_errors(tmp_path):
     sequence length ... will result in indexing errors" warning, without changing what the folder says."""
     import logging
 
-    from retok.sources import load_tokenizer
+    from retok.core.sources import load_tokenizer
 
     tok = byte_level_tokenizer()
     tok.model_max_length = 16

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from retok.config import apply_overrides, validate_dict
-from retok.errors import RetokError
-from retok.freshness import stage_status
-from retok.stages import require_stage, stage_dir, stage_output
+from retok.core.config import apply_overrides, validate_dict
+from retok.core.errors import RetokError
+from retok.core.freshness import stage_status
+from retok.core.stages import require_stage, stage_dir, stage_output
 
 
 def cfg(tmp_path, *sets):

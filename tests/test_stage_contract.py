@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from retok.config import validate_dict
-from retok.errors import RetokError
-from retok.freshness import stage_status
-from retok.pipeline import run_all, run_stage
-from retok.stages import (
+from retok.core.config import validate_dict
+from retok.core.errors import RetokError
+from retok.core.freshness import stage_status
+from retok.core.stages import (
     NOT_FINGERPRINTED,
     ORDER,
     STAGE_FILE,
@@ -30,6 +29,7 @@ from retok.stages import (
     stage_output,
     upstream_fields,
 )
+from retok.pipeline import run_all, run_stage
 from tests.tiny import tiny_project
 
 
@@ -119,7 +119,7 @@ def test_every_field_a_stage_reads_reaches_its_fingerprint(reads: dict[str, set[
 
 def test_a_field_missing_from_the_table_is_reported(reads: dict[str, set[str]], monkeypatch):
     """The check above can fail: without ``seed`` in model-init's table (the old bug), seed is reported."""
-    import retok.stages as stages
+    import retok.core.stages as stages
 
     st = stages.STAGES["model-init"]
     patched = type(st)(

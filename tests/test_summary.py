@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from retok.config import validate_dict
-from retok.stages import ORDER, mark_stage, stage_dir
+from retok.core.config import validate_dict
+from retok.core.stages import ORDER, mark_stage, stage_dir
 from retok.summary import collect, markdown_table
 
 

@@ -14,9 +14,9 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from retok.alignment import ByteLengths, align, align_ends
-from retok.errors import RetokError
-from retok.teacher import Teacher, body_forward
+from retok.core.errors import RetokError
+from retok.teacher.alignment import ByteLengths, align, align_ends
+from retok.teacher.body import Teacher, body_forward
 from retok.tokenizer.extend import TrainingText, extend_tokenizer
 from tests.tiny import SAMPLE_TEXT, byte_level_tokenizer, sentencepiece_tokenizer, tiny_gemma, tiny_llama
 

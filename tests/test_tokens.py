@@ -1,4 +1,4 @@
-"""retok.tokens: token <-> raw bytes for byte-level and SentencePiece-style BPE."""
+"""retok.core.tokens: token <-> raw bytes for byte-level and SentencePiece-style BPE."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import random
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from retok.errors import RetokError
-from retok.tokens import (
+from retok.core.errors import RetokError
+from retok.core.tokens import (
     BYTE_TO_UNICODE,
     UNICODE_TO_BYTE,
     UnencodableError,

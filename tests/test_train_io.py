@@ -22,10 +22,10 @@ from safetensors.torch import load_file
 
 import retok.train.loop as loop_mod
 import retok.train.params as params_mod
-from retok.config import to_yaml, validate_dict
-from retok.errors import RetokError
+from retok.core.config import to_yaml, validate_dict
+from retok.core.errors import RetokError
+from retok.core.stages import mark_stage, stage_dir
 from retok.pipeline import run_stage
-from retok.stages import mark_stage, stage_dir
 from retok.train.loss import chunked_lm_loss
 from tests.tiny import SAMPLE_TEXT, byte_level_tokenizer, save_model_folder, tiny_llama
 
@@ -480,7 +480,7 @@ def test_real_smollm2_short_run(tmp_path, assets):
     """SmolLM2-135M with a few added Chinese tokens (mean init), 3 steps: body frozen, tie kept, report sane."""
     from transformers import AutoModelForCausalLM
 
-    from retok.sources import load_tokenizer, resolve_model
+    from retok.core.sources import load_tokenizer, resolve_model
 
     GGUF, corpora = assets.gguf, assets.corpora
     assets.need(GGUF, corpora)

@@ -1,7 +1,7 @@
 """init-embeddings: rebuild the input embedding and LM head for a new tokenizer.
 
 stage.py       the stage entry ``init_embeddings(cfg, out)``
-(the token map, which old rows each new token comes from, is retok.tokenmap: train-io reads it too)
+(the token map, which old rows each new token comes from, is retok.core.tokenmap: train-io reads it too)
 methods.py     the embedding math (pure tensor functions)
 rows.py        the new matrices chunk by chunk (a TokenMap + a method)
 checkpoint.py  safetensors shards in, shards out, tensor by tensor (find the embedding and head, write)

@@ -15,10 +15,8 @@ from typing import Any, BinaryIO
 import torch
 from tqdm.auto import tqdm
 
-from retok.embeddings import methods
-from retok.embeddings.rows import Plan, matrix_chunks
-from retok.model_io import IoNames
-from retok.safetensors_io import (
+from retok.core.model_io import IoNames
+from retok.core.safetensors_io import (
     DTYPES,
     INDEX_FILE,
     OutTensor,
@@ -30,6 +28,8 @@ from retok.safetensors_io import (
     write_all,
     write_shard,
 )
+from retok.embeddings import methods
+from retok.embeddings.rows import Plan, matrix_chunks
 
 
 def write_model(

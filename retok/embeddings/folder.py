@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from retok.errors import RetokError
-from retok.model_io import IoNames
-from retok.stages import TOKENIZER_FILES
-from retok.tokenmap import COPY, TokenMap
+from retok.core.errors import RetokError
+from retok.core.model_io import IoNames
+from retok.core.stages import TOKENIZER_FILES
+from retok.core.tokenmap import COPY, TokenMap
 
 _ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id")
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from retok.config import RetokConfig
+from retok.core.config import RetokConfig
+from retok.core.errors import RetokError
 from retok.embeddings import methods
-from retok.errors import RetokError
 
 
 def fit_head_shift(cfg: RetokConfig, model_dir: Path, old_hf: Any) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -23,9 +23,9 @@ def fit_head_shift(cfg: RetokConfig, model_dir: Path, old_hf: Any) -> tuple[torc
     ``tokenizer.domains`` (the text the new tokens were learned for) and ``~= 0`` inside them. This is the
     only part of the stage that runs the whole model.
     """
-    from retok.data import domains as domain_names
-    from retok.data import load_domains
-    from retok.sources import load_model
+    from retok.core.data import domains as domain_names
+    from retok.core.data import load_domains
+    from retok.core.sources import load_model
 
     init = cfg.init
     if not cfg.data.train:

@@ -32,7 +32,7 @@ import torch
 Method = Literal["mean", "first", "last", "weighted", "random", "zero"]
 Side = Literal["input", "head"]
 
-# Kinds of rows (mirrors retok.tokenmap; duplicated to keep this module free of imports).
+# Kinds of rows (mirrors retok.core.tokenmap; duplicated to keep this module free of imports).
 COPY, SPECIAL, AVERAGED, FALLBACK, PADDING = 0, 1, 2, 3, 4
 
 _STAT_CHUNK = 8192  # rows per step when computing statistics of a (possibly bf16, 128k-row) matrix

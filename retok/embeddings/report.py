@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from retok.tokenmap import AVERAGED, TokenMap
-from retok.tokens import token_to_bytes
+from retok.core.tokenmap import AVERAGED, TokenMap
+from retok.core.tokens import token_to_bytes
 
 PAPER = "paper_mean"  # compare key: ReTok's plain mean for input and head rows, no head shift
 
@@ -201,11 +201,11 @@ def measure_bpb(
 
     import torch
 
-    from retok.bpb_memo import bpb_key, write_memo
-    from retok.data import load_domains
+    from retok.core.bpb_memo import bpb_key, write_memo
+    from retok.core.data import load_domains
+    from retok.core.metrics import bits_per_byte, score_starts
+    from retok.core.sources import load_model
     from retok.embeddings.rows import build_matrix
-    from retok.metrics import bits_per_byte, score_starts
-    from retok.sources import load_model
 
     docs = load_domains(cfg.data.eval, "data.eval", cfg.init.eval_max_bytes)
     print(

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from retok.core.tokenmap import FALLBACK, PADDING, TokenMap
 from retok.embeddings import methods
-from retok.tokenmap import FALLBACK, PADDING, TokenMap
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Plan:
     decay: float
     seed: int
     head_shift: torch.Tensor | None = None  # subtracted from new tokens' head rows (methods.shift_vector)
-    head_rows: torch.Tensor | None = None  # the whole head, fitted (init.fit_head): written as it is
+    head_rows: torch.Tensor | None = None  # the whole head, fitted (fit.at_init): written as it is
 
 
 def matrix_chunks(

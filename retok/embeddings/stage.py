@@ -3,7 +3,7 @@
     retok init-embeddings --config configs/smollm2-zh.yaml
 
 Reads and writes safetensors shards tensor by tensor (checkpoint.py): only the input embedding and the LM
-head are held in memory. The rows of the new matrices come from the TokenMap (retok.tokenmap), the pure
+head are held in memory. The rows of the new matrices come from the TokenMap (retok.core.tokenmap), the pure
 functions of methods.py and rows.py. The folder it writes loads with plain ``AutoModelForCausalLM`` /
 ``AutoTokenizer``.
 """
@@ -14,18 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retok.config import RetokConfig
+from retok.core.config import RetokConfig
+from retok.core.errors import RetokError
+from retok.core.model_io import IoNames, find_io_names
+from retok.core.safetensors_io import TensorInfo, load_tensor, read_checkpoint
+from retok.core.stages import read_tokenizer_meta, require_stage
+from retok.core.tokenmap import build_token_map, pick_pad_donor
 from retok.embeddings.checkpoint import write_model
-from retok.embeddings.fit import fit_head
 from retok.embeddings.folder import copy_tokenizer_files, verify_folder, write_configs
 from retok.embeddings.headshift import fit_head_shift
 from retok.embeddings.report import examples, measure_bpb, pieces_histogram, write_report
-from retok.embeddings.rows import Plan
-from retok.errors import RetokError
-from retok.model_io import IoNames, find_io_names
-from retok.safetensors_io import TensorInfo, load_tensor, read_checkpoint
-from retok.stages import read_tokenizer_meta, require_stage
-from retok.tokenmap import build_token_map, pick_pad_donor
+from retok.embeddings.rows import Plan, build_matrix
+from retok.headfit.run import fit_at_init
 
 
 def _check_init_config(cfg: RetokConfig, names: IoNames) -> None:
@@ -36,10 +36,10 @@ def _check_init_config(cfg: RetokConfig, names: IoNames) -> None:
                 "init.head_method: the model ties its LM head to the input embedding, so head rows ARE input rows; "
                 "set init.untie_head: true to give the head its own rows, or drop init.head_method"
             )
-        if init.fit_head:
+        if cfg.fit.at_init:
             raise RetokError(
-                "init.fit_head: the model ties its LM head to the input embedding, so fitting head rows would move "
-                "input rows too; set init.untie_head: true (the default), or init.fit_head: false"
+                "fit.at_init: the model ties its LM head to the input embedding, so fitting head rows would move "
+                "input rows too; set init.untie_head: true (the default), or fit.at_init: false"
             )
         if init.head_shift or init.head_shift_outside:
             raise RetokError(
@@ -60,7 +60,7 @@ class Inputs:
 
     @classmethod
     def load(cls, cfg: RetokConfig) -> Inputs:
-        from retok.sources import load_tokenizer, resolve_model
+        from retok.core.sources import load_tokenizer, resolve_model
 
         model_dir = resolve_model(cfg.model, cfg.cache)
         tok_dir = require_stage(cfg, "tokenizer", "init-embeddings")
@@ -130,17 +130,26 @@ def make_plan(cfg: RetokConfig, inputs: Inputs, layout: Layout) -> tuple[Plan, d
     calibration: dict[str, Any] = {}
     if (cfg.init.head_shift or cfg.init.head_shift_outside) and names.separate:
         plan.head_shift, calibration["head_shift"] = fit_head_shift(cfg, inputs.model_dir, inputs.old_hf)
-    if cfg.init.fit_head and names.separate and not cfg.data.train:
+    if cfg.fit.at_init and names.separate and not cfg.data.train:
         print(
-            "retok: note: init.fit_head skipped: data.train is empty (the head keeps its initial rows)",
+            "retok: note: fit.at_init skipped: data.train is empty (the head keeps its initial rows)",
             flush=True,
         )
         calibration["head_fit"] = {"skipped": "data.train is empty"}
-    elif cfg.init.fit_head and names.separate:
+    elif cfg.fit.at_init and names.separate:
         old_embed = load_tensor(layout.infos[names.embed])
         old_head = load_tensor(layout.infos[names.head]) if names.head is not None else old_embed
-        plan.head_rows, calibration["head_fit"] = fit_head(
-            cfg, inputs.model_dir, inputs.old_hf, inputs.new_hf, plan, old_embed, old_head
+        new_input, head0 = build_matrix(old_embed, plan, "input"), build_matrix(old_head, plan, "head")
+        plan.head_rows, calibration["head_fit"] = fit_at_init(
+            cfg,
+            inputs.model_dir,
+            inputs.old_hf,
+            inputs.new_hf,
+            plan.tmap,
+            new_input,
+            head0,
+            old_embed,
+            old_head,
         )
     return plan, calibration or None
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retok.bpb_memo import read_memo
-from retok.config import ModelConfig, RetokConfig
-from retok.data import domains as domain_names
-from retok.data import iter_domain, load_domains
-from retok.errors import RetokError
+from retok.core.bpb_memo import read_memo
+from retok.core.config import ModelConfig, RetokConfig
+from retok.core.data import domains as domain_names
+from retok.core.data import iter_domain, load_domains
+from retok.core.errors import RetokError
+from retok.core.stages import model_source, require_stage, stage_dir
 from retok.evaluate.report import charts, clean, compare, device_name, fmt, markdown_table, render_markdown
-from retok.stages import model_source, require_stage, stage_dir
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -104,7 +104,7 @@ def piece_bytes(cfg: RetokConfig) -> int:
 
 def _token_nbytes(tok: Any) -> dict[int, int]:
     """Byte length of every id that stands for text (specials excluded), for free-generation byte counts."""
-    from retok.tokens import token_bytes_table
+    from retok.core.tokens import token_bytes_table
 
     try:
         return {i: len(b) for i, b in token_bytes_table(tok.backend_tokenizer).items()}
@@ -127,7 +127,7 @@ class _Loaded:
     """One model, its tokenizer and what the report says about it."""
 
     def __init__(self, cfg: RetokConfig, role: str, mcfg: ModelConfig, folder: Path, tok: Any) -> None:
-        from retok.sources import check_rows_cover_tokenizer, load_model
+        from retok.core.sources import check_rows_cover_tokenizer, load_model
 
         self.role = role
         self.tok = tok
@@ -166,10 +166,10 @@ def _quality(
     memo: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Bytes per token and sliding-window BPB of one model on every domain (scoring from ``starts``, which
-    are the same for both models). ``memo``: figures an earlier stage measured (retok.bpb_memo); a domain whose
+    are the same for both models). ``memo``: figures an earlier stage measured (retok.core.bpb_memo); a domain whose
     key is there is not scored again."""
-    from retok.bpb_memo import bpb_key, remembered
-    from retok.metrics import bits_per_byte, bytes_per_token
+    from retok.core.bpb_memo import bpb_key, remembered
+    from retok.core.metrics import bits_per_byte, bytes_per_token
 
     ev = cfg.eval
     out: dict[str, dict[str, Any]] = {}
@@ -372,8 +372,8 @@ class Inputs:
 
 def read_inputs(cfg: RetokConfig) -> Inputs:
     """Text, models and tokenizers, checked: bad input fails before minutes of model loading."""
-    from retok.metrics import score_starts
-    from retok.sources import check_config_rows, load_tokenizer, require_causal_lm, resolve_model
+    from retok.core.metrics import score_starts
+    from retok.core.sources import check_config_rows, load_tokenizer, require_causal_lm, resolve_model
 
     ev = cfg.eval
     if not cfg.data.eval:
@@ -428,7 +428,7 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     import torch
     import transformers
 
-    from retok.sources import pick_device, pick_dtype, set_threads
+    from retok.core.sources import pick_device, pick_dtype, set_threads
 
     device = pick_device(cfg.compute.device)  # an unknown device fails here, before anything is loaded
     set_threads(cfg.compute.threads)

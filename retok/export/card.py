@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from retok.config import RetokConfig
+from retok.core.config import RetokConfig
+from retok.core.stages import CONFIG_FILE
 from retok.export.verdict import Check
-from retok.stages import CONFIG_FILE
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from retok.errors import RetokError
+from retok.core.errors import RetokError
+from retok.core.safetensors_io import TensorInfo, tensor_table
+from retok.core.sources import require_causal_lm
 from retok.export.verdict import Check
-from retok.safetensors_io import TensorInfo, tensor_table
-from retok.sources import require_causal_lm
 
 # A string that exercises every script family retok users care about, whitespace runs and digits.
 ROUND_TRIP_TEXT = (
@@ -463,9 +463,9 @@ def check_up_to_date(folder: Path) -> Check | None:
     would read, it is complete)? None for any other folder, or one moved out of its run folder."""
     import yaml
 
-    from retok.config import validate_dict
-    from retok.freshness import judge
-    from retok.stages import CONFIG_FILE, STAGE_FILE, STAGES, stage_dir
+    from retok.core.config import validate_dict
+    from retok.core.freshness import judge
+    from retok.core.stages import CONFIG_FILE, STAGE_FILE, STAGES, stage_dir
 
     try:
         meta = json.loads((folder / STAGE_FILE).read_text(encoding="utf-8"))

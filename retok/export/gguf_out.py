@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retok.errors import RetokError
-from retok.safetensors_io import TensorInfo, load_tensor, tensor_table
+from retok.core.errors import RetokError
+from retok.core.safetensors_io import TensorInfo, load_tensor, tensor_table
 
 # export.gguf -> (tensor type of matrices, general.file_type); vectors (norms, biases) stay F32 as in llama.cpp.
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -114,7 +114,7 @@ def gguf_vocab(tok: Any, rows: int) -> Vocab:
     """The GGUF vocabulary of a fast tokenizer, padded to ``rows`` embedding rows."""
     import json
 
-    from retok.tokens import detect_family
+    from retok.core.tokens import detect_family
 
     g = _gguf()
     tt = g.TokenType

@@ -51,7 +51,7 @@ def gguf_advice(old_tok: Any, new_tok: Any, old_pre: str | None, family: str | N
     (normalizer + pre-tokenizer) is unchanged, and the old tokenizer's llama.cpp name.
 
     ``old_pre`` is the old tokenizer's llama.cpp name (from its GGUF's ``tokenizer.ggml.pre``) or None, in
-    which case the known-hash table is tried. ``family`` is retok.tokens' family of the new tokenizer. When the
+    which case the known-hash table is tried. ``family`` is retok.core.tokens' family of the new tokenizer. When the
     split is unchanged, the GGUF retok writes keeps that name (export.gguf); no script needs patching.
     """
     old_hash, new_hash = chkhsh(old_tok), chkhsh(new_tok)

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from retok.errors import RetokError
-from retok.safetensors_io import DTYPE_BYTES, INDEX_FILE, tensor_table
+from retok.core.errors import RetokError
+from retok.core.safetensors_io import DTYPE_BYTES, INDEX_FILE, tensor_table
 
 _ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 

@@ -18,13 +18,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from retok.config import RetokConfig, parse_size
-from retok.errors import PartialOutput, RetokError
+from retok.core.config import RetokConfig, parse_size
+from retok.core.errors import PartialOutput, RetokError
+from retok.core.freshness import stage_status
+from retok.core.stages import model_source, require_stage, stage_dir
 from retok.export.card import model_card
 from retok.export.check import check_folder, ids_list, print_checks
 from retok.export.shards import stream_weights
-from retok.freshness import stage_status
-from retok.stages import model_source, require_stage, stage_dir
 
 REPORT_JSON = "retok_export.json"
 
@@ -109,14 +109,14 @@ def _model_name(cfg: RetokConfig) -> str:
 
 def _source_gguf(cfg: RetokConfig) -> Path | None:
     """model.path when it is a GGUF file (its metadata is carried into the exported GGUF), else None."""
-    from retok.config import expand
+    from retok.core.config import expand
 
     path = Path(expand(cfg.model.path))
     return path if path.suffix.lower() == ".gguf" and path.is_file() else None
 
 
 def _old_pre_name(cfg: RetokConfig) -> str | None:
-    from retok.sources import read_gguf_metadata
+    from retok.core.sources import read_gguf_metadata
 
     if cfg.export.gguf_pre:
         return cfg.export.gguf_pre
@@ -177,9 +177,9 @@ def export_gguf(
 
 
 def _llamacpp(cfg: RetokConfig, new_tok: Any) -> dict[str, Any]:
+    from retok.core.sources import load_tokenizer, resolve_model
+    from retok.core.tokens import detect_family
     from retok.export.llamacpp import gguf_advice
-    from retok.sources import load_tokenizer, resolve_model
-    from retok.tokens import detect_family
 
     old_tok = load_tokenizer(
         resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
@@ -195,7 +195,7 @@ def _llamacpp(cfg: RetokConfig, new_tok: Any) -> dict[str, Any]:
 
 def export_model(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     """Write the final folder into ``out`` and check it; RetokError if the check fails."""
-    from retok.sources import load_tokenizer
+    from retok.core.sources import load_tokenizer
 
     src = export_source(cfg)
     max_bytes = parse_size(cfg.export.max_shard_size)

@@ -40,8 +40,8 @@ import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
-from retok.errors import RetokError
-from retok.tokens import SPIECE_SPACE, Family, bytes_to_symbols, detect_family, token_to_bytes
+from retok.core.errors import RetokError
+from retok.core.tokens import SPIECE_SPACE, Family, bytes_to_symbols, detect_family, token_to_bytes
 
 SPACE = 32  # the word break in the unit text
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")

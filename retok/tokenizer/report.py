@@ -13,9 +13,9 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from retok.errors import RetokError
+from retok.core.errors import RetokError
+from retok.core.tokens import detect_family, token_to_bytes
 from retok.tokenizer.extend import unreachable
-from retok.tokens import detect_family, token_to_bytes
 
 NUMBER = re.compile(r"\d+(?:[.,:/-]\d+)*")
 NUMBER_PROBES = [

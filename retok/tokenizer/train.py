@@ -26,7 +26,8 @@ from typing import Any
 
 from tokenizers import Regex, Tokenizer, pre_tokenizers, trainers
 
-from retok.errors import RetokError
+from retok.core.errors import RetokError
+from retok.core.tokens import SPIECE_SPACE, detect_family
 from retok.tokenizer.extend import (
     TrainingText,
     pre_tokenizer_types,
@@ -35,7 +36,6 @@ from retok.tokenizer.extend import (
     tokenizer_json,
     weight_ratios,
 )
-from retok.tokens import SPIECE_SPACE, detect_family
 
 SPIECE_WORDS = f"{SPIECE_SPACE}+[^{SPIECE_SPACE}]*|[^{SPIECE_SPACE}]+"
 

@@ -2,8 +2,8 @@
 model does on the same text.
 
 Student: the model being trained, on the NEW segmentation. Teacher: the same frozen body with the OLD
-embedding and head, on the OLD segmentation of the same bytes (retok.teacher: no second model in memory).
-At every student position that has a teacher position (they end at the same byte, retok.alignment), the
+embedding and head, on the OLD segmentation of the same bytes (retok.teacher.body: no second model in memory).
+At every student position that has a teacher position (they end at the same byte, retok.teacher.alignment), the
 student's hidden state after decoder layer l is pulled towards the teacher's, for each l in
 ``train.distill_layers``: mean squared error normalised by the teacher's mean squared norm at that layer,
 so layers of different scales weigh alike; a block's first position is left out (see forward). The deepest
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from retok.config import RetokConfig
-from retok.teacher import Teacher, body_forward
+from retok.core.config import RetokConfig
+from retok.teacher.body import Teacher, body_forward
 from retok.train.loss import chunked_lm_loss
 from retok.train.packing import PairBatch
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from retok.errors import RetokError
+from retok.core.errors import RetokError
 from retok.train.params import activation_checkpointing
 from retok.train.state import CKPT, TrainState, swap_in
 
@@ -91,8 +91,8 @@ def load_sharded(
     from torch.distributed.tensor import distribute_tensor
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from retok.safetensors_io import load_tensor, tensor_table
-    from retok.sources import check_model_folder
+    from retok.core.safetensors_io import load_tensor, tensor_table
+    from retok.core.sources import check_model_folder
 
     check_model_folder(folder, allow_pickle=False)
     conf = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
@@ -301,7 +301,7 @@ def save_consolidated(
 ) -> None:
     """A plain Hugging Face folder from the sharded model: one tensor gathered at a time (every process takes
     part in each gather; the main process writes), shards of at most ``max_shard_bytes``."""
-    from retok.safetensors_io import OutTensor, tensor_bytes, write_shard
+    from retok.core.safetensors_io import OutTensor, tensor_bytes, write_shard
 
     items = _unique_state(model)
     st_dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}

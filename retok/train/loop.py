@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from retok.config import RetokConfig
-from retok.errors import RetokError
+from retok.core.config import RetokConfig
+from retok.core.errors import RetokError
 from retok.train.loss import IOLoss
 from retok.train.params import (
     IOParams,
@@ -57,7 +57,7 @@ class Run:
     eval_starts: dict[str, list[int]]  # where scoring starts in each eval document (same for both models)
     old_tok: Any  # the original model's tokenizer
     tokens_per_step: int
-    teacher: Any = None  # retok.teacher.Teacher for the distillation objectives
+    teacher: Any = None  # retok.teacher.body.Teacher for the distillation objectives
     piece_map: Any = None  # retok.train.piecemap.PieceMap of the io phase (train.piece_map), or None
     strategy: str = "single"  # single, ddp or fsdp
     root: Any = (
@@ -73,7 +73,7 @@ class Run:
 
 def held_out_bpb(run: Run, model: nn.Module, tok: Any, label: str) -> dict[str, float]:
     """BPB per data.eval domain (call on the main process)."""
-    from retok.metrics import bits_per_byte
+    from retok.core.metrics import bits_per_byte
 
     out = {}
     with run.acc.autocast():
@@ -110,13 +110,13 @@ def evaluate(run: Run, model: nn.Module, label: str) -> dict[str, float]:
 
 def original_bpb(run: Run) -> dict[str, float]:
     """BPB of the original model with its ORIGINAL tokenizer on the same held-out text (main process)."""
-    from retok.sources import load_model, resolve_model
+    from retok.core.sources import load_model, resolve_model
 
     out: dict[str, float] = {}
     if (
         run.root is not None and run.eval_docs
     ):  # FSDP: the shared sharded body with the old embedding and head
-        from retok.teacher import OriginalLM, load_teacher
+        from retok.teacher.body import OriginalLM, load_teacher
         from retok.train.fsdp import gathered
 
         m = run.cfg.model

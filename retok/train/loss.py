@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from retok.errors import RetokError
+from retok.core.errors import RetokError
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

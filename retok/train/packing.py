@@ -12,7 +12,7 @@ document when it runs out (another epoch), so ``weight`` alone decides how often
 
 With a teacher (``old_tokenizer``: the distillation objectives), every block is a :class:`Pair`: the block's
 new ids, the OLD tokenizer's ids of exactly the same bytes, and for each new position the old position that
-ends at the same byte (retok.alignment), so the original model can be run on the same text.
+ends at the same byte (retok.teacher.alignment), so the original model can be run on the same text.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from retok.alignment import ByteLengths, align_ends
-from retok.config import DataSource
-from retok.data import iter_source
-from retok.errors import RetokError
+from retok.core.config import DataSource
+from retok.core.data import iter_source
+from retok.core.errors import RetokError
+from retok.teacher.alignment import ByteLengths, align_ends
 
 DOCS_PER_ENCODE = 64  # documents per encode_batch call: the fast tokenizer parallelises over a batch
 CACHE_TOKENS = 16_000_000  # sources up to this many tokens (64 MB as int32) are kept in memory after epoch 1

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from retok.config import RetokConfig
+from retok.core.config import RetokConfig
 
 Phase = Literal["io", "all"]
 ADAM_BETAS = (0.9, 0.95)  # the usual LLM-training betas; 0.999 reacts too slowly for a short run

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from retok.config import RetokConfig
+from retok.core.config import RetokConfig
 from retok.train.state import TrainState
 
 CURVE = "train_curve.png"
@@ -115,7 +115,7 @@ def write_report(
     piece_map: dict | None = None,
 ) -> dict:
     """Write train_report.json/.md and train_curve.png into ``out``; returns the JSON report. ``head_fit``: the
-    report of train.fit_head (None when it did not run); ``piece_map``: rows, pieces and lr of train.piece_map
+    report of fit.after_train (None when it did not run); ``piece_map``: rows, pieces and lr of train.piece_map
     (None when off)."""
     losses, evals = read_metrics(out / "metrics.jsonl")
     original, init = state.original or {}, state.init or {}
@@ -240,11 +240,11 @@ def _markdown(r: dict, cfg: RetokConfig) -> str:
         lines += [
             "",
             f"After the steps the head rows of {hf['rows_fitted']:,} new tokens were fitted on the states of the "
-            f"trained input rows (train.fit_head, {hf['stage_seconds'] / 60:.1f} min): held-out CE "
+            f"trained input rows (fit.after_train, {hf['stage_seconds'] / 60:.1f} min): held-out CE "
             f"{hf['held_out_ce']['start']:.3f} -> {hf['held_out_ce']['fitted']:.3f} nats/token; `final` includes it.",
         ]
     elif hf:
-        lines += ["", f"train.fit_head skipped: {hf['skipped']}."]
+        lines += ["", f"fit.after_train skipped: {hf['skipped']}."]
     lines += ["", "## How far from the original BPB", ""]
     for d, e in r["estimate_to_original"].items():
         if e is None:

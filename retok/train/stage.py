@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from retok.config import RetokConfig
-from retok.errors import RetokError
-from retok.stages import TOKENIZER_FILES, fingerprint, new_token_ids, require_stage
+from retok.core.config import RetokConfig
+from retok.core.errors import RetokError
+from retok.core.stages import TOKENIZER_FILES, fingerprint, new_token_ids, require_stage
 from retok.train.loop import (
     HeapTrimmer,  # noqa: F401  (re-exported for tests)
     MetricsLog,
@@ -59,7 +59,7 @@ def _accelerator(cfg: RetokConfig, state_dir: Path) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available, is_wandb_available
 
-    from retok.sources import pick_device
+    from retok.core.sources import pick_device
 
     t = cfg.train
     # cpu=True also when no accelerator exists: that is what makes Accelerate set up gloo (MULTI_CPU) when
@@ -94,10 +94,10 @@ def training_sources(cfg: RetokConfig) -> list:
 def _teacher(cfg: RetokConfig, model: nn.Module, tok: Any, old_tok: Any) -> Any:
     """The original model for the distillation objectives: this model's body with the original checkpoint's
     embedding and head (read alone); refused when the layers or the tokenizers do not allow it."""
-    from retok.alignment import ByteLengths, align
-    from retok.data import load_domains
-    from retok.sources import resolve_model
-    from retok.teacher import load_teacher
+    from retok.core.data import load_domains
+    from retok.core.sources import resolve_model
+    from retok.teacher.alignment import ByteLengths, align
+    from retok.teacher.body import load_teacher
 
     t = cfg.train
     n_layers = model.config.get_text_config().num_hidden_layers
@@ -130,7 +130,7 @@ def _teacher(cfg: RetokConfig, model: nn.Module, tok: Any, old_tok: Any) -> Any:
 
 def _tokenizer(cfg: RetokConfig, tok_dir: Path, init_dir: Path) -> Any:
     """The new tokenizer; model-init's copy (which ships with the model) must have the same vocabulary."""
-    from retok.sources import load_tokenizer
+    from retok.core.sources import load_tokenizer
 
     tok = load_tokenizer(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
     if not (init_dir / "tokenizer.json").is_file():
@@ -145,7 +145,7 @@ def _tokenizer(cfg: RetokConfig, tok_dir: Path, init_dir: Path) -> Any:
 
 
 def _load_init_model(cfg: RetokConfig, init_dir: Path, tok: Any, device: Any) -> nn.Module:
-    from retok.sources import check_rows_cover_tokenizer, load_model
+    from retok.core.sources import check_rows_cover_tokenizer, load_model
 
     # fp32 master weights; mixed precision (bf16 on GPUs) is autocast on top.
     model = load_model(
@@ -199,9 +199,9 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
 
     Returns the report (train_report.json) on the main process, {} on the others.
     """
-    from retok.data import load_domains
-    from retok.metrics import score_starts
-    from retok.sources import load_tokenizer, resolve_model
+    from retok.core.data import load_domains
+    from retok.core.metrics import score_starts
+    from retok.core.sources import load_tokenizer, resolve_model
     from retok.train.packing import check_sources
 
     wall0 = time.time()
@@ -238,16 +238,16 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
         resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
     )
     eval_starts = {d: score_starts([old_tok, tok], texts) for d, texts in eval_docs.items()}
-    if t.fit_head:
-        from retok.headfit_run import check_refit
-        from retok.stages import read_tokenizer_meta
+    if cfg.fit.after_train:
+        from retok.core.stages import read_tokenizer_meta
+        from retok.headfit.run import check_refit
 
         check_refit(cfg, old_tok, tok, tok_dir, read_tokenizer_meta(tok_dir))
 
     # ---- the model
     root = None
     if strategy == "fsdp":  # each process reads only its shards of model-init (the parameters are DTensors)
-        from retok.sources import check_rows_cover_tokenizer
+        from retok.core.sources import check_rows_cover_tokenizer
         from retok.train.fsdp import load_sharded
 
         model, root = load_sharded(
@@ -319,9 +319,9 @@ def _piece_map(cfg: RetokConfig, io: Any, old_tok: Any, tok: Any, tok_dir: Path)
     """train.piece_map: the map over the new rows that learn and have pieces (refused under FSDP earlier)."""
     if not cfg.train.piece_map_on():
         return None
-    from retok.headfit_run import original_rows_and_map
-    from retok.stages import read_tokenizer_meta
-    from retok.tokenmap import AVERAGED
+    from retok.core.stages import read_tokenizer_meta
+    from retok.core.tokenmap import AVERAGED
+    from retok.headfit.run import original_rows_and_map
     from retok.train.piecemap import PieceMap
 
     old_embed, _, tmap = original_rows_and_map(cfg, old_tok, tok, tok_dir, read_tokenizer_meta(tok_dir))
@@ -437,16 +437,16 @@ def _train(run: Run, state: TrainState, log: MetricsLog) -> None:
 
 
 def _fit_head(run: Run, state: TrainState, tok_dir: Path, out: Path) -> dict | None:
-    """Main process, after the steps (train.fit_head): the new tokens' head rows fitted on the states of the
-    trained input rows (retok.headfit_run.refit_head), the held-out BPB measured again and logged. Under
+    """Main process, after the steps (fit.after_train): the new tokens' head rows fitted on the states of the
+    trained input rows (retok.headfit.run.refit_head), the held-out BPB measured again and logged. Under
     FSDP the consolidated folder is loaded whole, fitted and written again."""
-    from retok.headfit_run import refit_head
-    from retok.sources import load_model
-    from retok.stages import read_tokenizer_meta
+    from retok.core.sources import load_model
+    from retok.core.stages import read_tokenizer_meta
+    from retok.headfit.run import refit_head
     from retok.train.loop import held_out_bpb
 
     cfg = run.cfg
-    if not cfg.train.fit_head:
+    if not cfg.fit.after_train:
         return None
     if run.root is None:
         model = run.acc.unwrap_model(run.model)
@@ -459,7 +459,7 @@ def _fit_head(run: Run, state: TrainState, tok_dir: Path, out: Path) -> dict | N
         model = load_model(out, dtype=stored, device="cpu" if dev.type == "cpu" else str(dev))
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or head.weight is emb.weight:
-        print("retok: note: train.fit_head skipped: the LM head is tied to the input embedding", flush=True)
+        print("retok: note: fit.after_train skipped: the LM head is tied to the input embedding", flush=True)
         return {"skipped": "the LM head is tied to the input embedding (set init.untie_head: true)"}
     print(
         "retok: train-io: fitting the head rows of new tokens on the trained input rows' states", flush=True

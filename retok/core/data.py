@@ -15,8 +15,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from retok.config import DataSource, expand
-from retok.errors import RetokError
+from retok.core.config import DataSource, expand
+from retok.core.errors import RetokError
 
 SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 

@@ -1,8 +1,8 @@
 """The head fit run on a model: the text it reads, the checks before it, the states and the fit itself
 (the math is retok.headfit). Shared by the two places that fit new tokens' LM-head rows:
 
-- init-embeddings (``init.fit_head``): on the states of the INITIAL input rows (retok.embeddings.fit);
-- train-io (``train.fit_head``, the default recipe): after the steps, on the states of the TRAINED input rows
+- init-embeddings (``fit.at_init``): on the states of the INITIAL input rows (:func:`fit_at_init`);
+- train-io (``fit.after_train``, the default recipe): after the steps, on the states of the TRAINED input rows
   (:func:`refit_head`), which the head then really sees. On the demo that order took zh from 1.156x to 1.140x
   of the original model's BPB (the same distilled input rows, the same fit).
 """
@@ -13,9 +13,16 @@ from typing import Any
 
 import torch
 
-from retok.config import RetokConfig
-from retok.errors import RetokError
-from retok.tokenmap import AVERAGED, COPY, FALLBACK, SPECIAL
+from retok.core.config import RetokConfig
+from retok.core.data import domains as domain_names
+from retok.core.data import load_domains
+from retok.core.errors import RetokError
+from retok.core.model_io import read_io_matrices
+from retok.core.sources import load_model, resolve_model
+from retok.core.tokenmap import AVERAGED, COPY, FALLBACK, SPECIAL, build_token_map
+from retok.headfit.fit import FitResult, first_pieces, fit_rows, piece_features
+from retok.headfit.states import States, collect_states
+from retok.teacher.body import Teacher
 
 
 def fit_budgets(names: list[str], targets: list[str] | None, total: int) -> dict[str, int]:
@@ -29,11 +36,9 @@ def fit_budgets(names: list[str], targets: list[str] | None, total: int) -> dict
 
 
 def fit_text(cfg: RetokConfig) -> dict[str, list[str]]:
-    from retok.data import domains as domain_names
-    from retok.data import load_domains
 
     names = domain_names(cfg.data.train)
-    budgets = fit_budgets(names, cfg.tokenizer.domains, cfg.init.fit_bytes)
+    budgets = fit_budgets(names, cfg.tokenizer.domains, cfg.fit.bytes)
     return {n: load_domains(cfg.data.train, "data.train", b, only=[n])[n] for n, b in budgets.items()}
 
 
@@ -56,7 +61,7 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def forward_dtype(setting: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of the head fit's forward passes (init.fit_forward_dtype) for a model held in ``model_dtype``."""
+    """The dtype of the head fit's forward passes (fit.forward_dtype) for a model held in ``model_dtype``."""
     if setting == "model" or model_dtype != torch.float32:
         return model_dtype
     if setting == "bfloat16" or native_bf16(device):
@@ -84,12 +89,12 @@ def fit_cache_bytes(cfg: RetokConfig, n_states: int, hidden: int, n_learn: int) 
     with the shared map, its features (float32, 2 or 3 x hidden per learning row) and the map with its gradient
     and Adam moments."""
     # top-k probabilities (4 bytes) and ids (8) at the aligned position; per tree depth 4 + 4 + 4 (group) + 8
-    teacher = cfg.init.fit_teacher_weight > 0
-    depth = cfg.init.fit_tree_depth
+    teacher = cfg.fit.teacher_weight > 0
+    depth = cfg.fit.tree_depth
     per_state = hidden * 2 + 8 + (TOP_K * 12 + depth * (TOP_K * 12 + 8) if teacher else 0)
     need = n_states * per_state * 2
-    if cfg.init.fit_shared_map:
-        blocks = 3 if cfg.init.fit_input_feature else 2
+    if cfg.fit.shared_map:
+        blocks = 3 if cfg.fit.input_feature else 2
         need += n_learn * blocks * hidden * 4 * 2 + blocks * hidden * hidden * 4 * 4
     return need
 
@@ -103,21 +108,21 @@ def check_fit_inputs(
     n_learn: int,
 ) -> None:
     """Refuse, before any forward pass: an original tokenizer with ids past the original rows (the teacher
-    would index past its embedding), and cached states that would not fit init.fit_max_memory_mb."""
+    would index past its embedding), and cached states that would not fit fit.max_memory_mb."""
     top = max(old_hf.get_vocab().values())
     if top >= old_embed.shape[0]:
         raise RetokError(
-            f"init.fit_head: model.path's tokenizer has id {top} but its embedding has {old_embed.shape[0]} rows: "
+            f"fit.at_init: model.path's tokenizer has id {top} but its embedding has {old_embed.shape[0]} rows: "
             "the tokenizer does not belong to this checkpoint; give the model's own tokenizer"
         )
     n = sum(
         len(ids) for texts in docs.values() for ids in new_hf(texts, add_special_tokens=False)["input_ids"]
     )
     need_mb = fit_cache_bytes(cfg, n, old_embed.shape[1], n_learn) / 1e6
-    if need_mb > cfg.init.fit_max_memory_mb:
+    if need_mb > cfg.fit.max_memory_mb:
         raise RetokError(
-            f"init.fit_bytes: the head fit would cache {n:,} states and its map ({need_mb:,.0f} MB), over "
-            f"init.fit_max_memory_mb={cfg.init.fit_max_memory_mb}; lower init.fit_bytes or raise the cap"
+            f"fit.bytes: the head fit would cache {n:,} states and its map ({need_mb:,.0f} MB), over "
+            f"fit.max_memory_mb={cfg.fit.max_memory_mb}; lower fit.bytes or raise the cap"
         )
 
 
@@ -125,9 +130,6 @@ def original_rows_and_map(
     cfg: RetokConfig, old_hf: Any, new_hf: Any, tok_dir: Any, meta: dict[str, Any] | None
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """The original checkpoint's embedding and head (memory-mapped) and the token map of the new tokenizer."""
-    from retok.model_io import read_io_matrices
-    from retok.sources import resolve_model
-    from retok.tokenmap import build_token_map
 
     old_embed, old_head = read_io_matrices(
         resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
@@ -146,34 +148,57 @@ def original_rows_and_map(
 def check_refit(
     cfg: RetokConfig, old_hf: Any, new_hf: Any, tok_dir: Any, meta: dict[str, Any] | None
 ) -> None:
-    """train-io, before any step: refuse a train.fit_head that would fail after the training (the fit text, the
+    """train-io, before any step: refuse a fit.after_train that would fail after the training (the fit text, the
     memory cap of its cached states), so that nothing is trained in vain."""
     if not cfg.data.train:
         raise RetokError(
-            "train.fit_head needs data.train text to fit the head on; add sources or set it to false"
+            "fit.after_train needs data.train text to fit the head on; add sources or set it to false"
         )
     old_embed, _, tmap = original_rows_and_map(cfg, old_hf, new_hf, tok_dir, meta)
     n_learn = len(tmap.ids(AVERAGED)) + len(tmap.ids(FALLBACK))
     check_fit_inputs(cfg, fit_text(cfg), old_hf, new_hf, old_embed, n_learn=n_learn)
 
 
+def fit_at_init(
+    cfg: RetokConfig,
+    model_dir: Any,
+    old_hf: Any,
+    new_hf: Any,
+    tmap: Any,
+    new_input: torch.Tensor,
+    head0: torch.Tensor,
+    old_embed: torch.Tensor,
+    old_head: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """init-embeddings (fit.at_init): (the fitted head matrix in the original head's dtype, a report), on the
+    states of the INITIAL input rows ``new_input`` on the original body (loaded from ``model_dir``; the new
+    folder is not written yet). ``head0``: the initialised head the new rows start from."""
+
+    model = load_model(
+        model_dir,
+        dtype=cfg.compute.dtype,
+        device=cfg.compute.device,
+        trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle=cfg.model.allow_pickle,
+    )
+    head, report = fit_new_rows(cfg, model, old_hf, new_hf, tmap, new_input, head0, old_embed, old_head)
+    return head.to(old_head.dtype), report
+
+
 def refit_head(
     cfg: RetokConfig, model: Any, old_hf: Any, new_hf: Any, tok_dir: Any, meta: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """train-io (train.fit_head): fit the head rows of new tokens of ``model`` (the trained model, body
+    """train-io (fit.after_train): fit the head rows of new tokens of ``model`` (the trained model, body
     frozen) on the states its OWN input rows produce, in place; returns the report. Which rows are new and
     their pieces come from the token map, the teacher's rows from the original checkpoint."""
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     if head is None or head.weight is emb.weight:
         raise RetokError(
-            "train.fit_head: the model's LM head is tied to its input embedding, so its rows cannot be fitted "
-            "apart; set init.untie_head: true (or train.fit_head: false)"
+            "fit.after_train: the model's LM head is tied to its input embedding, so its rows cannot be fitted "
+            "apart; set init.untie_head: true (or fit.after_train: false)"
         )
     old_embed, old_head, tmap = original_rows_and_map(cfg, old_hf, new_hf, tok_dir, meta)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
     fitted, report = fit_new_rows(
         cfg,
         model,
@@ -201,85 +226,113 @@ def fit_new_rows(
     old_embed: torch.Tensor,
     old_head: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The head fit on ``model``'s body (frozen, eval mode) with ``new_input`` as its input rows: the new
-    tokens' head rows start from ``head0``'s and are fitted (retok.headfit) with the original model (the same
-    body with ``old_embed``/``old_head``) as teacher. Returns (the whole fitted head, float32 on the CPU, a
-    report of the fit)."""
-    from retok.headfit import collect_states, first_pieces, fit_rows, piece_features
-    from retok.teacher import Teacher
-
-    init = cfg.init
+    """The head fit on ``model``'s body (frozen here, and put in eval mode) with ``new_input`` as its input rows:
+    the new tokens' head rows start from ``head0``'s and are fitted (retok.headfit) with the original model (the
+    same body with ``old_embed``/``old_head``) as teacher. Returns (the whole fitted head, float32 on the CPU,
+    a report of the fit)."""
     if not cfg.data.train:
-        raise RetokError(
-            "init.fit_head needs data.train text to fit the head on; add sources or set it to false"
-        )
+        raise RetokError("the head fit needs data.train text to fit the head on; add sources or turn it off")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
     docs = fit_text(cfg)
-    learn = torch.zeros(tmap.n_rows, dtype=torch.bool)
-    learn[torch.as_tensor(tmap.ids(AVERAGED))] = True
-    learn[torch.as_tensor(tmap.ids(FALLBACK), dtype=torch.long)] = True
+    learn = learning_rows(tmap)
     check_fit_inputs(cfg, docs, old_hf, new_hf, old_embed, n_learn=int(learn.sum()))
     if getattr(model.config.get_text_config(), "final_logit_softcapping", None):
         raise RetokError(
-            "init.fit_head: this model soft-caps its logits (final_logit_softcapping), which the head fit does not "
-            "model yet; set init.fit_head: false"
+            "the head fit: this model soft-caps its logits (final_logit_softcapping), which the fit does not model "
+            "yet; set fit.at_init and fit.after_train to false"
         )
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    fwd = forward_dtype(init.fit_forward_dtype, dtype, device)
-    body = model if fwd == dtype else forward_copy(model, fwd)
-    teacher = Teacher(body, old_embed, old_head) if init.fit_teacher_weight > 0 else None
-    tree_depth = init.fit_tree_depth if teacher is not None else 0
-    states = collect_states(
-        body,
-        new_hf,
-        docs,
-        window=init.fit_window,
-        teacher=teacher,
-        old_tok=old_hf,
-        top_k=TOP_K,
-        tree_depth=tree_depth,
-        teacher_fraction=init.fit_teacher_fraction,
-        embed_weight=new_input.to(device=device, dtype=fwd),
-        desc="fit head: forward",
-    )
-    del model, body, teacher
+    device = next(model.parameters()).device
+    states, fwd = _states(cfg, model, old_hf, new_hf, docs, new_input, old_embed, old_head)
+    del model
+    fit = cfg.fit
     copies = {int(i): int(tmap.source[i]) for kind in (COPY, SPECIAL) for i in tmap.ids(kind)}
-    first = first_pieces(tmap.n_rows, tmap.pieces, copies)
-    features = (
-        piece_features(
-            old_head,
-            tmap.pieces,
-            torch.nonzero(learn).squeeze(1),
-            input_rows=new_input if init.fit_input_feature else None,
+    features = None
+    if fit.shared_map:
+        rows = torch.nonzero(learn).squeeze(1)
+        features = piece_features(
+            old_head, tmap.pieces, rows, input_rows=new_input if fit.input_feature else None
         )
-        if init.fit_shared_map
-        else None
-    )
     result = fit_rows(
         states,
         head0,
         learn,
-        first_piece=first,
+        first_piece=first_pieces(tmap.n_rows, tmap.pieces, copies),
         pieces=tmap.pieces,
-        kl_weight=init.fit_teacher_weight,
+        kl_weight=fit.teacher_weight,
         features=features,
-        map_lr=init.fit_map_lr,
-        lr=init.fit_lr,
-        max_epochs=init.fit_epochs,
+        map_lr=fit.map_lr,
+        lr=fit.lr,
+        max_epochs=fit.epochs,
         seed=cfg.seed,
         device=device,
         log=lambda m: print(f"retok: {m}", flush=True),
     )
+    return result.head.float(), _report(cfg, states, learn, fwd, result)
+
+
+def learning_rows(tmap: Any) -> torch.Tensor:
+    """The rows the fit moves: those of new tokens (averaged from their pieces, or a fallback row)."""
+    learn = torch.zeros(tmap.n_rows, dtype=torch.bool)
+    learn[torch.as_tensor(tmap.ids(AVERAGED), dtype=torch.long)] = True
+    learn[torch.as_tensor(tmap.ids(FALLBACK), dtype=torch.long)] = True
+    return learn
+
+
+def _states(
+    cfg: RetokConfig,
+    model: Any,
+    old_hf: Any,
+    new_hf: Any,
+    docs: dict[str, list[str]],
+    new_input: torch.Tensor,
+    old_embed: torch.Tensor,
+    old_head: torch.Tensor,
+) -> tuple[States, torch.dtype]:
+    """The fit's states and teacher targets, the forward passes in fit.forward_dtype: (states, that dtype)."""
+    fit = cfg.fit
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    fwd = forward_dtype(fit.forward_dtype, dtype, device)
+    body = model if fwd == dtype else forward_copy(model, fwd)
+    teacher = Teacher(body, old_embed, old_head) if fit.teacher_weight > 0 else None
+    states = collect_states(
+        body,
+        new_hf,
+        docs,
+        window=fit.window,
+        teacher=teacher,
+        old_tok=old_hf,
+        top_k=TOP_K,
+        tree_depth=fit.tree_depth if teacher is not None else 0,
+        teacher_fraction=fit.teacher_fraction,
+        embed_weight=new_input.to(device=device, dtype=fwd),
+        desc="fit head: forward",
+    )
+    return states, fwd
+
+
+def _report(
+    cfg: RetokConfig, states: States, learn: torch.Tensor, fwd: torch.dtype, result: FitResult
+) -> dict:
+    """What the fit did, for the stage reports; also printed in one line."""
+    fit = cfg.fit
     per_domain = {n: int((states.domain == k).sum()) for k, n in enumerate(states.domains)}
-    report = {
+    print(
+        f"retok: head fit on {sum(per_domain.values()):,} states ({', '.join(f'{k} {v:,}' for k, v in per_domain.items())}): "
+        f"held-out CE {result.held_out_ce_start:.3f} -> {result.held_out_ce:.3f} nats/token at epoch {result.epochs:.1f}",
+        flush=True,
+    )
+    return {
         "states": per_domain,
         "held_out_states": int(states.held_out.sum()),
         "rows_fitted": int(learn.sum()),
-        "teacher_weight": init.fit_teacher_weight,
-        "tree_depth": tree_depth,
-        "teacher_fraction": init.fit_teacher_fraction,
+        "teacher_weight": fit.teacher_weight,
+        "tree_depth": fit.tree_depth if fit.teacher_weight > 0 else 0,
+        "teacher_fraction": fit.teacher_fraction,
         "forward_dtype": str(fwd).removeprefix("torch."),
-        "shared_map": init.fit_shared_map,
-        "input_feature": init.fit_shared_map and init.fit_input_feature,
+        "shared_map": fit.shared_map,
+        "input_feature": fit.shared_map and fit.input_feature,
         "held_out_ce": {"start": round(result.held_out_ce_start, 4), "fitted": round(result.held_out_ce, 4)},
         "best_epoch": round(result.epochs, 2),
         "steps": result.steps,
@@ -290,9 +343,3 @@ def fit_new_rows(
             "fit": round(result.seconds, 1),
         },
     }
-    print(
-        f"retok: head fit on {sum(per_domain.values()):,} states ({', '.join(f'{k} {v:,}' for k, v in per_domain.items())}): "
-        f"held-out CE {result.held_out_ce_start:.3f} -> {result.held_out_ce:.3f} nats/token at epoch {result.epochs:.1f}",
-        flush=True,
-    )
-    return result.head.float(), report

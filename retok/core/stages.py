@@ -19,7 +19,7 @@ run ids, whether it is complete, retok version, time, command). The fingerprint 
 stage reads (``Stage.reads``) and the fingerprints of the inputs it reads, so a change upstream reaches every
 stage after it. A stage that reads another stage's folder checks it with :func:`require_stage`: a folder made
 by another config is refused with the key that differs and the command that remakes it. Whether a finished
-folder is still up to date, and why not, is ``retok.freshness``. ``tests/test_stage_contract.py`` runs every
+folder is still up to date, and why not, is ``retok.core.freshness``. ``tests/test_stage_contract.py`` runs every
 stage with a config that records every field it reads and fails when one is missing from ``Stage.reads``.
 """
 
@@ -42,9 +42,9 @@ from typing import Any
 import yaml
 
 from retok import __version__
-from retok.config import RetokConfig, to_yaml
-from retok.errors import PartialOutput, RetokError
-from retok.fileio import disk_error
+from retok.core.config import RetokConfig, to_yaml
+from retok.core.errors import PartialOutput, RetokError
+from retok.core.fileio import disk_error
 
 STAGE_FILE = "retok_stage.json"
 CONFIG_FILE = "retok_config.yaml"
@@ -60,6 +60,8 @@ class Stage:
     inputs: tuple[str, ...]  # stages whose folders it may read (their fingerprints are part of its own)
     reads: tuple[str, ...]  # config fields (dotted prefixes) its output depends on
     report: str | None  # its machine-readable report, in its folder
+    # (field, switch): fields it reads only when the switch (a bool field in ``reads``) is on
+    reads_if: tuple[tuple[str, str], ...] = ()
 
 
 STAGES: dict[str, Stage] = {
@@ -78,16 +80,27 @@ STAGES: dict[str, Stage] = {
             "init-embeddings",
             "retok.embeddings.stage:init_embeddings",
             ("tokenizer",),
-            ("model", "compute.dtype", "data", "init", "seed", "eval.window", "eval.stride"),
+            ("model", "compute.dtype", "data", "init", "fit.at_init", "seed", "eval.window", "eval.stride"),
             "init_report.json",
+            (("fit", "fit.at_init"),),
         ),
         Stage(
             "model-trained",
             "train-io",
             "retok.train.stage:train_io",
             ("tokenizer", "model-init"),
-            ("model", "compute.dtype", "data", "train", "seed", "eval.window", "eval.stride"),
+            (
+                "model",
+                "compute.dtype",
+                "data",
+                "train",
+                "fit.after_train",
+                "seed",
+                "eval.window",
+                "eval.stride",
+            ),
             "train_report.json",
+            (("fit", "fit.after_train"),),
         ),
         Stage(
             "eval",
@@ -196,17 +209,24 @@ def stage_inputs(cfg: RetokConfig, key: str, present: Present | None = None) -> 
     return ((src,) if src else ()) + tuple(k for k in st.inputs if k not in MODEL_STAGES)
 
 
+def stage_reads(dump: dict[str, Any], key: str) -> tuple[str, ...]:
+    """The fields stage ``key`` reads with this config (``dump``): its reads, and those of ``reads_if`` whose
+    switch is on (train-io reads the fit section only when fit.after_train is set)."""
+    st = stage(key)
+    return st.reads + tuple(f for f, switch in st.reads_if if field_value(dump, switch))
+
+
 def fingerprint(cfg: RetokConfig, key: str, present: Present | None = None) -> str:
     """Hash of the fields ``key`` reads and of the fingerprints of the inputs it reads (``stage_inputs``)."""
     dump = _unwrap(cfg).model_dump(mode="json")
-    st = stage(key)
+    reads = stage_reads(dump, key)
     # Leave out what does not change the output, also inside a section read whole (train.distributed).
-    for name in set(NOT_FINGERPRINTED) - set(st.reads):
+    for name in set(NOT_FINGERPRINTED) - set(reads):
         section, _, leaf = name.rpartition(".")
         if section and isinstance(dump.get(section), dict):
             dump[section].pop(leaf, None)
     part = {
-        "reads": {f: field_value(dump, f) for f in st.reads},
+        "reads": {f: field_value(dump, f) for f in reads},
         "inputs": {k: fingerprint(cfg, k, present) for k in stage_inputs(cfg, key, present)},
     }
     return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
@@ -215,7 +235,8 @@ def fingerprint(cfg: RetokConfig, key: str, present: Present | None = None) -> s
 def upstream_fields(key: str) -> list[str]:
     """Every field that reaches ``key``'s fingerprint: those of its inputs (transitively), then its own."""
     out: list[str] = []
-    for f in [f for k in stage(key).inputs for f in upstream_fields(k)] + list(stage(key).reads):
+    own = list(stage(key).reads) + [f for f, _ in stage(key).reads_if]
+    for f in [f for k in stage(key).inputs for f in upstream_fields(k)] + own:
         if f not in out:
             out.append(f)
     return out
@@ -334,14 +355,19 @@ def own_changes(cfg: RetokConfig, folder: Path, key: str) -> list[str]:
         return []
     now = _unwrap(cfg).model_dump(mode="json")
     out: list[str] = []
-    for f in stage(key).reads:
+    try:
+        then_reads = stage_reads(saved, key)
+    except (KeyError, TypeError):
+        then_reads = stage(key).reads
+    reads = list(dict.fromkeys(stage_reads(now, key) + then_reads))
+    for f in reads:
         try:
             before: Any = field_value(saved, f)
         except (KeyError, TypeError):
             before = None
         after = field_value(now, f)
         for d in _diff(f, before, after):
-            if d in NOT_FINGERPRINTED and d not in stage(key).reads:
+            if d in NOT_FINGERPRINTED and d not in reads:
                 continue
             b_val, a_val = (_value_at(x, d) for x in (saved, now))
             line = f"{d}: {_short(b_val)} -> {_short(a_val)}"
@@ -472,7 +498,7 @@ def foreign_folder(folder: Path, key: str) -> str | None:
 
 def input_paths(cfg: RetokConfig) -> list[tuple[str, Path]]:
     """Local paths the config reads (the model, the compared models, the data), as (key, resolved path)."""
-    from retok.config import expand
+    from retok.core.config import expand
 
     plain = _unwrap(cfg)
     named = [("model.path", plain.model.path)]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from retok.errors import RetokError
-from retok.safetensors_io import load_tensor, read_checkpoint
+from retok.core.errors import RetokError
+from retok.core.safetensors_io import load_tensor, read_checkpoint
 
 TESTED_ARCHITECTURES = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Gemma3ForCausalLM"
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from retok.config import RetokConfig
-from retok.errors import RetokError
-from retok.stages import (
+from retok.core.config import RetokConfig
+from retok.core.errors import RetokError
+from retok.core.stages import (
     MODEL_STAGES,
     ORDER,
     Present,

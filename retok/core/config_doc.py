@@ -1,6 +1,6 @@
 """Documentation generated from the schema: the commented default config and the README's config reference.
 
-Both come from the field descriptions in retok/config.py, so they cannot drift from the code (a test checks
+Both come from the field descriptions in retok/core/config.py, so they cannot drift from the code (a test checks
 that the README holds the current reference).
 """
 
@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from retok.config import DataSource, RetokConfig
+from retok.core.config import DataSource, RetokConfig
 
 _EXAMPLE_SOURCES = {
     "train": [{"name": "zh", "path": "data/zh/train.jsonl", "text_field": "text"}],

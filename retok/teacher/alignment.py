@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from retok.errors import RetokError
-from retok.tokens import token_bytes_table
+from retok.core.errors import RetokError
+from retok.core.tokens import token_bytes_table
 
 
 class ByteLengths:

@@ -6,7 +6,7 @@ For every id of the new vocabulary (padded to ``n_rows``) the :class:`TokenMap` 
 - SPECIAL: a special token -> the old special token with the same role (bos/eos/pad/unk), else the same
   content; it keeps that row. Specials never go through the BPE (their spelling is not their meaning).
 - AVERAGED: any other token -> its bytes encoded by the OLD tokenizer's BPE model (no BOS/EOS, no prefix
-  space, no normaliser: :func:`retok.tokens.old_pieces`) -> a combination of those old rows (methods.py).
+  space, no normaliser: :func:`retok.core.tokens.old_pieces`) -> a combination of those old rows (methods.py).
 - FALLBACK: a token whose decomposition is empty (empty bytes, bytes the old BPE cannot spell, a brand-new
   special token with no old counterpart) -> the mean of every old token row ("the average token").
 - PADDING: an id with no token (vocabulary padding, holes in the id space) -> a copy of a DONOR token's
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from retok.errors import RetokError
-from retok.tokens import (
+from retok.core.errors import RetokError
+from retok.core.tokens import (
     Family,
     UnencodableError,
     added_tokens,

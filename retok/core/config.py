@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from retok.errors import RetokError
+from retok.core.errors import RetokError
 
 
 def parse_size(value: str | int) -> int:
@@ -334,7 +334,7 @@ class InitConfig(_Section):
     untie_head: bool = Field(
         True,
         description="Give a tied model a separate LM head (tie_word_embeddings becomes false on export), so that "
-        "head rows of new tokens can differ from their input rows (fit_head needs it). Costs vocab x hidden "
+        "head rows of new tokens can differ from their input rows (the head fit needs it). Costs vocab x hidden "
         "more weights; false keeps the model tied (ReTok's plain recipe).",
     )
     pad_to_multiple_of: int = Field(
@@ -377,107 +377,102 @@ class InitConfig(_Section):
         ge=1000,
         description="head_shift: bytes of data.train text (split over its domains) the shift is fitted on.",
     )
-    fit_head: bool = Field(
+
+
+# --------------------------------------------------------------------------------------------- fit
+
+
+class FitConfig(_Section):
+    """The head fit (retok.headfit): the LM-head rows of new tokens fitted on the states the new model produces
+    over text of every domain, with the original model's next-token distribution as a soft target; no backprop
+    through the body. init-embeddings runs it when at_init is set, train-io after its steps when after_train
+    is set; each reads the rest of this section only then."""
+
+    at_init: bool = Field(
         False,
-        description="Fit the LM-head rows of new tokens on the new model's own final states over data.train (every "
-        "domain, so they also learn where not to fire), with the original model's next-token distribution as a "
-        "soft target; no backprop through the body. Needs a separate head (an untied model, or untie_head). Off "
-        "by default because train.fit_head does the same fit after train-io, on the states of the TRAINED input "
-        "rows (the better order); turn it on when you stop after init-embeddings. Both read the fit_* keys.",
+        description="init-embeddings fits the head rows on the initialised model's states. Off by default: "
+        "after_train does the same fit on the states of the TRAINED input rows, the better order; turn it on "
+        "when you stop after init-embeddings. Needs a separate head (an untied model, or init.untie_head).",
     )
-    fit_bytes: int = Field(
+    after_train: bool = Field(
+        True,
+        description="train-io fits the head rows after its steps, on the states the trained input rows produce "
+        "(main process). Skipped with a note when the head is tied to the embedding.",
+    )
+    bytes: int = Field(
         400_000,
         ge=1000,
         le=10**10,
-        description="fit_head: bytes of data.train text the head is fitted on: half from tokenizer.domains (where "
-        "the new tokens are), half from the other domains (where they must not fire).",
+        description="Bytes of data.train text the fit reads: half from tokenizer.domains (where the new tokens "
+        "are), half from the other domains (where they must not fire).",
     )
-    fit_window: int = Field(512, ge=16, le=1 << 20, description="fit_head: tokens per forward window.")
-    fit_max_memory_mb: int = Field(
+    window: int = Field(512, ge=16, le=1 << 20, description="Tokens per forward window.")
+    max_memory_mb: int = Field(
         8000,
         ge=1,
-        description="fit_head: the most memory the cached states may take; a larger fit_bytes is refused before "
-        "any forward pass.",
+        description="The most memory (MB) the cached states may take; a larger fit.bytes is refused before any "
+        "forward pass.",
     )
-    fit_teacher_weight: float = Field(
+    teacher_weight: float = Field(
         0.5,
         ge=0,
-        description="fit_head: weight of KL(original model's next-token distribution || the new model's, summed "
-        "onto first old pieces, and down the piece tree) beside the next token's CE; 0 = the next token only (and "
-        "no teacher pass). The demo's fit after train-io, zh BPB: 0 1.141x (overfits after an epoch), 0.5 1.134x, "
-        "1 1.140x, 2 1.151x of the original's.",
+        description="Weight of KL(the original model's next-token distribution || the new model's, summed onto "
+        "first old pieces and down the piece tree) beside the next token's cross-entropy; 0 = the next token only "
+        "(and no teacher pass).",
     )
-    fit_teacher_fraction: float = Field(
+    teacher_fraction: float = Field(
         1.0,
         gt=0,
         le=1,
-        description="fit_head: the share of the fit's windows that need a teacher forward pass (text whose new "
-        "tokenization differs from the old: the new tokens' domain) that get one, evenly spread; the others "
-        "keep the next-token target only. The teacher's pass is the fit's largest cost (on the demo 211 s of "
-        "~530); 0.5 halves it for zh 1.095x -> 1.097x of the original's BPB (2 epochs, input-row feature on).",
+        description="Share of the windows that need a teacher forward pass (text whose new segmentation differs "
+        "from the old) that get one, evenly spread; the others keep the next-token target. The teacher's pass "
+        "is the fit's largest cost; below 1 trades fit quality for time.",
     )
-    fit_forward_dtype: Literal["auto", "model", "bfloat16"] = Field(
+    forward_dtype: Literal["auto", "model", "bfloat16"] = Field(
         "auto",
-        description="fit_head: the dtype of the fit's forward passes (the new model's and the teacher's, the "
-        "teacher's next-token logits included; most of the fit's time; the states are kept in float16 either way). model = compute.dtype; bfloat16 = a bfloat16 "
-        "copy of a float32 model's weights for them (half the model's size more memory; the fit itself and the "
-        "model stay float32); auto = that copy where the device multiplies in bfloat16 natively (a CPU with "
-        "AVX512-BF16 or AMX, a CUDA GPU that supports it), else model. On the demo's 2 cores (AVX512-BF16) the "
-        "forward passes took 121 s instead of 203 s for zh 1.0977x vs 1.0978x of the original's BPB.",
+        description="Dtype of the fit's forward passes (the new model's and the teacher's, its logits included; "
+        "the states are kept in float16 either way). model = compute.dtype; bfloat16 = a bfloat16 copy of a "
+        "float32 model's weights for them (half the model's size more memory; the fit and the model stay "
+        "float32); auto = that copy where the device multiplies in bfloat16 natively (a CPU with AVX512-BF16 or "
+        "AMX, a CUDA GPU that supports it), else model.",
     )
-    fit_tree_depth: int = Field(
+    tree_depth: int = Field(
         1,
         ge=0,
         le=4,
-        description="fit_head: how many pieces deep the teacher's KL also goes along the realised text: depth 1 "
-        "matches the teacher's next piece after the realised first piece against the new tokens spelled with "
-        "those two pieces, depth 2 the piece after that (no extra forward pass; on the demo zh BPB after init "
-        "1.289x -> 1.230x -> 1.229x of the original's for depth 0, 1, 2 with every row free, 1.175x at depth 1 "
-        "and 1.181x at depth 2 with the shared map). 0 = first pieces only.",
+        description="How many pieces deep the teacher's KL also goes along the realised text: depth 1 matches the "
+        "teacher's next piece after the realised first piece against the new tokens spelled with those two "
+        "pieces, depth 2 the piece after that (no extra forward pass). 0 = first pieces only.",
     )
-    fit_shared_map: bool = Field(
+    shared_map: bool = Field(
         True,
-        description="fit_head: each fitted row = its start + a map shared by all new tokens (applied to the "
-        "original head rows of the token's first piece and of its other pieces) + its own residual. The map "
-        "learns from every token seen in the text how spelling sets a row, and carries that to the tokens seen "
-        "rarely or never (on the demo zh BPB after init 1.230x -> 1.175x of the original's, same states). "
-        "false = every row free.",
+        description="Each fitted row = its start + a map shared by all new tokens (applied to the original head "
+        "rows of the token's first piece and of its other pieces) + its own residual, so what the text shows "
+        "about frequent tokens moves the rare and unseen ones too. false = every row free.",
     )
-    fit_input_feature: bool = Field(
+    input_feature: bool = Field(
         True,
-        description="fit_head with fit_shared_map: the map also reads each new token's own input row (after "
-        "train-io, the row distillation trained), so what the input side learned about a token reaches its head "
-        "row. On the demo after train-io, zh BPB 1.113x -> 1.095x of the original's (2 epochs, same states).",
+        description="With shared_map: the map also reads each new token's own input row (after train-io, the row "
+        "distillation trained), so what the input side learned about a token reaches its head row.",
     )
-    fit_map_lr: float = Field(
-        5e-4,
-        gt=0,
-        description="fit_head: Adam learning rate of the shared map (demo, zh after init: 5e-4 1.175x, 3e-4 "
-        "1.177x with rows at 2.5e-4; 1e-4 1.193x, 3e-4 1.187x, 1e-3 1.189x with rows at 1e-3).",
-    )
-    fit_lr: float | None = Field(
+    map_lr: float = Field(5e-4, gt=0, description="Adam learning rate of the shared map.")
+    lr: float | None = Field(
         None,
         gt=0,
-        description="fit_head: Adam learning rate of the fitted rows (with the shared map: their residuals); null = "
-        "2.5e-4 with the shared map, 1e-3 without (the measured best of each; with the map at 3e-4, rows at 1e-3 "
-        "1.187x, 5e-4 1.180x, 2.5e-4 1.177x, 1e-4 1.194x).",
+        description="Adam learning rate of the fitted rows (with the shared map: their residuals); null = 2.5e-4 "
+        "with the shared map, 1e-3 without (the best measured for each).",
+    )
+    epochs: float = Field(
+        8.0, gt=0, le=1000, description="Most epochs over the states; the fit stops when held-out loss rises."
     )
 
     @model_validator(mode="after")
-    def _fit_lr_default(self) -> InitConfig:
-        """The measured best row learning rate, with or without the shared map, where the config does not set it
-        (after validation: fit_shared_map is a bool however it was spelled; run again on assignment, so the
-        default follows a later change of fit_shared_map)."""
-        if self.fit_lr is None or "fit_lr" not in self.model_fields_set:
-            self.__dict__["fit_lr"] = 2.5e-4 if self.fit_shared_map else 1e-3
+    def _lr_default(self) -> FitConfig:
+        """The row learning rate for shared_map, where the config does not set it (run again on assignment, so
+        the default follows a later change of shared_map)."""
+        if self.lr is None or "lr" not in self.model_fields_set:
+            self.__dict__["lr"] = 2.5e-4 if self.shared_map else 1e-3
         return self
-
-    fit_epochs: float = Field(
-        8.0,
-        gt=0,
-        le=1000,
-        description="fit_head: most epochs; the fit stops when held-out loss stops falling.",
-    )
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -525,13 +520,6 @@ class TrainConfig(_Section):
         "same frozen body with the old embedding, on the old segmentation of the same text): the new input rows "
         "learn to reproduce its hidden states at distill_layers, at every position where both have read the same "
         "bytes (the head does not learn). lm+distill: both.",
-    )
-    fit_head: bool = Field(
-        True,
-        description="After the steps, fit the LM-head rows of new tokens on the states the TRAINED input rows "
-        "produce, with the original model as teacher (the head fit of init.fit_head, with its init.fit_* settings; "
-        "no backprop through the body, main process). On the demo zh 1.156x -> 1.140x of the original's BPB. "
-        "Skipped with a note when the head is tied to the embedding.",
     )
     distill_layers: list[int] | None = Field(
         None,
@@ -789,6 +777,9 @@ class RetokConfig(_Section):
         default_factory=TokenizerConfig, description="build-tokenizer settings."
     )
     init: InitConfig = Field(default_factory=InitConfig, description="init-embeddings settings.")
+    fit: FitConfig = Field(
+        default_factory=FitConfig, description="The head fit, at init-embeddings and/or after train-io."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig, description="train-io settings.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="eval-speed settings.")
     export: ExportConfig = Field(default_factory=ExportConfig, description="export settings.")
@@ -936,6 +927,15 @@ MOVED = {
     "eval.threads": "compute.threads",
     "tokenizer.max_train_bytes": "tokenizer.max_bytes",
     "train.max_train_bytes": "train.max_bytes_per_source",
+    "init.fit_head": "fit.at_init",
+    "train.fit_head": "fit.after_train",
+    **{
+        f"init.fit_{k}": f"fit.{k}"
+        for k in (
+            "bytes window max_memory_mb teacher_weight teacher_fraction forward_dtype tree_depth shared_map "
+            "input_feature map_lr lr epochs"
+        ).split()
+    },
 }
 
 

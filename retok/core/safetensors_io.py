@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from retok.errors import RetokError
+from retok.core.errors import RetokError
 
 INDEX_FILE = "model.safetensors.index.json"
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from tokenizers import Tokenizer
 
-from retok.errors import RetokError
+from retok.core.errors import RetokError
 
 Family = Literal["byte_level", "sentencepiece"]
 

@@ -2,7 +2,7 @@
 
 The body of the new model is the original body (frozen, bit for bit), so the original model IS this body
 run with the OLD input embedding on the OLD token ids, read out through the OLD LM head. ``Teacher`` holds
-only those two old matrices (read alone from the original checkpoint, retok.model_io) and runs the shared
+only those two old matrices (read alone from the original checkpoint, retok.core.model_io) and runs the shared
 body with them: the embedding module is called with its weight swapped (torch.func.functional_call), so
 whatever it does on top of the lookup (Gemma scales by sqrt(hidden)) is done for the teacher too.
 """
@@ -128,7 +128,7 @@ class OriginalLM(nn.Module):
 
 def load_teacher(model: nn.Module, original_dir: Any, *, trust_remote_code: bool = False) -> Teacher:
     """The teacher for ``model`` from the original checkpoint's embedding and head (nothing else is read)."""
-    from retok.model_io import read_io_matrices
+    from retok.core.model_io import read_io_matrices
 
     embed, head = read_io_matrices(Path(original_dir), trust_remote_code=trust_remote_code)
     return Teacher(model, embed, head)

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from retok.config import ModelConfig, default_cache, expand
-from retok.errors import RetokError
+from retok.core.config import ModelConfig, default_cache, expand
+from retok.core.errors import RetokError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 GGUF_CONVERSION_VERSION = "2"  # bump when the conversion below changes, so caches are rebuilt
@@ -60,7 +60,7 @@ def check_local_model_path(model: ModelConfig) -> str:
             raise RetokError(f"model.path: {p} is neither a model folder nor a .gguf file")
         check_model_folder(p, allow_pickle=model.allow_pickle)
         if any(p.glob("*.safetensors")):
-            from retok.safetensors_io import read_checkpoint
+            from retok.core.safetensors_io import read_checkpoint
 
             infos, files, _ = read_checkpoint(p)  # every shard there, readable, its header sound
             return f"model.path: model folder {p} ({len(infos)} tensors in {len(files)} safetensors file(s))"
