@@ -424,7 +424,7 @@ def test_real_smollm2_against_itself(tmp_path: Path, assets):
 def test_warmup_round_runs_the_first_piece_only(monkeypatch, tmp_path):
     """A warm-up round runs each model on the first piece once; every timed round runs every piece, and only
     the timed rounds' sums are kept (a warm-up's times never reach the medians)."""
-    import retok.evaluate.speed as speed
+    import retok.evaluate.stage as stage
     from retok.evaluate.stage import _time_reference
 
     calls: list[tuple[str, int]] = []
@@ -439,7 +439,7 @@ def test_warmup_round_runs_the_first_piece_only(monkeypatch, tmp_path):
             out.append((t, t))
         return out
 
-    monkeypatch.setattr(speed, "reference_run", fake_run)
+    monkeypatch.setattr(stage, "reference_run", fake_run)
     cfg = _cfg(tmp_path, warmup=1, repeats=2, speed_pieces=3)
     models = [SimpleNamespace(role=r, model=r, device="cpu") for r in ("old", "new")]
     texts = {r: [SpeedText([j], [7, 8], 3, 2) for j in range(3)] for r in ("old", "new")}

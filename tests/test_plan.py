@@ -172,7 +172,7 @@ def test_the_head_fit_after_the_steps_is_a_phase_of_its_own(tmp_path, monkeypatc
     # a tied head has no rows of its own to fit: no phase
     assert "fit" not in [p.phase for p in plan(fit, shape=replace(s, new_tied=True)).phases]
     # fit.forward_dtype: a bfloat16 copy of the trained (float32) weights for the fit's forward passes
-    import retok.headfit.run as hr
+    import retok.plan.phases as hr  # where the plan reads native_bf16
 
     copy = 2 * (s.body + 2 * s.new_rows * s.hidden)
     cases = [("model", True, "cpu", None), ("bfloat16", False, "cpu", copy), ("auto", True, "cpu", copy)]

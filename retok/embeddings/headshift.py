@@ -10,7 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from retok.core.config import RetokConfig
+from retok.core.data import domains as domain_names
+from retok.core.data import load_domains
 from retok.core.errors import RetokError
+from retok.core.sources import load_model
 from retok.embeddings import methods
 
 
@@ -23,9 +26,6 @@ def fit_head_shift(cfg: RetokConfig, model_dir: Path, old_hf: Any) -> tuple[torc
     ``tokenizer.domains`` (the text the new tokens were learned for) and ``~= 0`` inside them. This is the
     only part of the stage that runs the whole model.
     """
-    from retok.core.data import domains as domain_names
-    from retok.core.data import load_domains
-    from retok.core.sources import load_model
 
     init = cfg.init
     if not cfg.data.train:

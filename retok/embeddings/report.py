@@ -14,8 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from retok.core.bpb_memo import bpb_key, write_memo
+from retok.core.data import load_domains
+from retok.core.metrics import bits_per_byte, score_starts
+from retok.core.sources import load_model
 from retok.core.tokenmap import AVERAGED, TokenMap
 from retok.core.tokens import token_to_bytes
+from retok.embeddings.rows import build_matrix
 
 PAPER = "paper_mean"  # compare key: ReTok's plain mean for input and head rows, no head shift
 
@@ -200,12 +205,6 @@ def measure_bpb(
     import dataclasses
 
     import torch
-
-    from retok.core.bpb_memo import bpb_key, write_memo
-    from retok.core.data import load_domains
-    from retok.core.metrics import bits_per_byte, score_starts
-    from retok.core.sources import load_model
-    from retok.embeddings.rows import build_matrix
 
     docs = load_domains(cfg.data.eval, "data.eval", cfg.init.eval_max_bytes)
     print(

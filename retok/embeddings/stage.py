@@ -18,6 +18,7 @@ from retok.core.config import RetokConfig
 from retok.core.errors import RetokError
 from retok.core.model_io import IoNames, find_io_names
 from retok.core.safetensors_io import TensorInfo, load_tensor, read_checkpoint
+from retok.core.sources import load_tokenizer, resolve_model
 from retok.core.stages import read_tokenizer_meta, require_stage
 from retok.core.tokenmap import build_token_map, pick_pad_donor
 from retok.embeddings.checkpoint import write_model
@@ -60,7 +61,6 @@ class Inputs:
 
     @classmethod
     def load(cls, cfg: RetokConfig) -> Inputs:
-        from retok.core.sources import load_tokenizer, resolve_model
 
         model_dir = resolve_model(cfg.model, cfg.cache)
         tok_dir = require_stage(cfg, "tokenizer", "init-embeddings")

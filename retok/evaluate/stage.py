@@ -22,13 +22,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retok.core.bpb_memo import read_memo
+from retok.core.bpb_memo import bpb_key, read_memo, remembered
 from retok.core.config import ModelConfig, RetokConfig
 from retok.core.data import domains as domain_names
 from retok.core.data import iter_domain, load_domains
 from retok.core.errors import RetokError
+from retok.core.metrics import bits_per_byte, bytes_per_token, score_starts
+from retok.core.sources import (
+    check_config_rows,
+    check_rows_cover_tokenizer,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    require_causal_lm,
+    resolve_model,
+    set_threads,
+)
 from retok.core.stages import model_source, require_stage, stage_dir
+from retok.core.tokens import token_bytes_table
 from retok.evaluate.report import charts, clean, compare, device_name, fmt, markdown_table, render_markdown
+from retok.evaluate.speed import (
+    cut_text,
+    default_max_tokens,
+    greedy_run,
+    greedy_stats,
+    nbytes,
+    reference_run,
+    reference_stats,
+    run_rounds,
+    split_tokens,
+    spread_segments,
+)
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -75,7 +100,6 @@ SPEED_TEXT_CAP = 4_000_000  # bytes of a domain's held-out text the speed pieces
 def speed_pieces(cfg: RetokConfig, domain: str) -> list[str]:
     """``eval.speed_pieces`` pieces of ``domain``'s held-out text, evenly spread through it, each long enough
     for a prompt and its share of the continuation (fails with the key to change)."""
-    from retok.evaluate.speed import nbytes, spread_segments
 
     ev = cfg.eval
     docs, total = [], 0
@@ -104,7 +128,6 @@ def piece_bytes(cfg: RetokConfig) -> int:
 
 def _token_nbytes(tok: Any) -> dict[int, int]:
     """Byte length of every id that stands for text (specials excluded), for free-generation byte counts."""
-    from retok.core.tokens import token_bytes_table
 
     try:
         return {i: len(b) for i, b in token_bytes_table(tok.backend_tokenizer).items()}
@@ -127,7 +150,6 @@ class _Loaded:
     """One model, its tokenizer and what the report says about it."""
 
     def __init__(self, cfg: RetokConfig, role: str, mcfg: ModelConfig, folder: Path, tok: Any) -> None:
-        from retok.core.sources import check_rows_cover_tokenizer, load_model
 
         self.role = role
         self.tok = tok
@@ -168,8 +190,6 @@ def _quality(
     """Bytes per token and sliding-window BPB of one model on every domain (scoring from ``starts``, which
     are the same for both models). ``memo``: figures an earlier stage measured (retok.core.bpb_memo); a domain whose
     key is there is not scored again."""
-    from retok.core.bpb_memo import bpb_key, remembered
-    from retok.core.metrics import bits_per_byte, bytes_per_token
 
     ev = cfg.eval
     out: dict[str, dict[str, Any]] = {}
@@ -253,7 +273,6 @@ def _speed(
 
 def _piece_tokens(models: list[_Loaded], cfg: RetokConfig, name: str, pieces: list[str]) -> dict[str, list]:
     """Each model's prompt and continuation ids of every piece (retok.evaluate.speed.split_tokens)."""
-    from retok.evaluate.speed import cut_text, split_tokens
 
     ev = cfg.eval
     texts: dict[str, list] = {m.role: [] for m in models}
@@ -277,7 +296,6 @@ def _time_reference(models: list[_Loaded], texts: dict[str, list], cfg: RetokCon
     the pieces. A warm-up round runs the first piece only: it is there to load code paths and allocate the
     caches once, which one piece does as well as all of them. Returns each model's medians
     (speed.reference_stats)."""
-    from retok.evaluate.speed import reference_run, reference_stats
 
     ev = cfg.eval
     runs: dict[str, list[tuple[float, float]]] = {m.role: [] for m in models}
@@ -298,7 +316,6 @@ def _time_reference(models: list[_Loaded], texts: dict[str, list], cfg: RetokCon
 
 def _time_greedy(models: list[_Loaded], texts: dict[str, list], cfg: RetokConfig) -> list[dict[str, Any]]:
     """Free greedy generation of eval.generate_bytes from the first piece's prompt, rounds alternated."""
-    from retok.evaluate.speed import default_max_tokens, greedy_run, greedy_stats, run_rounds
 
     ev = cfg.eval
     cap = default_max_tokens(ev.generate_bytes)
@@ -372,8 +389,6 @@ class Inputs:
 
 def read_inputs(cfg: RetokConfig) -> Inputs:
     """Text, models and tokenizers, checked: bad input fails before minutes of model loading."""
-    from retok.core.metrics import score_starts
-    from retok.core.sources import check_config_rows, load_tokenizer, require_causal_lm, resolve_model
 
     ev = cfg.eval
     if not cfg.data.eval:
@@ -427,8 +442,6 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     ``out``."""
     import torch
     import transformers
-
-    from retok.core.sources import pick_device, pick_dtype, set_threads
 
     device = pick_device(cfg.compute.device)  # an unknown device fails here, before anything is loaded
     set_threads(cfg.compute.threads)

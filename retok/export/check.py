@@ -13,9 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from retok.core.config import validate_dict
 from retok.core.errors import RetokError
+from retok.core.freshness import judge
 from retok.core.safetensors_io import TensorInfo, tensor_table
 from retok.core.sources import require_causal_lm
+from retok.core.stages import CONFIG_FILE, STAGE_FILE, STAGES, stage_dir
+from retok.export.check_gguf import check_gguf
 from retok.export.verdict import Check
 
 # A string that exercises every script family retok users care about, whitespace runs and digits.
@@ -463,10 +467,6 @@ def check_up_to_date(folder: Path) -> Check | None:
     would read, it is complete)? None for any other folder, or one moved out of its run folder."""
     import yaml
 
-    from retok.core.config import validate_dict
-    from retok.core.freshness import judge
-    from retok.core.stages import CONFIG_FILE, STAGE_FILE, STAGES, stage_dir
-
     try:
         meta = json.loads((folder / STAGE_FILE).read_text(encoding="utf-8"))
         key = meta["stage"]
@@ -512,8 +512,6 @@ def check_folder(path: str | Path) -> list[Check]:
         results.append(fresh)
     ggufs = sorted(folder.glob("*.gguf"))
     if ggufs:
-        from retok.export.check_gguf import check_gguf
-
         for path in ggufs:
             if ctx.tok is None:
                 results.append(Check(f"gguf {path.name}", False, "not run: the tokenizer did not load"))

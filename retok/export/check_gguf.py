@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from retok.core.model_io import find_io_names
+from retok.core.safetensors_io import load_tensor, tensor_table
+from retok.export.gguf_out import encode_like
 from retok.export.verdict import Check
 
 
@@ -119,9 +122,6 @@ def _check_special(g: _Gguf, tok: Any) -> Check:
 
 
 def _check_weights(g: _Gguf, folder: Path) -> Check:
-    from retok.core.model_io import find_io_names
-    from retok.core.safetensors_io import load_tensor, tensor_table
-    from retok.export.gguf_out import encode_like
 
     table = tensor_table(folder)
     names = find_io_names(folder, set(table), untie=False)

@@ -27,6 +27,7 @@ from typing import Any
 
 from retok.core.errors import RetokError
 from retok.core.safetensors_io import TensorInfo, load_tensor, tensor_table
+from retok.core.tokens import detect_family
 
 # export.gguf -> (tensor type of matrices, general.file_type); vectors (norms, biases) stay F32 as in llama.cpp.
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -113,8 +114,6 @@ def _merge_strings(model: dict[str, Any]) -> list[str]:
 def gguf_vocab(tok: Any, rows: int) -> Vocab:
     """The GGUF vocabulary of a fast tokenizer, padded to ``rows`` embedding rows."""
     import json
-
-    from retok.core.tokens import detect_family
 
     g = _gguf()
     tt = g.TokenType

@@ -18,12 +18,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from retok.core.config import RetokConfig, parse_size
+from retok.core.config import RetokConfig, expand, parse_size
 from retok.core.errors import PartialOutput, RetokError
 from retok.core.freshness import stage_status
+from retok.core.sources import load_tokenizer, read_gguf_metadata, resolve_model
 from retok.core.stages import model_source, require_stage, stage_dir
+from retok.core.tokens import detect_family
 from retok.export.card import model_card
 from retok.export.check import check_folder, ids_list, print_checks
+from retok.export.check_gguf import check_gguf
+from retok.export.gguf_out import write_gguf
+from retok.export.llamacpp import gguf_advice
 from retok.export.shards import stream_weights
 
 REPORT_JSON = "retok_export.json"
@@ -109,14 +114,12 @@ def _model_name(cfg: RetokConfig) -> str:
 
 def _source_gguf(cfg: RetokConfig) -> Path | None:
     """model.path when it is a GGUF file (its metadata is carried into the exported GGUF), else None."""
-    from retok.core.config import expand
 
     path = Path(expand(cfg.model.path))
     return path if path.suffix.lower() == ".gguf" and path.is_file() else None
 
 
 def _old_pre_name(cfg: RetokConfig) -> str | None:
-    from retok.core.sources import read_gguf_metadata
 
     if cfg.export.gguf_pre:
         return cfg.export.gguf_pre
@@ -156,8 +159,6 @@ def export_gguf(
     cfg: RetokConfig, out: Path, tok: Any, conf: dict[str, Any], llama: dict[str, Any], name: str
 ):
     """Write ``out/<name>-<type>.gguf`` from the exported folder and check it; returns (report, checks)."""
-    from retok.export.check_gguf import check_gguf
-    from retok.export.gguf_out import write_gguf
 
     pre = gguf_pre_name(cfg, llama, llama.get("family"))
     path = out / f"{name}-{cfg.export.gguf}.gguf"
@@ -177,9 +178,6 @@ def export_gguf(
 
 
 def _llamacpp(cfg: RetokConfig, new_tok: Any) -> dict[str, Any]:
-    from retok.core.sources import load_tokenizer, resolve_model
-    from retok.core.tokens import detect_family
-    from retok.export.llamacpp import gguf_advice
 
     old_tok = load_tokenizer(
         resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
@@ -195,7 +193,6 @@ def _llamacpp(cfg: RetokConfig, new_tok: Any) -> dict[str, Any]:
 
 def export_model(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     """Write the final folder into ``out`` and check it; RetokError if the check fails."""
-    from retok.core.sources import load_tokenizer
 
     src = export_source(cfg)
     max_bytes = parse_size(cfg.export.max_shard_size)

@@ -8,6 +8,11 @@ import math
 from dataclasses import dataclass
 
 from retok.core.config import RetokConfig
+from retok.core.data import domains
+from retok.core.sources import pick_device
+from retok.core.stages import stage_dir
+from retok.headfit.fit import FIT_BATCH
+from retok.headfit.run import fit_budgets, fit_cache_bytes, native_bf16
 from retok.plan.shape import Shape
 
 GB = 10**9
@@ -43,7 +48,6 @@ class PhasePlan:
 
 
 def plan_device(cfg: RetokConfig) -> str:
-    from retok.core.sources import pick_device
 
     asked = cfg.compute.device
     return asked if asked.startswith(("cuda", "mps")) else pick_device(asked)  # plan for a GPU from anywhere
@@ -204,9 +208,6 @@ def fit_states(cfg: RetokConfig) -> tuple[int, str]:
     """How many states the head fit after the steps caches: each domain's share of fit.bytes over the
     new tokenizer's bytes per token on it (the tokenizer's compression.json); at most one per byte before the
     tokenizer exists."""
-    from retok.core.data import domains
-    from retok.core.stages import stage_dir
-    from retok.headfit.run import fit_budgets
 
     budgets = fit_budgets(domains(cfg.data.train), cfg.tokenizer.domains, cfg.fit.bytes)
     report = stage_dir(cfg, "tokenizer") / "compression.json"
@@ -224,8 +225,6 @@ def _fit_forward_copy(cfg: RetokConfig, strategy: str, device: str) -> bool:
     model: outside FSDP the trained model always is one, under FSDP the folder loads in compute.dtype. auto: where
     the device multiplies in bfloat16 natively (this CPU's flags; a CUDA device is counted, to be safe)."""
     import torch
-
-    from retok.headfit.run import native_bf16
 
     setting = cfg.fit.forward_dtype
     fp32 = (
@@ -245,8 +244,6 @@ def fit_phase(cfg: RetokConfig, s: Shape, strategy: str, n: int, device: str) ->
     (under FSDP the consolidated folder loaded whole beside this process's shards), the original's embedding
     and head with a float32 copy of the new head, the cached states (refused beyond fit.max_memory_mb),
     one batch of the fit's logits and one forward window's."""
-    from retok.headfit.fit import FIT_BATCH
-    from retok.headfit.run import fit_cache_bytes
 
     params = s.body + s.new_rows * s.hidden * 2
     if strategy == "fsdp":

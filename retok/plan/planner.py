@@ -10,6 +10,7 @@ from typing import Any
 
 from retok.core.config import RetokConfig
 from retok.core.errors import RetokError
+from retok.core.stages import stage_dir
 from retok.plan.phases import GB, PhasePlan, bpb_phase, device_capacity, fit_phase, plan_device, train_phase
 from retok.plan.shape import Shape, model_shape
 
@@ -77,7 +78,6 @@ class Plan:
 
 
 def _measured_tps(cfg: RetokConfig) -> float | None:
-    from retok.core.stages import stage_dir
 
     rep = stage_dir(cfg, "model-trained") / "train_report.json"
     if rep.is_file():

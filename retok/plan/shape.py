@@ -11,6 +11,8 @@ from typing import Any
 
 from retok.core.config import RetokConfig
 from retok.core.errors import RetokError
+from retok.core.sources import resolve_model
+from retok.core.stages import stage_dir
 
 
 @dataclass
@@ -63,7 +65,6 @@ def _model_config(cfg: RetokConfig, model_config: Path | None) -> tuple[Any, str
                 "the file, or update transformers"
             ) from None
         return conf, str(model_config)
-    from retok.core.sources import resolve_model
 
     try:
         folder = resolve_model(cfg.model, cfg.cache)
@@ -89,7 +90,6 @@ def _counts(conf: Any) -> tuple[int, int, int, bool]:
 
 
 def _new_vocab(cfg: RetokConfig, old_vocab: int) -> int:
-    from retok.core.stages import stage_dir
 
     tok = stage_dir(cfg, "tokenizer") / "tokenizer.json"
     if tok.is_file():
@@ -108,8 +108,6 @@ def _new_vocab(cfg: RetokConfig, old_vocab: int) -> int:
 def model_shape(cfg: RetokConfig, model_config: Path | None = None) -> Shape:
     """The shape of the model train-io will train (model-init's config when it exists)."""
     from transformers import AutoConfig
-
-    from retok.core.stages import stage_dir
 
     conf, name = _model_config(cfg, model_config)
     text = conf.get_text_config()

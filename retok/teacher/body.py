@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from retok.core.model_io import read_io_matrices
+
 
 @dataclass
 class BodyOutput:
@@ -128,7 +130,6 @@ class OriginalLM(nn.Module):
 
 def load_teacher(model: nn.Module, original_dir: Any, *, trust_remote_code: bool = False) -> Teacher:
     """The teacher for ``model`` from the original checkpoint's embedding and head (nothing else is read)."""
-    from retok.core.model_io import read_io_matrices
 
     embed, head = read_io_matrices(Path(original_dir), trust_remote_code=trust_remote_code)
     return Teacher(model, embed, head)

@@ -24,6 +24,7 @@ from typing import Any
 from retok.core.config import RetokConfig
 from retok.core.data import iter_source, load_domains
 from retok.core.errors import RetokError
+from retok.core.sources import load_tokenizer, resolve_model
 from retok.core.stages import TOKENIZER_META
 from retok.core.tokens import detect_family
 from retok.tokenizer.extend import TrainingText, extend_tokenizer
@@ -34,6 +35,7 @@ from retok.tokenizer.report import (
     reachable_share,
     write_reports,
 )
+from retok.tokenizer.train import train_tokenizer
 
 # -------------------------------------------------------------------------------------------- input text
 
@@ -204,8 +206,6 @@ def learn(cfg: RetokConfig, old_hf: Any, sources: list[TrainingText], progress: 
         )
         return Learned(ext.tokenizer, ext.new_ids, ext.digits_individual, counts, list(ext.warnings))
 
-    from retok.tokenizer.train import train_tokenizer
-
     tr = train_tokenizer(
         old,
         sources,
@@ -226,7 +226,6 @@ def learn(cfg: RetokConfig, old_hf: Any, sources: list[TrainingText], progress: 
 
 def save_and_check(old_hf: Any, backend: Any, out: Path, mode: str) -> tuple[Any, dict[str, Any]]:
     """Save through transformers, load it back the way users will, and check specials, roles, template."""
-    from retok.core.sources import load_tokenizer
 
     wrap(old_hf, backend).save_pretrained(str(out))
     saved = load_tokenizer(out, trust_remote_code=False)
@@ -263,7 +262,6 @@ def measure(
 
 def build_tokenizer(cfg: RetokConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Build the new tokenizer into ``out`` (an empty folder) and write its reports; returns compression.json."""
-    from retok.core.sources import load_tokenizer, resolve_model
 
     start = time.time()
     t = cfg.tokenizer

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from retok.core.errors import RetokError
+from retok.core.safetensors_io import OutTensor, load_tensor, tensor_bytes, tensor_table, write_shard
+from retok.core.sources import check_model_folder
 from retok.train.params import activation_checkpointing
 from retok.train.state import CKPT, TrainState, swap_in
 
@@ -90,9 +92,6 @@ def load_sharded(
     from accelerate import init_empty_weights
     from torch.distributed.tensor import distribute_tensor
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from retok.core.safetensors_io import load_tensor, tensor_table
-    from retok.core.sources import check_model_folder
 
     check_model_folder(folder, allow_pickle=False)
     conf = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
@@ -301,7 +300,6 @@ def save_consolidated(
 ) -> None:
     """A plain Hugging Face folder from the sharded model: one tensor gathered at a time (every process takes
     part in each gather; the main process writes), shards of at most ``max_shard_bytes``."""
-    from retok.core.safetensors_io import OutTensor, tensor_bytes, write_shard
 
     items = _unique_state(model)
     st_dtype = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}

@@ -26,6 +26,18 @@ from torch import nn
 
 from retok.core.config import RetokConfig
 from retok.core.errors import RetokError
+from retok.core.metrics import bits_per_byte
+from retok.core.sources import load_model, resolve_model
+from retok.teacher.body import OriginalLM, load_teacher
+from retok.train.distill import DistillLoss, distill_layers
+from retok.train.fsdp import (
+    gathered,
+    grad_norm_clip,
+    load_sharded_optimizer,
+    local_masks,
+    mask_grads,
+    save_sharded,
+)
 from retok.train.loss import IOLoss
 from retok.train.params import (
     IOParams,
@@ -73,7 +85,6 @@ class Run:
 
 def held_out_bpb(run: Run, model: nn.Module, tok: Any, label: str) -> dict[str, float]:
     """BPB per data.eval domain (call on the main process)."""
-    from retok.core.metrics import bits_per_byte
 
     out = {}
     with run.acc.autocast():
@@ -95,8 +106,6 @@ def evaluate(run: Run, model: nn.Module, label: str) -> dict[str, float]:
     """BPB of the model being trained, on the main process; the others wait. Under FSDP every process runs
     the (sharded, collective) forward and the main process keeps the figures."""
     if run.root is not None:
-        from retok.train.fsdp import gathered
-
         if not run.eval_docs:
             return {}
         with gathered(run.root), torch.no_grad():
@@ -110,15 +119,11 @@ def evaluate(run: Run, model: nn.Module, label: str) -> dict[str, float]:
 
 def original_bpb(run: Run) -> dict[str, float]:
     """BPB of the original model with its ORIGINAL tokenizer on the same held-out text (main process)."""
-    from retok.core.sources import load_model, resolve_model
 
     out: dict[str, float] = {}
     if (
         run.root is not None and run.eval_docs
     ):  # FSDP: the shared sharded body with the old embedding and head
-        from retok.teacher.body import OriginalLM, load_teacher
-        from retok.train.fsdp import gathered
-
         m = run.cfg.model
         teacher = run.teacher or load_teacher(
             run.model, resolve_model(m, run.cfg.cache), trust_remote_code=m.trust_remote_code
@@ -153,7 +158,6 @@ def objective(run: Run, phase: Phase) -> nn.Module:
     t = run.cfg.train
     if phase == "all" or t.objective == "lm" or run.teacher is None:
         return IOLoss(run.model, t.loss_chunk_tokens)
-    from retok.train.distill import DistillLoss, distill_layers
 
     return DistillLoss(
         run.model,
@@ -217,8 +221,6 @@ def phases(cfg: RetokConfig) -> list[tuple[Phase, int, int]]:
 def _checkpoint(run: Run, model: nn.Module, opt: Any, state: TrainState, phase: Phase) -> None:
     state.wall_seconds = state.wall_before + time.time() - run.wall_start
     if run.root is not None:
-        from retok.train.fsdp import save_sharded
-
         state.phase = phase
         save_sharded(run.state_dir, model, getattr(opt, "optimizer", opt), state, run.acc.process_index)
         return
@@ -252,8 +254,6 @@ def _start_phase(run: Run, phase: Phase, first: int, end: int, resume_optimizer:
     trainable = [p for p in model.parameters() if p.requires_grad]
     masks, grad_masks = decay_masks(run.io, phase), {}
     if run.root is not None:
-        from retok.train.fsdp import load_sharded_optimizer, local_masks
-
         for h in hooks:  # FSDP's gradients never pass these hooks: masked after backward instead
             h.remove()
         hooks = []
@@ -327,8 +327,6 @@ def _optimizer_step(
             f"{kept}; lower train.lr (embed_lr, head_lr, full.lr) and start over"
         )
     if run.root is not None:
-        from retok.train.fsdp import grad_norm_clip, mask_grads
-
         mask_grads(ph.trainable, ph.grad_masks)
         grad_norm = grad_norm_clip(ph.trainable, t.max_grad_norm) if t.max_grad_norm else None
     else:

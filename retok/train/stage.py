@@ -32,20 +32,40 @@ import torch
 from torch import nn
 
 from retok.core.config import RetokConfig
+from retok.core.data import load_domains
 from retok.core.errors import RetokError
-from retok.core.stages import TOKENIZER_FILES, fingerprint, new_token_ids, require_stage
+from retok.core.metrics import score_starts
+from retok.core.sources import (
+    check_rows_cover_tokenizer,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model,
+)
+from retok.core.stages import TOKENIZER_FILES, fingerprint, new_token_ids, read_tokenizer_meta, require_stage
+from retok.core.tokenmap import AVERAGED
+from retok.headfit.run import check_refit, original_rows_and_map, refit_head
+from retok.plan import check_plan, ddp_fits
+from retok.teacher.alignment import ByteLengths, align
+from retok.teacher.body import load_teacher
+from retok.train.distill import distill_layers
+from retok.train.fsdp import gathered, load_sharded, load_sharded_params, save_consolidated
 from retok.train.loop import (
     HeapTrimmer,  # noqa: F401  (re-exported for tests)
     MetricsLog,
     Run,
     evaluate,
+    held_out_bpb,
     original_bpb,
     phases,
     run_phase,
     sigint_handler,
 )
 from retok.train.loss import check_loss_matches
+from retok.train.packing import check_sources, train_batches
 from retok.train.params import activation_checkpointing, count_params, io_params
+from retok.train.piecemap import PieceMap
+from retok.train.report import write_report
 from retok.train.state import CKPT, METRICS, STATE_DIR, TrainState, check_state, load_params, mark_finished
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -58,8 +78,6 @@ def _accelerator(cfg: RetokConfig, state_dir: Path) -> Any:
 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, is_tensorboard_available, is_wandb_available
-
-    from retok.core.sources import pick_device
 
     t = cfg.train
     # cpu=True also when no accelerator exists: that is what makes Accelerate set up gloo (MULTI_CPU) when
@@ -94,14 +112,9 @@ def training_sources(cfg: RetokConfig) -> list:
 def _teacher(cfg: RetokConfig, model: nn.Module, tok: Any, old_tok: Any) -> Any:
     """The original model for the distillation objectives: this model's body with the original checkpoint's
     embedding and head (read alone); refused when the layers or the tokenizers do not allow it."""
-    from retok.core.data import load_domains
-    from retok.core.sources import resolve_model
-    from retok.teacher.alignment import ByteLengths, align
-    from retok.teacher.body import load_teacher
 
     t = cfg.train
     n_layers = model.config.get_text_config().num_hidden_layers
-    from retok.train.distill import distill_layers
 
     layers = distill_layers(cfg, model)
     if max(layers) > n_layers:
@@ -130,7 +143,6 @@ def _teacher(cfg: RetokConfig, model: nn.Module, tok: Any, old_tok: Any) -> Any:
 
 def _tokenizer(cfg: RetokConfig, tok_dir: Path, init_dir: Path) -> Any:
     """The new tokenizer; model-init's copy (which ships with the model) must have the same vocabulary."""
-    from retok.core.sources import load_tokenizer
 
     tok = load_tokenizer(tok_dir, trust_remote_code=cfg.model.trust_remote_code)
     if not (init_dir / "tokenizer.json").is_file():
@@ -145,7 +157,6 @@ def _tokenizer(cfg: RetokConfig, tok_dir: Path, init_dir: Path) -> Any:
 
 
 def _load_init_model(cfg: RetokConfig, init_dir: Path, tok: Any, device: Any) -> nn.Module:
-    from retok.core.sources import check_rows_cover_tokenizer, load_model
 
     # fp32 master weights; mixed precision (bf16 on GPUs) is autocast on top.
     model = load_model(
@@ -172,8 +183,6 @@ def _strategy(cfg: RetokConfig, acc: Any) -> str:
             )
         return "single"
     if want == "auto":
-        from retok.plan import ddp_fits
-
         return "ddp" if ddp_fits(cfg, world) else "fsdp"
     return want
 
@@ -199,10 +208,6 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
 
     Returns the report (train_report.json) on the main process, {} on the others.
     """
-    from retok.core.data import load_domains
-    from retok.core.metrics import score_starts
-    from retok.core.sources import load_tokenizer, resolve_model
-    from retok.train.packing import check_sources
 
     wall0 = time.time()
     t = cfg.train
@@ -223,7 +228,6 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
             f"{why}, but train.piece_map (on by default) is not supported under FSDP yet; set train.piece_map: "
             "false for this config (another recipe, so the model never depends on how it was launched)"
         )
-    from retok.plan import check_plan
 
     check_plan(cfg, acc.num_processes, strategy)  # before anything is loaded: refuse what cannot fit
     state = check_state(
@@ -239,17 +243,11 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     )
     eval_starts = {d: score_starts([old_tok, tok], texts) for d, texts in eval_docs.items()}
     if cfg.fit.after_train:
-        from retok.core.stages import read_tokenizer_meta
-        from retok.headfit.run import check_refit
-
         check_refit(cfg, old_tok, tok, tok_dir, read_tokenizer_meta(tok_dir))
 
     # ---- the model
     root = None
     if strategy == "fsdp":  # each process reads only its shards of model-init (the parameters are DTensors)
-        from retok.core.sources import check_rows_cover_tokenizer
-        from retok.train.fsdp import load_sharded
-
         model, root = load_sharded(
             init_dir,
             acc.mixed_precision,
@@ -265,7 +263,6 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     io = io_params(model, len(tok), new_ids)
     io.head_learns = t.objective != "distill"
     piece_map = _piece_map(cfg, io, old_tok, tok, tok_dir)
-    from retok.train.fsdp import gathered
 
     with gathered(root) if root is not None else nullcontext():
         check_loss_matches(model, first_block[None].long(), t.loss_chunk_tokens)
@@ -304,8 +301,6 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
             acc.end_training()
 
     if root is not None:  # every process takes part in gathering the shards; the main one writes
-        from retok.train.fsdp import save_consolidated
-
         activation_checkpointing(model, False)
         save_consolidated(model, out, _saved_dtype(init_dir), acc.process_index, MAX_SHARD_BYTES)
     head_fit = _fit_head(run, state, tok_dir, out) if acc.is_main_process else None
@@ -319,10 +314,6 @@ def _piece_map(cfg: RetokConfig, io: Any, old_tok: Any, tok: Any, tok_dir: Path)
     """train.piece_map: the map over the new rows that learn and have pieces (refused under FSDP earlier)."""
     if not cfg.train.piece_map_on():
         return None
-    from retok.core.stages import read_tokenizer_meta
-    from retok.core.tokenmap import AVERAGED
-    from retok.headfit.run import original_rows_and_map
-    from retok.train.piecemap import PieceMap
 
     old_embed, _, tmap = original_rows_and_map(cfg, old_tok, tok, tok_dir, read_tokenizer_meta(tok_dir))
     pieces = {
@@ -367,8 +358,6 @@ def _start_or_resume(run: Run, state: TrainState | None) -> tuple[TrainState, Me
     run.state_dir.mkdir(parents=True, exist_ok=True)
     if state is not None:
         if run.root is not None:
-            from retok.train.fsdp import load_sharded_params
-
             load_sharded_params(run.state_dir, run.model, acc.process_index)
         else:
             load_params(run.state_dir, run.model)
@@ -400,8 +389,6 @@ def _start_or_resume(run: Run, state: TrainState | None) -> tuple[TrainState, Me
 def _train(run: Run, state: TrainState, log: MetricsLog) -> None:
     """Every phase from where the state is, over one stream of training batches."""
     from tqdm.auto import tqdm
-
-    from retok.train.packing import train_batches
 
     cfg, acc, t = run.cfg, run.acc, run.cfg.train
     batches = train_batches(
@@ -440,10 +427,6 @@ def _fit_head(run: Run, state: TrainState, tok_dir: Path, out: Path) -> dict | N
     """Main process, after the steps (fit.after_train): the new tokens' head rows fitted on the states of the
     trained input rows (retok.headfit.run.refit_head), the held-out BPB measured again and logged. Under
     FSDP the consolidated folder is loaded whole, fitted and written again."""
-    from retok.core.sources import load_model
-    from retok.core.stages import read_tokenizer_meta
-    from retok.headfit.run import refit_head
-    from retok.train.loop import held_out_bpb
 
     cfg = run.cfg
     if not cfg.fit.after_train:
@@ -483,7 +466,6 @@ def _fit_head(run: Run, state: TrainState, tok_dir: Path, out: Path) -> dict | N
 
 def _finish(run: Run, state: TrainState, init_dir: Path, out: Path, head_fit: dict | None = None) -> dict:
     """Main process: the trained model folder, the report, and the checkpoint marked finished."""
-    from retok.train.report import write_report
 
     acc = run.acc
     state.finished = True

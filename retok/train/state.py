@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from retok.core.errors import RetokError
+from retok.core.safetensors_io import read_header
 
 STATE_DIR = "train-state"
 CKPT = "checkpoint"
@@ -161,7 +162,6 @@ def read_state(state_dir: Path) -> TrainState | None:
 def check_checkpoint_files(state_dir: Path, state: TrainState) -> None:
     """--resume: the checkpoint's tensor files are there and sound (their headers fit the files), so a damaged
     one is one line before anything is loaded, not a traceback from deep inside safetensors."""
-    from retok.core.safetensors_io import read_header
 
     ckpt = state_dir / CKPT
     if state.strategy == "fsdp":
