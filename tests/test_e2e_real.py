@@ -115,7 +115,13 @@ def test_retok_check_passes_on_model_folders(run_dir):
 def test_second_run_skips_every_stage(run_dir):
     p = retok("run", str(run_dir / "cfg.yaml"))
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.count("is up to date, skipped") == 5, p.stdout
+    assert [ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("retok: keep ")] == [
+        "tokenizer",
+        "model-init",
+        "model-trained",
+        "eval",
+        "export",
+    ], p.stdout
 
 
 # ------------------------------------------------------------------------------ the GGUF in a real llama.cpp
@@ -229,7 +235,7 @@ def test_plan_is_within_20_percent_of_measured_peak_memory(run_dir, tmp_path, pr
     # the steps' memory; the head fit after them is a phase of its own (the demo: planned 3.26 GB, measured 3.11)
     sets = [f"output_dir={out}", "train.eval_every=2", "train.max_steps=2", "fit.after_train=false"]
     if processes == 2:
-        sets.append("train.distributed=fsdp")
+        sets += ["train.distributed=fsdp", "train.piece_map=false"]  # the map is not supported under FSDP
     cfg = load_config(run_dir / "cfg.yaml", sets)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))

@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -208,14 +209,46 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
 
     Returns the report (train_report.json) on the main process, {} on the others.
     """
-
     wall0 = time.time()
+    ready = _prepare(cfg, resume)  # every check that needs no model: fails before anything is written
+    run = _build_run(cfg, ready, wall0)
+    _announce(run)
+    state = _steps(run, ready.state)
+    acc = run.acc
+    if run.root is not None:  # every process takes part in gathering the shards; the main one writes
+        activation_checkpointing(run.model, False)
+        save_consolidated(run.model, out, _saved_dtype(ready.init_dir), acc.process_index, MAX_SHARD_BYTES)
+    head_fit = _fit_head(run, state, ready.tok_dir, out) if acc.is_main_process else None
+    report = _finish(run, state, ready.init_dir, out, head_fit) if acc.is_main_process else {}
+    acc.wait_for_everyone()
+    _leave_if_not_main(acc)
+    return report
+
+
+@dataclass
+class _Ready:
+    """What train-io checked and read before loading the model."""
+
+    acc: Any
+    strategy: str
+    state: TrainState | None
+    tok_dir: Path
+    init_dir: Path
+    tok: Any
+    old_tok: Any
+    new_ids: list[int] | None
+    first_block: torch.Tensor
+    eval_docs: dict[str, list[str]]
+    eval_starts: dict[str, Any]
+
+
+def _prepare(cfg: RetokConfig, resume: bool) -> _Ready:
+    """The input folders, the launch's strategy, the memory plan, the checkpoint to resume, the tokenizers, the
+    first training block and the held-out text: everything that can be refused before a model is loaded."""
     t = cfg.train
     tok_dir = require_stage(cfg, "tokenizer", "train-io")
     init_dir = require_stage(cfg, "model-init", "train-io")
     state_dir = cfg.out / STATE_DIR
-
-    # ---- checks that need no model: fail before anything is written
     acc = _accelerator(cfg, state_dir)
     strategy = _strategy(cfg, acc)
     if t.piece_map and strategy == "fsdp":
@@ -228,15 +261,13 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
             f"{why}, but train.piece_map (on by default) is not supported under FSDP yet; set train.piece_map: "
             "false for this config (another recipe, so the model never depends on how it was launched)"
         )
-
     check_plan(cfg, acc.num_processes, strategy)  # before anything is loaded: refuse what cannot fit
     state = check_state(
         state_dir, fingerprint(cfg, "model-trained"), resume, strategy=strategy, world=acc.num_processes
     )
     tok = _tokenizer(cfg, tok_dir, init_dir)
     new_ids = new_token_ids(tok_dir, len(tok)) if t.trainable == "io_new_rows" else None
-    sources = training_sources(cfg)
-    first_block = check_sources(sources, tok, t.seq_len, t.max_bytes_per_source)
+    first_block = check_sources(training_sources(cfg), tok, t.seq_len, t.max_bytes_per_source)
     eval_docs = load_domains(cfg.data.eval, "data.eval", t.eval_max_bytes) if cfg.data.eval else {}
     old_tok = load_tokenizer(
         resolve_model(cfg.model, cfg.cache), trust_remote_code=cfg.model.trust_remote_code
@@ -244,48 +275,59 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     eval_starts = {d: score_starts([old_tok, tok], texts) for d, texts in eval_docs.items()}
     if cfg.fit.after_train:
         check_refit(cfg, old_tok, tok, tok_dir, read_tokenizer_meta(tok_dir))
+    return _Ready(
+        acc, strategy, state, tok_dir, init_dir, tok, old_tok, new_ids, first_block, eval_docs, eval_starts
+    )
 
-    # ---- the model
+
+def _build_run(cfg: RetokConfig, ready: _Ready, wall0: float) -> Run:
+    """model-init loaded (whole, or each process its shards under FSDP), what learns, the piece map, the
+    teacher: the Run the steps work on."""
+    t, acc, tok = cfg.train, ready.acc, ready.tok
     root = None
-    if strategy == "fsdp":  # each process reads only its shards of model-init (the parameters are DTensors)
+    if (
+        ready.strategy == "fsdp"
+    ):  # each process reads only its shards of model-init (the parameters are DTensors)
         model, root = load_sharded(
-            init_dir,
+            ready.init_dir,
             acc.mixed_precision,
             acc.device,
             checkpointing=t.gradient_checkpointing,
             trust_remote_code=cfg.model.trust_remote_code,
         )
-        check_rows_cover_tokenizer(model, tok, f"train-io: {init_dir}")
+        check_rows_cover_tokenizer(model, tok, f"train-io: {ready.init_dir}")
     else:
-        model = _load_init_model(cfg, init_dir, tok, acc.device)
+        model = _load_init_model(cfg, ready.init_dir, tok, acc.device)
         if t.gradient_checkpointing:
             activation_checkpointing(model, True)
-    io = io_params(model, len(tok), new_ids)
+    io = io_params(model, len(tok), ready.new_ids)
     io.head_learns = t.objective != "distill"
-    piece_map = _piece_map(cfg, io, old_tok, tok, tok_dir)
-
+    piece_map = _piece_map(cfg, io, ready.old_tok, tok, ready.tok_dir)
     with gathered(root) if root is not None else nullcontext():
-        check_loss_matches(model, first_block[None].long(), t.loss_chunk_tokens)
-    teacher = _teacher(cfg, model, tok, old_tok) if t.objective != "lm" else None
-    run = Run(
+        check_loss_matches(model, ready.first_block[None].long(), t.loss_chunk_tokens)
+    teacher = _teacher(cfg, model, tok, ready.old_tok) if t.objective != "lm" else None
+    return Run(
         cfg=cfg,
         acc=acc,
         tok=tok,
         model=model,
         io=io,
-        state_dir=state_dir,
-        eval_docs=eval_docs,
-        eval_starts=eval_starts,
-        old_tok=old_tok,
+        state_dir=cfg.out / STATE_DIR,
+        eval_docs=ready.eval_docs,
+        eval_starts=ready.eval_starts,
+        old_tok=ready.old_tok,
         teacher=teacher,
         piece_map=piece_map,
         root=root,
-        strategy=strategy,
+        strategy=ready.strategy,
         tokens_per_step=t.grad_accum * t.batch_size * t.seq_len * acc.num_processes,
         wall_start=wall0,
     )
-    _announce(run)
 
+
+def _steps(run: Run, state: TrainState | None) -> TrainState:
+    """The optimizer steps of every phase (resumed where the checkpoint left off), Ctrl-C saving a checkpoint
+    first; returns the final state."""
     old_handler = None
     try:
         old_handler = signal.signal(signal.SIGINT, sigint_handler(run))
@@ -297,17 +339,9 @@ def train_io(cfg: RetokConfig, out: Path, *, resume: bool = False) -> dict:
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
-        if t.log_with:
-            acc.end_training()
-
-    if root is not None:  # every process takes part in gathering the shards; the main one writes
-        activation_checkpointing(model, False)
-        save_consolidated(model, out, _saved_dtype(init_dir), acc.process_index, MAX_SHARD_BYTES)
-    head_fit = _fit_head(run, state, tok_dir, out) if acc.is_main_process else None
-    report = _finish(run, state, init_dir, out, head_fit) if acc.is_main_process else {}
-    acc.wait_for_everyone()
-    _leave_if_not_main(acc)
-    return report
+        if run.cfg.train.log_with:
+            run.acc.end_training()
+    return state
 
 
 def _piece_map(cfg: RetokConfig, io: Any, old_tok: Any, tok: Any, tok_dir: Path) -> Any:
