@@ -119,3 +119,11 @@ def make_model_dir(tmp_path_factory: pytest.TempPathFactory) -> MakeModelDir:
         return save_model_folder(models[kind](), tokenizer, path, max_shard_size="20KB" if sharded else None)
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Real-model and llama.cpp tests are slow too: `pytest -m "not slow"` is the inner loop (a few minutes),
+    `pytest` (what CI runs) everything."""
+    for item in items:
+        if item.get_closest_marker("real") or item.get_closest_marker("llamacpp"):
+            item.add_marker(pytest.mark.slow)

@@ -194,6 +194,7 @@ def test_held_out_distillation_loss_goes_down(tmp_path):
     assert held_out(out) < held_out(stage_dir(cfg, "model-init"))
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_distillation(tmp_path, monkeypatch):
     cfg, out, _ = _run(tmp_path / "a", objective="lm+distill", save_every=4)
     whole = load_file(str(out / "model.safetensors"))

@@ -28,6 +28,7 @@ from retok.pipeline import run_all
 from tests.tiny import tiny_project
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # accelerate launches of 2 CPU processes
 BODY = "model.layers."
 
 

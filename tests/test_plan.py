@@ -99,6 +99,7 @@ def test_fsdp_divides_the_sharded_parts_by_the_processes(tmp_path):
     assert no_ckpt["activations"] > 5 * all_parts[-1]["activations"]
 
 
+@pytest.mark.slow
 def test_plan_cli_prints_every_phase_and_exits_1_when_it_does_not_fit(tmp_path):
     _, path = _project(tmp_path, full={"steps": 2})
     res = _cli("plan", str(path))
@@ -117,6 +118,7 @@ def test_plan_cli_prints_every_phase_and_exits_1_when_it_does_not_fit(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_train_io_stops_before_loading_when_the_plan_does_not_fit(tmp_path):
     cfg, path = _project(tmp_path)
     small = load_config(path, ["compute.memory_gb=0.05"])

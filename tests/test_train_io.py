@@ -420,6 +420,7 @@ def test_bad_input_one_line_exit_2_nothing_lost(case, tmp_path, tokenizers, monk
 # ---------------------------------------------------------------------------------- accelerate launch
 
 
+@pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tmp_path, tokenizers):
     """Two gloo processes (DDP) train the same model as one would; the main process alone publishes it.
 
