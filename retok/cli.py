@@ -229,15 +229,20 @@ def plan_cmd(
 def init_config_cmd(
     path: Annotated[Path, typer.Argument(help="Where to write the commented default config.")],
     model: Annotated[str | None, typer.Option(help="model.path to put in the file.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", "--force", help="Replace an existing file (the same flag as the stages')."
+        ),
+    ] = False,
 ):
     """Write a commented config with every key, its default and what it does."""
     from retok.core.config_doc import commented_yaml
 
     if path.is_dir():
         raise RetokError(f"{path} is a folder; give a file name such as {path / 'retok.yaml'}")
-    if path.exists() and not force:
-        raise RetokError(f"{path} already exists; pass --force to overwrite it or choose another name")
+    if path.exists() and not overwrite:
+        raise RetokError(f"{path} already exists; pass --overwrite to replace it or choose another name")
     from retok.core.fileio import disk_error, write_text_atomic
 
     try:

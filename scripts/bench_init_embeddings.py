@@ -235,16 +235,14 @@ def prepare(work: Path, layers: int, old_vocab: int, new_vocab: int, hidden: int
             shutil.copy2(f, model / f.name)
         tok_stage = run / "tokenizer"
         shutil.copytree(new_dir, tok_stage)
-        (tok_stage / "retok_tokenizer.json").write_text(
-            json.dumps(
-                {
-                    "family": "byte_level",
-                    "mode": "extend",
-                    "old_vocab_size": old_vocab,
-                    "new_tokens": new_vocab - old_vocab,
-                    "first_new_id": old_vocab,
-                }
-            )
+        from retok.core.stages import write_tokenizer_meta
+
+        write_tokenizer_meta(
+            tok_stage,
+            new_ids=list(range(old_vocab, new_vocab)),
+            old_vocab_size=old_vocab,
+            new_vocab_size=new_vocab,
+            family="byte_level",
         )
         (base / "ready").write_text("ok")
         print(

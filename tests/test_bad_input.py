@@ -270,7 +270,7 @@ def _fault(monkeypatch, key: str, error: BaseException) -> None:
 
 
 def test_init_config_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch, capsys):
-    """The bug: `retok init-config --force` on a full disk left the user's config truncated."""
+    """The bug: `retok init-config --overwrite` (then --force) on a full disk left the user's config truncated."""
     import os
 
     target = tmp_path / "mine.yaml"
@@ -292,7 +292,7 @@ def test_init_config_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch, ca
             raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: Full(real_fdopen(fd, *a, **k)))
-    code, err = _cli(["init-config", str(target), "--force"], monkeypatch, capsys)
+    code, err = _cli(["init-config", str(target), "--overwrite"], monkeypatch, capsys)
     assert code == 2 and "no space left on the device" in err and "the existing file is kept" in err
     assert target.read_text() == "output_dir: runs/mine  # my settings\n"
     assert [x.name for x in tmp_path.iterdir()] == ["mine.yaml"]

@@ -115,7 +115,7 @@ def test_retok_check_passes_on_model_folders(run_dir):
 def test_second_run_skips_every_stage(run_dir):
     p = retok("run", str(run_dir / "cfg.yaml"))
     assert p.returncode == 0, p.stderr[-2000:]
-    assert [ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("retok: keep ")] == [
+    assert [ln.split()[2] for ln in p.stdout.splitlines() if ln.startswith("retok: keep ")] == [
         "tokenizer",
         "model-init",
         "model-trained",

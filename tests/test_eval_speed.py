@@ -21,13 +21,13 @@ from retok.evaluate.speed import (
     _prefill,
     _step,
     cut_text,
+    greedy_run,
     greedy_stats,
     long_text,
     reference_run,
+    reference_stats,
     run_rounds,
     split_tokens,
-    time_greedy,
-    time_reference,
 )
 from retok.pipeline import run_stage
 from tests.tiny import (
@@ -129,7 +129,9 @@ def test_time_reference_arithmetic():
     text, boundary, end = cut_text(LONG, 300, 120)
     st = split_tokens(tok, text, boundary, end)
     model = FixedStepLM(len(tok), 0.01, 5)
-    r = time_reference(model, st, repeats=3, warmup=1, device="cpu")
+    # what eval-speed composes: rounds of reference runs, then the medians
+    runs = run_rounds({"m": lambda: reference_run([(model, st, "cpu")])[0]}, repeats=3, warmup=1)["m"]
+    r = reference_stats(st, runs)
     n = len(st.continuation_ids)
     # 4 runs, each one prefill over the whole prompt, then one single-token step per continuation token.
     assert model.calls == ([len(st.prompt_ids)] + [1] * n) * 4
@@ -170,24 +172,14 @@ class _Tagged(list):
 def test_time_greedy_counts_bytes_and_invalid_ids():
     model = FixedStepLM(20, 0.0, 7)
     nbytes = {i: 3 for i in range(10)}
-    r = time_greedy(
-        model,
-        [1, 2, 3],
-        nbytes,
-        20,
-        repeats=2,
-        warmup=0,
-        device="cpu",
-        valid_ids=set(range(10)),
-        stop_ids={7},
-    )
+    runs = run_rounds({"m": lambda: greedy_run(model, [1, 2, 3], nbytes, 20, 40, "cpu")}, repeats=2, warmup=0)
+    r = greedy_stats(runs["m"], nbytes, valid_ids=set(range(10)), stop_ids={7})
     assert r["generated_tokens"] == 7 and r["generated_bytes"] == 21 and r["stopped_at"] == 0
     assert r["invalid_ids"] == 0 and r["ids"] == [7] * 7
     # A favourite outside the vocabulary (a padding row) counts 0 bytes: the loop stops at its token cap.
     pad = FixedStepLM(20, 0.0, 15)
-    r = time_greedy(
-        pad, [1], nbytes, 20, max_tokens=9, repeats=1, warmup=0, device="cpu", valid_ids=set(range(10))
-    )
+    runs = run_rounds({"m": lambda: greedy_run(pad, [1], nbytes, 20, 9, "cpu")}, repeats=1, warmup=0)
+    r = greedy_stats(runs["m"], nbytes, valid_ids=set(range(10)))
     assert r["generated_tokens"] == 9 and r["generated_bytes"] == 0 and r["invalid_ids"] == 9
 
 

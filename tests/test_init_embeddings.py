@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from retok.core.config import RetokConfig, validate_dict
 from retok.core.errors import RetokError
 from retok.core.safetensors_io import read_checkpoint, read_header
-from retok.core.stages import mark_stage, stage_dir
+from retok.core.stages import mark_stage, stage_dir, write_tokenizer_meta
 from retok.core.tokens import BYTE_TO_UNICODE, SPIECE_SPACE, detect_family, token_to_bytes
 from retok.embeddings import methods
 from retok.embeddings.stage import init_embeddings
@@ -103,16 +103,14 @@ def make_tokenizer_stage(
     folder = stage_dir(cfg, "tokenizer")
     folder.mkdir(parents=True, exist_ok=True)
     new_tok.save_pretrained(folder)
-    new_ids = list(range(old_len, len(new_tok)))
-    meta = {
-        "family": family,
-        "mode": mode,
-        "old_vocab_size": old_len,
-        "new_tokens": len(new_ids),
-        "first_new_id": old_len,
-        "new_ids": new_ids,
-    }
-    (folder / "retok_tokenizer.json").write_text(json.dumps(meta))
+    write_tokenizer_meta(
+        folder,
+        new_ids=list(range(old_len, len(new_tok))),
+        old_vocab_size=old_len,
+        new_vocab_size=len(new_tok),
+        family=family,
+        mode=mode,
+    )
     mark_stage(folder, cfg, "tokenizer")
     return folder
 
@@ -593,16 +591,21 @@ def test_head_shift_outside_target_domains(tmp_path):
 # ------------------------------------------------------------------------------------------ pure math
 
 
-def test_piece_weights_and_combine():
-    assert methods.piece_weights(3, "mean", "input").tolist() == [1, 1, 1]
-    assert methods.piece_weights(3, "first", "head").tolist() == [1, 0, 0]
-    assert methods.piece_weights(3, "last", "head").tolist() == [0, 0, 1]
-    assert methods.piece_weights(3, "weighted", "head", 0.5).tolist() == [1, 0.5, 0.25]
-    assert methods.piece_weights(3, "weighted", "input", 0.5).tolist() == [0.25, 0.5, 1]
+def test_combine_pieces_and_the_directions():
     old = torch.randn(10, 4, dtype=torch.bfloat16)
     rows = methods.combine_pieces(old, [[1, 2], [3], [4, 5, 6]], "mean", "input")
     torch.testing.assert_close(rows[0], old[[1, 2]].float().mean(0))
     torch.testing.assert_close(rows[2], old[[4, 5, 6]].float().mean(0))
+    # weighted: the input row leans on the LAST piece, the head row on the FIRST (decay per piece)
+    r = old[[4, 5, 6]].float()
+    inp = methods.combine_pieces(old, [[4, 5, 6]], "weighted", "input", 0.5)[0]
+    head = methods.combine_pieces(old, [[4, 5, 6]], "weighted", "head", 0.5)[0]
+    torch.testing.assert_close(inp, (0.25 * r[0] + 0.5 * r[1] + r[2]) / 1.75)
+    torch.testing.assert_close(head, (r[0] + 0.5 * r[1] + 0.25 * r[2]) / 1.75)
+    first = methods.combine_pieces(old, [[4, 5, 6]], "first", "head")[0]
+    last = methods.combine_pieces(old, [[4, 5, 6]], "last", "input")[0]
+    torch.testing.assert_close(first, r[0])
+    torch.testing.assert_close(last, r[2])
     g = torch.Generator().manual_seed(0)
     h = torch.randn(500, 8, generator=g) * 0.3 + torch.eye(8)[0] * 3  # a shared component: h . b ~= 1 fits
     b, mse = methods.fit_direction(h)

@@ -24,7 +24,7 @@ import retok.train.loop as loop_mod
 import retok.train.params as params_mod
 from retok.core.config import to_yaml, validate_dict
 from retok.core.errors import RetokError
-from retok.core.stages import mark_stage, stage_dir
+from retok.core.stages import mark_stage, stage_dir, write_tokenizer_meta
 from retok.pipeline import run_stage
 from retok.train.loss import chunked_lm_loss
 from tests.tiny import SAMPLE_TEXT, byte_level_tokenizer, save_model_folder, tiny_llama
@@ -112,7 +112,9 @@ def make_project(
     tok_dir = stage_dir(cfg, "tokenizer")
     tok_dir.mkdir(parents=True, exist_ok=True)
     new.save_pretrained(tok_dir)
-    (tok_dir / "retok_tokenizer.json").write_text(json.dumps({"new_ids": list(range(len(old), len(new)))}))
+    write_tokenizer_meta(
+        tok_dir, new_ids=list(range(len(old), len(new))), old_vocab_size=len(old), new_vocab_size=len(new)
+    )
     mark_stage(tok_dir, cfg, "tokenizer")
     model = tiny_llama(new, tied=tied, seed=1)
     model.resize_token_embeddings(rows or len(new) + PAD_ROWS)
@@ -515,7 +517,9 @@ def test_real_smollm2_short_run(tmp_path, assets):
     tok.add_tokens(words)
     tok_dir, init_dir = stage_dir(cfg, "tokenizer"), stage_dir(cfg, "model-init")
     tok.save_pretrained(tok_dir)
-    (tok_dir / "retok_tokenizer.json").write_text(json.dumps({"new_ids": list(range(len(old), len(tok)))}))
+    write_tokenizer_meta(
+        tok_dir, new_ids=list(range(len(old), len(tok))), old_vocab_size=len(old), new_vocab_size=len(tok)
+    )
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     emb = model.get_input_embeddings().weight.detach().clone()
     model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, mean_resizing=False)

@@ -316,8 +316,8 @@ class InitConfig(_Section):
     method: InitMethod = Field(
         "weighted",
         description="Input-embedding rows of new tokens: mean of the old pieces' rows (ReTok), first/last piece, "
-        "weighted (leans on the LAST piece; the default: on the demo it puts the body's states after layer 8 "
-        "much nearer the original's than the mean, normalised error 0.31 vs 0.51), random or zero (ablations).",
+        "weighted (leans on the LAST piece, by weighted_decay per piece: the new token's position is where the "
+        "model has just read that piece), random or zero (ablations).",
     )
     head_method: InitMethod | None = Field(
         None,
@@ -526,7 +526,7 @@ class TrainConfig(_Section):
         min_length=1,
         description="Decoder layers (1 = the first) whose outputs are distilled; the deepest decides the cost "
         "(objective distill runs only the layers up to it); null = the one layer at a quarter of the depth plus "
-        "one (8 of SmolLM2's 30: as good per token as 8/16/24/30 and 4-5x cheaper).",
+        "one (8 of a 30-layer model).",
     )
     distill_weight: float = Field(1.0, ge=0, description="Weight of the distillation term in lm+distill.")
     piece_map: bool = Field(
@@ -551,8 +551,7 @@ class TrainConfig(_Section):
     piece_map_lr: float = Field(
         3e-4,
         gt=0,
-        description="Learning rate of the piece map (warm-up and cosine like the rows'). The demo's held-out "
-        "layer-8 distillation loss after 200 steps: 3e-4 0.149, 1e-3 0.153, 3e-3 0.181 (no map: 0.211).",
+        description="Learning rate of the piece map (warm-up and cosine like the rows').",
     )
     domains: list[str] | None = Field(
         None,

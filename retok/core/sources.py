@@ -42,7 +42,7 @@ def resolve_model(model: ModelConfig | str, cache: Path | None = None) -> Path:
             raise RetokError(f"model.path: {p} is neither a model folder nor a .gguf file")
         check_model_folder(p, allow_pickle=cfg.allow_pickle)
         return p
-    if _looks_like_hub_id(raw):
+    if looks_like_hub_id(raw):
         return _hub_snapshot(raw, cfg)
     raise RetokError(f"model.path: {raw} not found (not a folder, a .gguf file, or a hub id like org/name)")
 
@@ -65,14 +65,20 @@ def check_local_model_path(model: ModelConfig) -> str:
             infos, files, _ = read_checkpoint(p)  # every shard there, readable, its header sound
             return f"model.path: model folder {p} ({len(infos)} tensors in {len(files)} safetensors file(s))"
         return f"model.path: model folder {p}"
-    if _looks_like_hub_id(raw):
+    if looks_like_hub_id(raw):
         return f"model.path: hub id {raw} (downloaded when a stage first needs it)"
     raise RetokError(f"model.path: {raw} not found (not a folder, a .gguf file, or a hub id like org/name)")
 
 
-def _looks_like_hub_id(s: str) -> bool:
+def looks_like_hub_id(s: str) -> bool:
+    """org/name: two parts, not a path (no leading . / ~) and not a GGUF file name."""
     parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not s.startswith((".", "/", "~"))
+        and not s.lower().endswith(".gguf")
+    )
 
 
 def check_model_folder(folder: Path, *, allow_pickle: bool) -> None:

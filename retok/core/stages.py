@@ -423,6 +423,35 @@ def read_tokenizer_meta(tok_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def write_tokenizer_meta(
+    tok_dir: Path,
+    *,
+    new_ids: list[int],
+    old_vocab_size: int,
+    new_vocab_size: int,
+    family: str | None = None,
+    mode: str = "extend",
+    old_model: str | None = None,
+    old_model_dir: str | None = None,
+) -> dict[str, Any]:
+    """Write ``retok_tokenizer.json`` (build-tokenizer, and tests or benchmarks that make a tokenizer folder by
+    hand, so every writer agrees on its keys); returns what was written."""
+    meta = {
+        "old_model": old_model,
+        "old_model_dir": old_model_dir,
+        "family": family,
+        "mode": mode,
+        "old_vocab_size": old_vocab_size,
+        "new_vocab_size": new_vocab_size,
+        "num_new_tokens": len(new_ids),
+        # extend appends contiguous ids after the old ones; a tokenizer trained anew has no such first id
+        "first_new_id": min(new_ids) if new_ids and mode == "extend" else None,
+        "new_ids": list(new_ids),
+    }
+    (tok_dir / TOKENIZER_META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+    return meta
+
+
 def new_token_ids(tok_dir: Path, n_tokens: int) -> list[int]:
     """The ids build-tokenizer added (``new_ids``), checked against the tokenizer's length."""
     meta = read_tokenizer_meta(tok_dir)

@@ -29,31 +29,13 @@ from typing import Literal
 import numpy as np
 import torch
 
+from retok.core.tokenmap import AVERAGED, FALLBACK
+
 Method = Literal["mean", "first", "last", "weighted", "random", "zero"]
 Side = Literal["input", "head"]
 
-# Kinds of rows (mirrors retok.core.tokenmap; duplicated to keep this module free of imports).
-COPY, SPECIAL, AVERAGED, FALLBACK, PADDING = 0, 1, 2, 3, 4
 
 _STAT_CHUNK = 8192  # rows per step when computing statistics of a (possibly bf16, 128k-row) matrix
-
-
-def piece_weights(n: int, method: Method, side: Side, decay: float = 0.5) -> torch.Tensor:
-    """Un-normalised float32 weights of ``n`` pieces (callers divide by their sum)."""
-    if n <= 0:
-        raise ValueError("a token needs at least one piece")
-    if method == "mean":
-        return torch.ones(n)
-    if method in ("first", "last"):
-        w = torch.zeros(n)
-        w[0 if method == "first" else -1] = 1.0
-        return w
-    if method == "weighted":
-        dist = torch.arange(n, dtype=torch.float32)
-        if side == "input":  # lean on the LAST piece
-            dist = dist.flip(0)
-        return torch.full((n,), float(decay)) ** dist
-    raise ValueError(f"method {method!r} does not combine pieces")
 
 
 def combine_pieces(

@@ -7,13 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from retok.core.config import RetokConfig
+from retok.core.sources import looks_like_hub_id
 from retok.core.stages import CONFIG_FILE
 from retok.export.verdict import Check
-
-
-def _looks_like_hub_id(s: str) -> bool:
-    parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~")) and not s.endswith(".gguf")
 
 
 def _llamacpp_section(gguf: dict[str, Any], llama: dict[str, Any]) -> list[str]:
@@ -70,7 +66,7 @@ def model_card(
         "- retok",
         "- tokenizer-extension",
     ]
-    if _looks_like_hub_id(cfg.model.path):
+    if looks_like_hub_id(cfg.model.path):
         head.append(f"base_model: {cfg.model.path}")
     head.append("---")
     old_len = llama.get("old_tokenizer_len")

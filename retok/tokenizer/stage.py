@@ -14,7 +14,6 @@ top of the old segmentation; ``train`` (train.py) trains a new BPE from scratch 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from retok.core.config import RetokConfig
 from retok.core.data import iter_source, load_domains
 from retok.core.errors import RetokError
 from retok.core.sources import load_tokenizer, resolve_model
-from retok.core.stages import TOKENIZER_META
+from retok.core.stages import write_tokenizer_meta
 from retok.core.tokens import detect_family
 from retok.tokenizer.extend import TrainingText, extend_tokenizer
 from retok.tokenizer.report import (
@@ -307,18 +306,16 @@ def build_tokenizer(cfg: RetokConfig, out: Path, *, progress: bool = True) -> di
         "seconds": time.time() - start,
         "timings": {**timings, "measure": time.time() - start - sum(timings.values())},
     }
-    meta = {
-        "old_model": cfg.model.path,
-        "old_model_dir": str(model_dir),
-        "family": family,
-        "mode": t.mode,
-        "old_vocab_size": len(old_hf),
-        "new_vocab_size": len(saved),
-        "num_new_tokens": len(learned.new_ids),
-        "first_new_id": learned.counts.get("first_new_id"),
-        "new_ids": learned.new_ids,
-    }
-    (out / TOKENIZER_META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+    write_tokenizer_meta(
+        out,
+        new_ids=learned.new_ids,
+        old_vocab_size=len(old_hf),
+        new_vocab_size=len(saved),
+        family=family,
+        mode=t.mode,
+        old_model=cfg.model.path,
+        old_model_dir=str(model_dir),
+    )
     write_reports(out, report)
     for w in warnings:
         _warn(w)

@@ -177,7 +177,7 @@ def peak_gpu_mb() -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident memory so far (Linux/macOS), in MB.
+    """The process's peak resident memory so far (Linux/macOS), in MiB (the report calls it MB).
 
     On Linux this is VmHWM, the high-water mark of this program's own memory: ru_maxrss would also count the
     parent it was started from (the kernel carries the peak across exec, so a run launched from a large
@@ -189,7 +189,7 @@ def peak_rss_mb() -> float:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
+                    return int(line.split()[1]) / 1024  # VmHWM is in kB (KiB): this is MiB
     except (OSError, ValueError, IndexError):
         pass
 
