@@ -59,92 +59,134 @@ def collect_states(
     """Windows of ``window`` new tokens over every document of every domain, through ``model``'s body (with
     ``embed_weight`` as its input embedding when given: the new rows on the original model's body).
     ``tree_depth``: how many old positions past each aligned one the teacher's top-k is also kept (the tree
-    terms of :func:`fit_rows`). ``teacher_fraction``: the share of the windows that need a teacher forward pass
+    terms of the fit). ``teacher_fraction``: the share of the windows that need a teacher forward pass
     (those whose ids are not the original's own) that get one, evenly spread; the others keep only the
     next-token target (their teacher probabilities stay zero, which the fit reads as "no teacher here").
     Windows the teacher reads as they are cost no forward pass and always keep it."""
-
-    device = next(model.parameters()).device
-    bos = bos_id(new_tok)
-    lengths = (ByteLengths(old_tok), ByteLengths(new_tok)) if teacher is not None else None
-    same_rows = _same_rows(teacher, embed_weight if embed_weight is not None else model) if teacher else None
-    hidden, target, held, dom, tp, ti, trees = [], [], [], [], [], [], []
-    n_win = 0
-    credit = 0.0  # teacher_fraction's running share: a forward pass each time it reaches 1
-    tokens = {"student": 0, "teacher": 0}
-    seconds = {"student": 0.0, "teacher": 0.0}
+    c = _Collector(model, new_tok, teacher, old_tok, top_k, tree_depth, teacher_fraction, embed_weight)
     total = sum(len(d.encode("utf-8")) for ds in docs.values() for d in ds)
     with tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False) as bar:
         for d_idx, texts in enumerate(docs.values()):
             for text in texts:
                 bar.update(len(text))
-                new_ids = new_tok(text, add_special_tokens=False)["input_ids"]
-                old_ids = (
-                    old_tok(text, add_special_tokens=False)["input_ids"] if teacher is not None else None
-                )
-                amap = align(*lengths, old_ids, new_ids).teacher if teacher is not None else None
-                for s, e in _windows(len(new_ids), window):
-                    ids = ([bos] if bos is not None else []) + new_ids[s:e]
-                    x = torch.tensor([ids], device=device)
-                    t0 = time.perf_counter()
-                    h = body_forward(model, x, embed_weight=embed_weight).last[0]
-                    seconds["student"] += time.perf_counter() - t0
-                    tokens["student"] += len(ids)
-                    off = 1 if bos is not None else 0
-                    # the state after new token p (p in s..e-2) predicts token p+1
-                    hidden.append(h[off : off + e - s - 1].to(torch.float16).cpu())
-                    target.append(torch.tensor(new_ids[s + 1 : e]))
-                    held.append(torch.full((e - s - 1,), n_win % held_out_every == held_out_every - 1))
-                    dom.append(torch.full((e - s - 1,), d_idx))
-                    if teacher is not None:
-                        # Same ids with the same input rows through the same body: the teacher's states
-                        # are this window's own, and only its head differs (English and code in extend mode).
-                        shared = same_rows is not None and _same_window(
-                            old_ids, new_ids, amap, s, e, same_rows
-                        )
-                        skip = False
-                        if not shared:
-                            credit += teacher_fraction
-                            skip = credit < 1.0 - 1e-9
-                            credit -= 0.0 if skip else 1.0
-                        p, i, tree = (
-                            _no_teacher(e - s - 1, top_k, tree_depth)
-                            if skip
-                            else _teacher_topk(
-                                teacher,
-                                old_ids,
-                                amap,
-                                s,
-                                e,
-                                bos,
-                                top_k,
-                                device,
-                                tokens,
-                                seconds,
-                                states=h if shared else None,
-                                depth=tree_depth,
-                            )
-                        )
-                        tp.append(p)
-                        ti.append(i)
-                        trees.append(tree)
-                    n_win += 1
-    if not hidden:
+                c.document(text, d_idx, window, held_out_every)
+    if not c.hidden:
         raise ValueError("no text to collect states from")
-    return States(
-        hidden=torch.cat(hidden),
-        target=torch.cat(target),
-        held_out=torch.cat(held),
-        domain=torch.cat(dom),
-        domains=list(docs),
-        teacher_p=torch.cat(tp) if tp else None,
-        teacher_i=torch.cat(ti) if ti else None,
-        tree_p=torch.cat([t[0] for t in trees]) if trees and tree_depth else None,
-        tree_i=torch.cat([t[1] for t in trees]) if trees and tree_depth else None,
-        tree_prefix=torch.cat([t[2] for t in trees]) if trees and tree_depth else None,
-        tokens=tokens,
-        seconds=seconds,
-    )
+    return c.states(list(docs))
+
+
+class _Collector:
+    """collect_states' running lists: one document at a time, one window at a time."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        new_tok: Any,
+        teacher: Teacher | None,
+        old_tok: Any,
+        top_k: int,
+        tree_depth: int,
+        teacher_fraction: float,
+        embed_weight: torch.Tensor | None,
+    ) -> None:
+        self.model, self.new_tok, self.teacher, self.old_tok = model, new_tok, teacher, old_tok
+        self.top_k, self.tree_depth, self.fraction, self.embed_weight = (
+            top_k,
+            tree_depth,
+            teacher_fraction,
+            embed_weight,
+        )
+        self.device = next(model.parameters()).device
+        self.bos = bos_id(new_tok)
+        self.lengths = (ByteLengths(old_tok), ByteLengths(new_tok)) if teacher is not None else None
+        self.same_rows = (
+            _same_rows(teacher, embed_weight if embed_weight is not None else model) if teacher else None
+        )
+        self.hidden: list[torch.Tensor] = []
+        self.target: list[torch.Tensor] = []
+        self.held: list[torch.Tensor] = []
+        self.dom: list[torch.Tensor] = []
+        self.tp: list[torch.Tensor] = []
+        self.ti: list[torch.Tensor] = []
+        self.trees: list[tuple] = []
+        self.n_win = 0
+        self.credit = 0.0  # teacher_fraction's running share: a forward pass each time it reaches 1
+        self.tokens = {"student": 0, "teacher": 0}
+        self.seconds = {"student": 0.0, "teacher": 0.0}
+
+    def document(self, text: str, d_idx: int, window: int, held_out_every: int) -> None:
+        new_ids = self.new_tok(text, add_special_tokens=False)["input_ids"]
+        old_ids = amap = None
+        if self.teacher is not None:
+            old_ids = self.old_tok(text, add_special_tokens=False)["input_ids"]
+            amap = align(*self.lengths, old_ids, new_ids).teacher
+        for s, e in _windows(len(new_ids), window):
+            h = self._student(new_ids, s, e)
+            held = self.n_win % held_out_every == held_out_every - 1
+            off = 1 if self.bos is not None else 0
+            # the state after new token p (p in s..e-2) predicts token p+1
+            self.hidden.append(h[off : off + e - s - 1].to(torch.float16).cpu())
+            self.target.append(torch.tensor(new_ids[s + 1 : e]))
+            self.held.append(torch.full((e - s - 1,), held))
+            self.dom.append(torch.full((e - s - 1,), d_idx))
+            if self.teacher is not None:
+                p, i, tree = self._teacher(old_ids, new_ids, amap, s, e, h)
+                self.tp.append(p)
+                self.ti.append(i)
+                self.trees.append(tree)
+            self.n_win += 1
+
+    def _student(self, new_ids: list[int], s: int, e: int) -> torch.Tensor:
+        ids = ([self.bos] if self.bos is not None else []) + new_ids[s:e]
+        x = torch.tensor([ids], device=self.device)
+        t0 = time.perf_counter()
+        h = body_forward(self.model, x, embed_weight=self.embed_weight).last[0]
+        self.seconds["student"] += time.perf_counter() - t0
+        self.tokens["student"] += len(ids)
+        return h
+
+    def _teacher(self, old_ids: list[int], new_ids: list[int], amap: Any, s: int, e: int, h: torch.Tensor):
+        """The teacher's targets of window s..e: from the student's own states when the teacher reads this
+        window as it is, none when teacher_fraction skips it, else from a teacher forward pass."""
+        # Same ids with the same input rows through the same body: the teacher's states are this window's own,
+        # and only its head differs (English and code in extend mode).
+        shared = self.same_rows is not None and _same_window(old_ids, new_ids, amap, s, e, self.same_rows)
+        if not shared:
+            self.credit += self.fraction
+            if self.credit < 1.0 - 1e-9:
+                return _no_teacher(e - s - 1, self.top_k, self.tree_depth)
+            self.credit -= 1.0
+        return _teacher_topk(
+            self.teacher,
+            old_ids,
+            amap,
+            s,
+            e,
+            self.bos,
+            self.top_k,
+            self.device,
+            self.tokens,
+            self.seconds,
+            states=h if shared else None,
+            depth=self.tree_depth,
+        )
+
+    def states(self, domains: list[str]) -> States:
+        trees, depth = self.trees, self.tree_depth
+        return States(
+            hidden=torch.cat(self.hidden),
+            target=torch.cat(self.target),
+            held_out=torch.cat(self.held),
+            domain=torch.cat(self.dom),
+            domains=domains,
+            teacher_p=torch.cat(self.tp) if self.tp else None,
+            teacher_i=torch.cat(self.ti) if self.ti else None,
+            tree_p=torch.cat([t[0] for t in trees]) if trees and depth else None,
+            tree_i=torch.cat([t[1] for t in trees]) if trees and depth else None,
+            tree_prefix=torch.cat([t[2] for t in trees]) if trees and depth else None,
+            tokens=self.tokens,
+            seconds=self.seconds,
+        )
 
 
 def _no_teacher(
