@@ -21,6 +21,7 @@ from transformers import AutoTokenizer
 
 from retok.core.config import validate_dict
 from retok.core.errors import RetokError
+from retok.core.stages import stage_dir
 from retok.core.tokens import detect_family, token_to_bytes
 from retok.pipeline import run_stage
 from retok.tokenizer.extend import TrainingText, extend_tokenizer, repeat_counts, splits_digits_individually
@@ -624,3 +625,103 @@ def test_spliced_json_equals_the_rebuilt_one(legacy_merges):
     rebuilt = with_tokens(data, vocab, merges)
     assert spliced.to_str() == rebuilt.to_str()
     assert [t.id for t in spliced.model.tokenize('"q"')] == [top + 2]
+
+
+# ------------------------------------------------------------------ the other domains keep their segmentation
+
+
+PROTECT_ZH = (
+    "编译器把源代码翻译成机器码。配置文件的 charset 选项和 shutdown 命令见手册。字符集转换由 iconv 完成。"
+)
+PROTECT_EN = "def close(sock):\n    sock.shutdown()  # flush first\n    return charset_of(sock)\n"
+
+
+def _protected(bl_tokenizer, protect: bool, share: float = 0.01):
+    zh = [PROTECT_ZH] * 40
+    en = [PROTECT_EN] * 40
+    return extend_tokenizer(
+        bl_tokenizer.backend_tokenizer,
+        [TrainingText("zh", zh)],
+        new_tokens=40,
+        progress=False,
+        protect=[TrainingText("code", en)] if protect else None,
+        protect_share=share,
+    )
+
+
+def _uses(ext, docs: list[str]) -> int:
+    new = set(ext.new_ids)
+    return sum(1 for d in docs for i in ext.tokenizer.encode(d, add_special_tokens=False).ids if i in new)
+
+
+def test_new_tokens_that_fire_in_a_protected_domain_are_not_learned(bl_tokenizer):
+    """The ASCII a Chinese corpus holds (option names, commands) is learned as tokens that then fire in code,
+    where their rows never learned anything. With the code domain protected, those tokens are replaced by the
+    next merges: code keeps its old segmentation, the Chinese text still gets its tokens."""
+    free, kept = _protected(bl_tokenizer, False), _protected(bl_tokenizer, True, share=0.0)
+    assert _uses(free, [PROTECT_EN]) > 0  # without protection, new tokens fire in the code (the bug)
+    assert _uses(kept, [PROTECT_EN]) == 0
+    assert len(kept.new_ids) == 40 and kept.dropped_protected
+    # what was dropped is the ASCII both texts share (pieces of "charset", "shutdown", ...), never Chinese
+    assert all(t.replace("Ġ", " ").strip() in PROTECT_EN for t in kept.dropped_protected), (
+        kept.dropped_protected
+    )
+    # the Chinese text is still compressed by the new tokens
+    assert _uses(kept, [PROTECT_ZH]) > 0
+    old = len(bl_tokenizer.backend_tokenizer.encode(PROTECT_ZH, add_special_tokens=False).ids)
+    assert len(kept.tokenizer.encode(PROTECT_ZH, add_special_tokens=False).ids) < old
+    assert kept.unprotected is not None and _uses_of(kept.unprotected, free.new_ids, PROTECT_EN) > 0
+
+
+def _uses_of(tok, ids, text: str) -> int:
+    return sum(1 for i in tok.encode(text, add_special_tokens=False).ids if i in set(ids))
+
+
+def test_protection_that_leaves_nothing_to_learn_is_one_line(bl_tokenizer):
+    with pytest.raises(RetokError, match=r"every token it could learn .* fires in the protected domains"):
+        extend_tokenizer(
+            bl_tokenizer.backend_tokenizer,
+            [TrainingText("zh", [PROTECT_EN] * 40)],
+            new_tokens=20,
+            progress=False,
+            protect=[TrainingText("code", [PROTECT_EN] * 40)],
+            protect_share=0.0,
+        )
+
+
+def test_the_stage_protects_the_other_domains_by_default_and_reports_the_cost(tmp_path, model_dirs):
+    from retok.pipeline import run_stage
+
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg = validate_dict(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "model": {"path": str(model_dirs["byte_level"])},
+            "data": {
+                "train": [
+                    {"name": "zh", "path": str(_jsonl(data / "zh.jsonl", [PROTECT_ZH] * 40))},
+                    {
+                        "name": "code",
+                        "path": str(_jsonl(data / "code.jsonl", [PROTECT_EN] * 40)),
+                        "max_bytes": 100,
+                    },
+                ],
+                "eval": [
+                    {"name": "zh", "path": str(_jsonl(data / "zh_eval.jsonl", [PROTECT_ZH]))},
+                    {"name": "code", "path": str(_jsonl(data / "code_eval.jsonl", [PROTECT_EN]))},
+                ],
+            },
+            "tokenizer": {"new_tokens": 40, "domains": ["zh"], "protect_share": 0.0},
+        }
+    )
+    assert cfg.protected_domains() == ["code"]  # null: every data.train domain outside tokenizer.domains
+    run_stage(cfg, "tokenizer")
+    report = _report(stage_dir(cfg, "tokenizer"))
+    pr = report["protection"]
+    assert pr["domains"] == ["code"] and pr["dropped"] > 0
+    # code's held-out compression: changed without the protection, unchanged with it
+    assert pr["ratio_without"]["code"] > 1.0 and pr["ratio_with"]["code"] == 1.0
+    assert pr["ratio_with"]["zh"] > 1.0
+    md = (stage_dir(cfg, "tokenizer") / "compression.md").read_text()
+    assert "Protected domains (code)" in md

@@ -26,13 +26,15 @@ from tests.tiny import tiny_project
 # for train.piece_map on by default (the new input rows learn through a map shared over their pieces: on the
 # demo zh 1.134x -> 1.110x); the first loss is before any step and stays. The fourth record again for
 # fit.input_feature on by default (the head map also reads the trained input rows: on the demo's states zh
-# 1.113x -> 1.095x; here zh 4.0143 -> 4.0038).
+# 1.113x -> 1.095x; here zh 4.0143 -> 4.0038). The fourth record again on 2026-12-07: the tiny project's English
+# training text holds English and code lines only (the domain tokenizer.protect_domains keeps), so the head fit
+# reads other en text (zh 4.0038 -> 4.0101, en 3.8835 -> 3.8834); the losses and the first three records stay.
 GOLDEN_LOSSES = [0.024237, 0.02685, 0.021368, 0.018703, 0.016554, 0.013388]
 GOLDEN_BPB = [
     {"zh": 4.105136, "en": 3.883254},
     {"zh": 4.10543, "en": 3.883254},
     {"zh": 4.10559, "en": 3.883254},
-    {"zh": 4.003833, "en": 3.883502},
+    {"zh": 4.01011, "en": 3.883378},
 ]
 
 

@@ -287,6 +287,26 @@ class TokenizerConfig(_Section):
     domains: list[str] | None = Field(
         None, description="Train domains (data.train names) to learn from; null = every train source."
     )
+    protect_domains: list[str] | None = Field(
+        None,
+        description="extend: data.train domains whose segmentation the new tokens must keep: a new token that "
+        "fires in their text (per byte, at least protect_share times as often as in the learning text) is not "
+        "learned, and the next merges take its place, so the rows of new tokens never have to work in a domain "
+        "they were not learned for. null = every data.train domain outside tokenizer.domains (none when "
+        "tokenizer.domains is null); [] = off.",
+    )
+    protect_share: float = Field(
+        0.01,
+        ge=0,
+        description="protect_domains: a new token is dropped when its uses per byte of protected text reach this "
+        "share of its uses per byte of the learning text (0 = any use).",
+    )
+    protect_max_bytes: int = Field(
+        16_000_000,
+        gt=0,
+        description="protect_domains: bytes of their data.train text read to find the tokens that fire there, "
+        "split evenly over the sources (a source's own max_bytes does not limit this reading).",
+    )
     max_bytes: int | None = Field(
         None,
         gt=0,
@@ -805,9 +825,28 @@ class RetokConfig(_Section):
         _require_domains(
             names,
             "data.train",
-            {"tokenizer.domains": self.tokenizer.domains, "train.domains": self.train.domains},
+            {
+                "tokenizer.domains": self.tokenizer.domains,
+                "tokenizer.protect_domains": self.tokenizer.protect_domains,
+                "train.domains": self.train.domains,
+            },
         )
+        both = sorted(set(self.tokenizer.protect_domains or []) & set(self.tokenizer.domains or names))
+        if self.tokenizer.protect_domains and both:
+            raise ValueError(
+                f"tokenizer.protect_domains names {both}, which the new tokens are learned on (tokenizer.domains); "
+                "a domain is learned or protected, not both"
+            )
         return self
+
+    def protected_domains(self) -> list[str]:
+        """tokenizer.protect_domains resolved: null = the data.train domains outside tokenizer.domains."""
+        t = self.tokenizer
+        if t.protect_domains is not None:
+            return list(t.protect_domains)
+        if t.domains is None:
+            return []
+        return [n for n in dict.fromkeys(s.name for s in self.data.train) if n not in t.domains]
 
     @model_validator(mode="after")
     def _head_shift_outside_has_two_sides(self) -> RetokConfig:

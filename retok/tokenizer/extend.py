@@ -73,6 +73,9 @@ class Extension:
     merges_to_existing: int
     digits_individual: bool  # numbers are split into single digits by the old tokenizer, and stay so
     dropped_unreachable: int  # learned tokens that were not reachable and were replaced
+    # learned tokens that fired in the protected domains' text and were replaced (their strings)
+    dropped_protected: list[str] = field(default_factory=list)
+    unprotected: Tokenizer | None = None  # the first pick before those were dropped (for the report's cost)
     warnings: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -523,6 +526,33 @@ class _Learned:
     rounds: int
     dropped: set[str]
     exhausted: bool
+    leaked: set[str] = field(default_factory=set)  # tokens dropped because they fire in protected text
+    unprotected: Tokenizer | None = None  # the first pick, before tokens that leak were dropped
+
+
+def _leaks(
+    tok: Tokenizer,
+    vocab: list[tuple[str, int]],
+    target: list[TrainingText],
+    protect: list[TrainingText],
+    share: float,
+) -> set[str]:
+    """New tokens that fire in the protected domains' text: per byte at least ``share`` times as often as in
+    the target text (a token the target text never produces counts however rarely it fires there)."""
+    ids = {i: t for t, i in vocab}
+
+    def uses(texts: list[TrainingText]) -> tuple[Counter, int]:
+        count: Counter = Counter()
+        n = 0
+        for src in texts:
+            for enc in tok.encode_batch(src.docs, add_special_tokens=False):
+                count.update(i for i in enc.ids if i in ids)
+            n += src.n_bytes
+        return count, max(1, n)
+
+    in_target, t_bytes = uses(target)
+    in_protect, p_bytes = uses(protect)
+    return {ids[i] for i, c in in_protect.items() if c / p_bytes >= share * in_target.get(i, 0) / t_bytes}
 
 
 def _learn_and_pick(
@@ -534,9 +564,13 @@ def _learn_and_pick(
     min_frequency: int,
     max_token_length: int | None,
     progress: bool,
+    sources: list[TrainingText] | None = None,
+    protect: list[TrainingText] | None = None,
+    protect_share: float = 0.0,
 ) -> _Learned:
-    """Learn merges over the units, keep those that make new, allowed, reachable tokens; learn more when too
-    few survive."""
+    """Learn merges over the units, keep those that make new, allowed, reachable tokens that do not fire in the
+    ``protect`` domains' text (relative to ``sources``, the target text: see :func:`_leaks`); learn more when
+    too few survive."""
     # Strings a new token must never have: those of special/added tokens (they map by role, never by text).
     banned = {symbol_string(base.family, t["content"]) for t in base.added} | {
         t["content"] for t in base.added
@@ -548,6 +582,8 @@ def _learn_and_pick(
     candidates: list[tuple[str, str]] = []
     learned = rounds = 0
     dropped: set[str] = set()
+    leaked: set[str] = set()
+    unprotected: Tokenizer | None = None
     exhausted = False
     while True:
         want = int(merges_wanted * margin) + 64
@@ -591,8 +627,22 @@ def _learn_and_pick(
                 )
             dropped.update(bad)
             continue
+        if protect and rounds <= 12:
+            leaks = _leaks(extended, pick.vocab, sources or [], protect, protect_share)
+            if leaks:
+                # Keep the other domains' segmentation: those tokens are not learned, others move up.
+                if unprotected is None:
+                    unprotected = extended
+                if progress:
+                    print(
+                        f"retok: {len(leaks):,} new tokens fire in the protected domains' text; dropped",
+                        flush=True,
+                    )
+                dropped.update(leaks)
+                leaked.update(leaks)
+                continue
         if len(pick.vocab) >= needed or exhausted or rounds > 12:
-            return _Learned(pick, extended, learned, rounds, dropped, exhausted)
+            return _Learned(pick, extended, learned, rounds, dropped, exhausted, leaked, unprotected)
         margin *= 1.5  # not enough survived the filters: learn more merges and pick again
 
 
@@ -605,11 +655,15 @@ def extend_tokenizer(
     max_token_length: int | None = None,
     keep_digit_split: bool = True,
     progress: bool = True,
+    protect: list[TrainingText] | None = None,
+    protect_share: float = 0.01,
 ) -> Extension:
     """Append ``new_tokens`` tokens learned on ``sources`` to ``old`` (a ``tokenizers.Tokenizer``).
 
     Every old token keeps its string and id (added and special tokens included); new ids start after the
     highest existing id; new merges come after the old ones in learned order; every new token is reachable.
+    ``protect``: text of other domains whose segmentation should stay: a new token that fires there (per byte,
+    at least ``protect_share`` times as often as in ``sources``) is not learned, and the next merges move up.
     """
     if new_tokens <= 0:
         raise RetokError(f"tokenizer.new_tokens must be positive, got {new_tokens}")
@@ -627,9 +681,25 @@ def extend_tokenizer(
     )
     real_of_unit = {u: string_of[i] for u, i in id_of_unit.items()}
     got = _learn_and_pick(
-        base, texts, real_of_unit, chars, new_tokens, min_frequency, max_token_length, progress
+        base,
+        texts,
+        real_of_unit,
+        chars,
+        new_tokens,
+        min_frequency,
+        max_token_length,
+        progress,
+        sources=sources,
+        protect=protect,
+        protect_share=protect_share,
     )
 
+    if not got.pick.vocab and got.leaked:
+        raise RetokError(
+            f"build-tokenizer: every token it could learn ({len(got.leaked)}) also fires in the protected domains' "
+            "text; set tokenizer.protect_domains: [] (or raise tokenizer.protect_share), or add text of the "
+            "domains the new tokens are for"
+        )
     if not got.pick.vocab:  # a tokenizer identical to the old one: every later stage would run for nothing
         raise RetokError(
             f"build-tokenizer learned 0 new tokens: no pair of tokens occurs at least tokenizer.min_frequency="
@@ -650,7 +720,9 @@ def extend_tokenizer(
         merges_added=len(got.pick.merges),
         merges_to_existing=got.pick.to_existing,
         digits_individual=digits_individual,
-        dropped_unreachable=len(got.dropped),
+        dropped_unreachable=len(got.dropped - got.leaked),
+        dropped_protected=sorted(got.leaked),
+        unprotected=got.unprotected,
         warnings=warnings,
         stats={
             "family": base.family,

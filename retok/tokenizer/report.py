@@ -203,6 +203,16 @@ def markdown(r: dict[str, Any]) -> str:
         )
     for e in dg["examples"][:3]:
         lines.append(f"  - `{e['text']}`: old {e['old']} -> new {e['new']}")
+    pr = r.get("protection")
+    if pr:
+        cost = ", ".join(
+            f"{d} {pr['ratio_without'][d]:.3f}x -> {pr['ratio_with'][d]:.3f}x" for d in pr["ratio_with"]
+        )
+        lines.append(
+            f"- Protected domains ({', '.join(pr['domains'])}): {pr['dropped']:,} learned tokens fired in their text "
+            f"and were replaced by the next merges (e.g. {', '.join(f'`{x}`' for x in pr['examples'][:8])}); "
+            f"held-out compression without that protection -> with it: {cost}."
+        )
     lines += [
         "",
         f"Training text: {r['training']['bytes']:,} bytes from {', '.join(r['training']['sources'])}; "

@@ -25,7 +25,7 @@ from retok.core.data import iter_source, load_domains
 from retok.core.errors import RetokError
 from retok.core.sources import load_tokenizer, resolve_model
 from retok.core.stages import write_tokenizer_meta
-from retok.core.tokens import detect_family
+from retok.core.tokens import detect_family, token_to_bytes
 from retok.tokenizer.extend import TrainingText, extend_tokenizer
 from retok.tokenizer.report import (
     check_roundtrip,
@@ -60,6 +60,22 @@ def training_text(cfg: RetokConfig) -> list[TrainingText]:
             left = max(0, left - text.n_bytes)
     if not any(d.strip() for s in out for d in s.docs):
         raise RetokError("data.train holds only whitespace; point it at real text")
+    return out
+
+
+def protected_text(cfg: RetokConfig) -> list[TrainingText]:
+    """The text of the protected domains (cfg.protected_domains()): tokenizer.protect_max_bytes split evenly over
+    their data.train sources, read past a source's own max_bytes (that budget is for training)."""
+    names = cfg.protected_domains()
+    chosen = [(i, s) for i, s in enumerate(cfg.data.train) if s.name in names]
+    out: list[TrainingText] = []
+    left = cfg.tokenizer.protect_max_bytes
+    for k, (i, src) in enumerate(chosen):
+        budget = max(1, left // (len(chosen) - k))
+        docs = list(iter_source(src.model_copy(update={"max_bytes": None}), f"data.train.{i}", budget))
+        text = TrainingText(src.name, docs, src.weight)
+        out.append(text)
+        left = max(0, left - text.n_bytes)
     return out
 
 
@@ -178,6 +194,9 @@ class Learned:
     digits_individual: bool
     counts: dict[str, Any]
     warnings: list[str]
+    unprotected: Any = (
+        None  # extend with protect_domains: the backend before the tokens that leaked were dropped
+    )
 
 
 def learn(cfg: RetokConfig, old_hf: Any, sources: list[TrainingText], progress: bool) -> Learned:
@@ -186,6 +205,13 @@ def learn(cfg: RetokConfig, old_hf: Any, sources: list[TrainingText], progress: 
     old = old_hf.backend_tokenizer
     counts: dict[str, Any] = {"old_vocab_size": len(old_hf)}
     if t.mode == "extend":
+        protect = protected_text(cfg)
+        if protect and progress:
+            print(
+                f"retok: protecting the segmentation of {', '.join(s.name for s in protect)} "
+                f"({sum(s.n_bytes for s in protect):,} bytes read)",
+                flush=True,
+            )
         ext = extend_tokenizer(
             old,
             sources,
@@ -194,6 +220,8 @@ def learn(cfg: RetokConfig, old_hf: Any, sources: list[TrainingText], progress: 
             max_token_length=t.max_token_length,
             keep_digit_split=t.keep_digit_split,
             progress=progress,
+            protect=protect,
+            protect_share=t.protect_share,
         )
         counts.update(
             new_tokens=len(ext.new_ids),
@@ -202,8 +230,13 @@ def learn(cfg: RetokConfig, old_hf: Any, sources: list[TrainingText], progress: 
             merges_added=ext.merges_added,
             merges_to_existing=ext.merges_to_existing,
             dropped_unreachable=ext.dropped_unreachable,
+            dropped_protected=len(ext.dropped_protected),
+            dropped_protected_examples=ext.dropped_protected[:20],
+            protected_domains=[s.name for s in protect],
         )
-        return Learned(ext.tokenizer, ext.new_ids, ext.digits_individual, counts, list(ext.warnings))
+        return Learned(
+            ext.tokenizer, ext.new_ids, ext.digits_individual, counts, list(ext.warnings), ext.unprotected
+        )
 
     tr = train_tokenizer(
         old,
@@ -287,6 +320,22 @@ def build_tokenizer(cfg: RetokConfig, out: Path, *, progress: bool = True) -> di
         old_hf.backend_tokenizer, saved.backend_tokenizer, learned.new_ids, eval_docs, t.mode
     )
     warnings = learned.warnings + more
+    protection = None
+    if learned.unprotected is not None:  # what keeping the protected domains' segmentation cost
+        old_b = old_hf.backend_tokenizer
+        protection = {
+            "domains": learned.counts["protected_domains"],
+            "dropped": learned.counts["dropped_protected"],
+            "examples": [
+                token_to_bytes(family, x).decode("utf-8", errors="replace")
+                for x in learned.counts["dropped_protected_examples"]
+            ],
+            "ratio_with": {d: v["ratio"] for d, v in domains.items()},
+            "ratio_without": {
+                d: domain_compression(old_b, learned.unprotected, docs)["ratio"]
+                for d, docs in eval_docs.items()
+            },
+        }
 
     report = {
         "mode": t.mode,
@@ -302,6 +351,7 @@ def build_tokenizer(cfg: RetokConfig, out: Path, *, progress: bool = True) -> di
             "sources": [s.name for s in sources],
             "docs": sum(len(s.docs) for s in sources),
         },
+        "protection": protection,
         "warnings": warnings,
         "seconds": time.time() - start,
         "timings": {**timings, "measure": time.time() - start - sum(timings.values())},
