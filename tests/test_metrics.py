@@ -165,3 +165,47 @@ def test_two_tokenizers_score_the_same_bytes():
     s, e = next((s, e) for s, e in offsets if e - s >= 2)
     with pytest.raises(ValueError, match="not a token boundary"):
         bits_per_byte(Bigram(len(old) + 8), old, [doc], starts=[s + 1])
+
+
+def test_per_token_costs_sum_to_the_total_and_sit_where_they_were_scored():
+    tok = byte_level_tokenizer()
+    model = Bigram(len(tok))
+    docs = [EN, EN[:40]]
+    got = bits_per_byte(model, tok, docs, window=16, stride=5, keep_tokens=True)
+    assert len(got["token_nll"]) == 2
+    assert sum(sum(v) for _, v in got["token_nll"]) == pytest.approx(got["nats"], rel=1e-4)
+    # per token: the bigram's own NLL of that token after its predecessor
+    (ids, _), _ = encode_docs(tok, docs)
+    first, vals = got["token_nll"][0]
+    assert first == 1 and len(vals) == len(ids) - 1  # no BOS: the first token is context
+    logp = torch.log_softmax(model.table.detach(), -1)
+    for k in (0, 7, len(vals) - 1):
+        want = -float(logp[ids[first + k - 1], ids[first + k]])
+        assert vals[k] == pytest.approx(want, abs=2e-5)
+
+
+def test_new_token_costs_against_the_original_pieces_by_hand():
+    """A new token's bits against the original's bits on the old pieces of the same bytes, summed per use."""
+    from retok.teacher.alignment import new_token_costs
+
+    old = byte_level_tokenizer()
+    new = byte_level_tokenizer()
+    new.add_tokens(["机器"])  # one new token over several old pieces
+    text = "机器学习 机器"
+    o_ids = old(text, add_special_tokens=False)["input_ids"]
+    n_ids = new(text, add_special_tokens=False)["input_ids"]
+    nid = new.convert_tokens_to_ids("机器")
+    assert n_ids.count(nid) == 2 and len(o_ids) > len(n_ids)
+    # every position scored (first index 0); the original pays 1 nat per piece, the new model 2 nats a token
+    old_nll = [[0, [1.0] * len(o_ids)]]
+    new_nll = [[0, [2.0] * len(n_ids)]]
+    c = new_token_costs(old, new, [text], old_nll, new_nll, {nid})
+    pieces = len(old("机器", add_special_tokens=False)["input_ids"])
+    ln2 = math.log(2)
+    assert (c["uses"], c["aligned"]) == (2, 2)
+    assert c["bits_new"] == pytest.approx(2 * 2.0 / ln2)
+    assert c["bits_original"] == pytest.approx(2 * pieces * 1.0 / ln2)
+    assert c["bits_change"] == pytest.approx(c["bits_new"] - c["bits_original"])
+    # a use whose pieces the original did not score (before its scoring start) is counted but not compared
+    late = new_token_costs(old, new, [text], [[pieces, [1.0] * (len(o_ids) - pieces)]], new_nll, {nid})
+    assert (late["uses"], late["aligned"]) == (2, 1)

@@ -93,3 +93,17 @@ def test_summary_rows_hold_every_figure(run):
         r = rows[d]
         for k in ("compression_ratio", "bpb_original", "bpb_init", "bpb_trained", "speedup_bytes_per_s"):
             assert isinstance(r[k], float) and r[k] > 0, (d, k)
+
+
+def test_the_eval_report_says_where_the_new_tokens_fire(run):
+    """Per domain: uses per KB of the new tokens and their bits against the original's pieces of the same bytes
+    (the per-position figures of both models; the original's come from init-embeddings' memo)."""
+    report = json.loads((stage_dir(run, "eval") / "report.json").read_text())
+    zh, en = report["domains"]["zh"]["new_tokens"], report["domains"]["en"]["new_tokens"]
+    assert zh["uses"] > 0 and zh["aligned"] == zh["uses"]  # extend mode: every use has its old pieces
+    assert zh["uses_per_kb"] == pytest.approx(zh["uses"] / (report["domains"]["zh"]["new"]["bpb_bytes"] / 1000))
+    assert zh["bits_change"] == pytest.approx(zh["bits_new"] - zh["bits_original"])
+    assert en["uses"] < zh["uses"]
+    assert "token_nll" not in report["domains"]["zh"]["new"]  # per-position figures stay out of the report
+    md = (stage_dir(run, "eval") / "report.md").read_text()
+    assert "## Where the new tokens fire" in md and "| zh | " in md

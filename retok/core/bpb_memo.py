@@ -98,9 +98,10 @@ def write_memo(folder: Path, entries: dict[str, dict[str, Any]]) -> None:
 
 
 def remembered(
-    memo: dict[str, dict[str, Any]], key: str, compute: Callable[[], dict[str, Any]]
+    memo: dict[str, dict[str, Any]], key: str, compute: Callable[[], dict[str, Any]], need: str | None = None
 ) -> tuple[dict, bool]:
-    """(the figures, whether they came from the memo)."""
-    if key in memo and isinstance(memo[key], dict) and "bpb" in memo[key]:
-        return dict(memo[key]), True
+    """(the figures, whether they came from the memo); an entry without ``need`` is measured again."""
+    entry = memo.get(key)
+    if isinstance(entry, dict) and "bpb" in entry and (need is None or need in entry):
+        return dict(entry), True
     return compute(), False

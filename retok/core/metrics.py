@@ -136,12 +136,15 @@ def bits_per_byte(
     device: Any = None,
     desc: str | None = None,
     starts: Sequence[int] | None = None,
-) -> dict[str, float]:
+    keep_tokens: bool = False,
+) -> dict[str, Any]:
     """Sliding-window BPB of ``model`` with ``tokenizer`` over ``docs``.
 
     ``starts``: per document, the character offset where scoring starts (:func:`score_starts` of the two
     tokenizers being compared); it must be a token boundary of this tokenizer. Default: this tokenizer alone.
     Returns ``{"bpb", "nats", "bytes", "tokens", "bos"}``; ``bytes`` counts exactly the scored text.
+    ``keep_tokens``: also ``"token_nll"``, per document ``[first scored token index, [nats of each scored
+    token in order]]`` (the scored tokens of a document are contiguous), for costs per position.
     """
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -166,8 +169,10 @@ def bits_per_byte(
         disable=desc is None,
     )
     prefix = torch.tensor([bos] if bos is not None else [], dtype=torch.long, device=device)
+    per_doc: list[list[Any]] = []
     for ids, first, n_bytes in plans:
         windows = score_windows(len(ids), window, stride, first, bos is not None)
+        per_doc.append([windows[0][1] - windows[0][2] if windows else len(ids), []])
         if not windows:
             continue
         total_bytes += n_bytes
@@ -176,18 +181,25 @@ def bits_per_byte(
             inp = torch.cat([prefix, x[start:end]])[None]
             # logits at position p predict token p+1: keep the last n_scored+1 positions, drop the final one.
             logits = model(input_ids=inp, logits_to_keep=n_scored + 1).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, x[end - n_scored : end], reduction="sum")
+            target = x[end - n_scored : end]
+            nll = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
             total_nats += float(nll)
             total_tokens += n_scored
+            if keep_tokens:
+                each = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+                per_doc[-1][1].extend(round(float(v), 5) for v in each)
             bar.update(n_scored)
     bar.close()
     if was_training:
         model.train()
     bpb = total_nats / (math.log(2) * total_bytes) if total_bytes else float("nan")
-    return {
+    out: dict[str, Any] = {
         "bpb": bpb,
         "nats": total_nats,
         "bytes": total_bytes,
         "tokens": total_tokens,
         "bos": bos is not None,
     }
+    if keep_tokens:
+        out["token_nll"] = per_doc
+    return out

@@ -222,9 +222,11 @@ def measure_bpb(
     # Both models score exactly the same bytes of each document.
     starts = {d: score_starts([old_hf, new_hf], texts) for d, texts in docs.items()}
 
-    def figures(model: Any, tok: Any, label: str) -> dict[str, dict[str, Any]]:
+    def figures(model: Any, tok: Any, label: str, keep_tokens: bool = False) -> dict[str, dict[str, Any]]:
         return {
-            d: bits_per_byte(model, tok, texts, desc=f"bpb {label} {d}", starts=starts[d], **kw)
+            d: bits_per_byte(
+                model, tok, texts, desc=f"bpb {label} {d}", starts=starts[d], keep_tokens=keep_tokens, **kw
+            )
             for d, texts in docs.items()
         }
 
@@ -232,7 +234,8 @@ def measure_bpb(
         return {d: round(f["bpb"], 5) for d, f in figures(model, tok, label).items()}
 
     original = load_model(model_dir, allow_pickle=cfg.model.allow_pickle, **load)
-    orig_figures = figures(original, old_hf, "original")
+    # per-position costs too: eval-speed reads them from the memo for its table of where new tokens fire
+    orig_figures = figures(original, old_hf, "original", keep_tokens=True)
     orig = {d: round(f["bpb"], 5) for d, f in orig_figures.items()}
     # eval-speed scores the original on these same bytes when eval.max_bytes equals init.eval_max_bytes
     write_memo(

@@ -117,6 +117,26 @@ def _greedy_table(report: dict[str, Any]) -> str | None:
     return "\n".join(lines)
 
 
+def new_tokens_markdown(report: dict[str, Any]) -> str | None:
+    """Where the new tokens fire and what they cost or gain against the original's pieces, per domain."""
+    rows = [(k, d["new_tokens"]) for k, d in report["domains"].items() if "new_tokens" in d]
+    if not rows:
+        return None
+    lines = [
+        "| domain | new-token uses | per KB | bits, new model | bits, original on the same bytes | change | "
+        "share of the domain's bits |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, c in rows:
+        share = c.get("change_share")
+        lines.append(
+            f"| {name} | {c['uses']} | {fmt(c['uses_per_kb'], '.2f')} | {fmt(c['bits_new'], '.1f')} | "
+            f"{fmt(c['bits_original'], '.1f')} | {c['bits_change']:+.1f} | "
+            f"{'-' if share is None else format(100 * share, '+.2f') + '%'} |"
+        )
+    return "\n".join(lines)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     env = report["environment"]
@@ -143,6 +163,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         "*speed-up / timed ratio* = how much of that compression gain decoding turned "
         "into speed (the LM head of a bigger vocabulary costs a little per token).",
     ]
+    fired = new_tokens_markdown(report)
+    if fired:
+        parts += [
+            "",
+            "## Where the new tokens fire",
+            "",
+            fired,
+            "",
+            "At every scored position whose token is new: the bits the new model spends on it against the bits the "
+            "original spends on the old pieces of the same bytes. Negative: the new tokens help. In a domain the new "
+            "tokens were not learned for, a cost means they fire where their rows never learned.",
+        ]
     greedy = _greedy_table(report)
     if greedy:
         parts += [

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from retok.evaluate.speed import (
     split_tokens,
     spread_segments,
 )
+from retok.teacher.alignment import new_token_costs
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -220,7 +222,9 @@ def _quality(
                 device=m.device,
                 desc=f"{m.role} {name} bpb",
                 starts=starts[name],
+                keep_tokens=True,
             ),
+            need="token_nll",
         )
         out[name] = {
             "bytes_per_token": bpt["bytes_per_token"],
@@ -229,6 +233,8 @@ def _quality(
             "bytes": bpt["bytes"],
             "bpb_bytes": bpb["bytes"],
             "bpb_bos": bpb["bos"],
+            "bits": bpb["nats"] / math.log(2),
+            "token_nll": bpb["token_nll"],  # per position, for new_tokens_table; not written to the report
         }
         if reused:
             out[name]["bpb_measured_by"] = "init-embeddings"
@@ -437,6 +443,27 @@ def measure(cfg: RetokConfig, inp: Inputs, device: str) -> tuple[dict, dict, dic
     return old, new, old_m.info, new_m.info, both
 
 
+def new_tokens_table(inp: Inputs, old: dict, new: dict) -> dict[str, dict[str, Any]]:
+    """Per domain: how often the new tokens fire in the scored text (per KB) and the bits they take against
+    the bits the original model spends on the same bytes' old pieces, in all and as a share of the domain's
+    bits (negative: the new tokens help). The figure to read for a domain that is not a target: a cost there
+    means new tokens fire where their rows never learned."""
+    old_tok, new_tok = inp.toks
+    old_vocab = old_tok.get_vocab()
+    new_ids = {i for t, i in new_tok.get_vocab().items() if t not in old_vocab}
+    table = {}
+    for name in inp.domains:
+        o, n = old[name], new[name]
+        if "token_nll" not in o or "token_nll" not in n:
+            continue
+        c = new_token_costs(old_tok, new_tok, inp.docs[name], o["token_nll"], n["token_nll"], new_ids)
+        kb = n["bpb_bytes"] / 1000 if n["bpb_bytes"] else float("nan")
+        c["uses_per_kb"] = c["uses"] / kb
+        c["change_share"] = c["bits_change"] / o["bits"] if o.get("bits") else None
+        table[name] = c
+    return table
+
+
 def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     """Measure old vs new on every eval domain; write report.json, report.md, table.md and charts into
     ``out``."""
@@ -462,6 +489,11 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
         "settings": cfg.eval.model_dump(mode="json"),
         "domains": {name: compare(old[name], new[name]) for name in inp.domains},
     }
+    for name, costs in new_tokens_table(inp, old, new).items():
+        report["domains"][name]["new_tokens"] = costs
+    for side in (old, new):
+        for figs in side.values():
+            figs.pop("token_nll", None)
     report = clean(report)
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

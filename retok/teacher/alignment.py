@@ -81,3 +81,51 @@ def align(old: ByteLengths, new: ByteLengths, old_ids: Sequence[int], new_ids: S
             "`retok build-tokenizer` from model.path's tokenizer"
         )
     return align_ends(old_ends, new_ends)
+
+
+def new_token_costs(
+    old_tok: Any,
+    new_tok: Any,
+    docs: Sequence[str],
+    old_nll: Sequence[Sequence[Any]],
+    new_nll: Sequence[Sequence[Any]],
+    new_ids: set[int],
+) -> dict[str, Any]:
+    """Where the new tokens fire in ``docs`` and what they cost: at every scored position of the new model whose
+    token is new, its nats against the nats the original model spends on the old tokens of exactly the same
+    bytes (``old_nll``/``new_nll``: the ``token_nll`` of retok.core.metrics.bits_per_byte on ``docs``).
+    Returns uses (scored new tokens), aligned (those whose bytes are old tokens the original scored too: all of
+    them in extend mode), and bits_new / bits_original / bits_change (new minus original; negative = a gain)
+    summed over the aligned uses."""
+    ol, nl = ByteLengths(old_tok), ByteLengths(new_tok)
+    old_enc = old_tok(list(docs), add_special_tokens=False)["input_ids"] if docs else []
+    new_enc = new_tok(list(docs), add_special_tokens=False)["input_ids"] if docs else []
+    uses = aligned = 0
+    nats_new = nats_old = 0.0
+    for o_ids, n_ids, (o_first, o_vals), (n_first, n_vals) in zip(
+        old_enc, new_enc, old_nll, new_nll, strict=True
+    ):
+        oe, ne = ol.ends(o_ids), nl.ends(n_ids)
+        for j in range(n_first, n_first + len(n_vals)):
+            if n_ids[j] not in new_ids:
+                continue
+            uses += 1
+            start, end = (int(ne[j - 1]) if j else 0), int(ne[j])
+            k0 = int(np.searchsorted(oe, start, side="right"))  # the first old token ending after ``start``
+            k1 = int(np.searchsorted(oe, end, side="left"))  # the old token ending at ``end``
+            starts_clean = (k0 == 0 and start == 0) or (k0 > 0 and int(oe[k0 - 1]) == start)
+            if k1 >= len(oe) or int(oe[k1]) != end or not starts_clean:
+                continue  # no old token boundary here (a tokenizer trained anew)
+            if k0 < o_first or k1 >= o_first + len(o_vals):
+                continue  # the original did not score those pieces (before the scoring start)
+            aligned += 1
+            nats_new += float(n_vals[j - n_first])
+            nats_old += sum(float(o_vals[k - o_first]) for k in range(k0, k1 + 1))
+    ln2 = float(np.log(2))
+    return {
+        "uses": uses,
+        "aligned": aligned,
+        "bits_new": nats_new / ln2,
+        "bits_original": nats_old / ln2,
+        "bits_change": (nats_new - nats_old) / ln2,
+    }
