@@ -101,7 +101,9 @@ def test_the_eval_report_says_where_the_new_tokens_fire(run):
     report = json.loads((stage_dir(run, "eval") / "report.json").read_text())
     zh, en = report["domains"]["zh"]["new_tokens"], report["domains"]["en"]["new_tokens"]
     assert zh["uses"] > 0 and zh["aligned"] == zh["uses"]  # extend mode: every use has its old pieces
-    assert zh["uses_per_kb"] == pytest.approx(zh["uses"] / (report["domains"]["zh"]["new"]["bpb_bytes"] / 1000))
+    assert zh["uses_per_kb"] == pytest.approx(
+        zh["uses"] / (report["domains"]["zh"]["new"]["bpb_bytes"] / 1000)
+    )
     assert zh["bits_change"] == pytest.approx(zh["bits_new"] - zh["bits_original"])
     assert en["uses"] < zh["uses"]
     assert "token_nll" not in report["domains"]["zh"]["new"]  # per-position figures stay out of the report

@@ -89,8 +89,25 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
 
 def render_markdown(r: dict[str, Any]) -> str:
+    """init_report.md: what the rows got, the pieces, examples, held-out BPB, compared methods, checks."""
+    lines = _md_rows(r) + _md_pieces(r) + _md_bpb(r) + _md_compare(r)
+    if r.get("eval_note"):
+        lines += [r["eval_note"], ""]
+    checks = r.get("checks") or {}
+    if checks:
+        lines += [
+            "## Checks",
+            "",
+            f"config, generation config and tokenizer agree: **{'yes' if checks.get('ok') else 'NO'}**",
+        ]
+        lines += [f"- {p}" for p in checks.get("problems", [])]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _md_rows(r: dict[str, Any]) -> list[str]:
     init = r.get("init", {})
-    lines = [
+    return [
         "# init-embeddings report",
         "",
         f"Model: `{r.get('model')}`; tokenizer: `{r.get('tokenizer')}`.",
@@ -121,6 +138,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Rows: {r.get('old_rows')} -> {r.get('new_rows')} (vocabulary {r.get('new_tokens')} tokens, padded to a multiple of {init.get('pad_to_multiple_of')}).",
         "",
     ]
+
+
+def _md_pieces(r: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     hist = r.get("pieces_histogram") or {}
     if hist:
         lines += [
@@ -145,55 +166,52 @@ def render_markdown(r: dict[str, Any]) -> str:
             + "; ".join(f"{k}: {v}" for k, v in r["fallback_examples"].items()),
             "",
         ]
+    return lines
+
+
+def _md_bpb(r: dict[str, Any]) -> list[str]:
     bpb = r.get("bpb") or {}
-    if bpb:
-        lines += [
-            "## Held-out bits per byte (lower is better)",
-            "",
-            "| domain | original | init | change |",
-            "|---|---:|---:|---:|",
-        ]
-        for d, v in bpb.items():
-            lines.append(
-                f"| {d} | {v['original']:.4f} | {v['init']:.4f} | {_pct(v['init'], v['original'])} |"
-            )
-        lines.append("")
-    comp = r.get("compare") or {}
-    if comp:
-        domains = list(next(iter(comp.values())).keys())
-        lines += [
-            "## Init methods compared (held-out BPB)",
-            "",
-            "Each line puts the method on both the input and the head rows, with this run's head settings "
-            f"(separate head, shift); `{PAPER}` is ReTok's plain mean without any shift"
-            + (
-                " (the head rows equal the input rows, as in the tied original)."
-                if init.get("tied_before")
-                else "."
-            ),
-            "",
-            "| method | " + " | ".join(domains) + " |",
-            "|---|" + "---:|" * len(domains),
-        ]
-        for m, v in comp.items():
-            cells = []
-            for d in domains:
-                orig = bpb.get(d, {}).get("original")
-                cells.append(f"{v[d]:.4f}" + (f" ({_pct(v[d], orig)})" if orig else ""))
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if r.get("eval_note"):
-        lines += [r["eval_note"], ""]
-    checks = r.get("checks") or {}
-    if checks:
-        lines += [
-            "## Checks",
-            "",
-            f"config, generation config and tokenizer agree: **{'yes' if checks.get('ok') else 'NO'}**",
-        ]
-        lines += [f"- {p}" for p in checks.get("problems", [])]
-        lines.append("")
-    return "\n".join(lines)
+    if not bpb:
+        return []
+    lines = [
+        "## Held-out bits per byte (lower is better)",
+        "",
+        "| domain | original | init | change |",
+        "|---|---:|---:|---:|",
+    ]
+    for d, v in bpb.items():
+        lines.append(f"| {d} | {v['original']:.4f} | {v['init']:.4f} | {_pct(v['init'], v['original'])} |")
+    lines.append("")
+    return lines
+
+
+def _md_compare(r: dict[str, Any]) -> list[str]:
+    comp, bpb, init = r.get("compare") or {}, r.get("bpb") or {}, r.get("init", {})
+    if not comp:
+        return []
+    domains = list(next(iter(comp.values())).keys())
+    lines = [
+        "## Init methods compared (held-out BPB)",
+        "",
+        "Each line puts the method on both the input and the head rows, with this run's head settings "
+        f"(separate head, shift); `{PAPER}` is ReTok's plain mean without any shift"
+        + (
+            " (the head rows equal the input rows, as in the tied original)."
+            if init.get("tied_before")
+            else "."
+        ),
+        "",
+        "| method | " + " | ".join(domains) + " |",
+        "|---|" + "---:|" * len(domains),
+    ]
+    for m, v in comp.items():
+        cells = []
+        for d in domains:
+            orig = bpb.get(d, {}).get("original")
+            cells.append(f"{v[d]:.4f}" + (f" ({_pct(v[d], orig)})" if orig else ""))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
 
 
 def measure_bpb(

@@ -193,63 +193,18 @@ def _llamacpp(cfg: RetokConfig, new_tok: Any) -> dict[str, Any]:
 
 def export_model(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     """Write the final folder into ``out`` and check it; RetokError if the check fails."""
-
     src = export_source(cfg)
-    max_bytes = parse_size(cfg.export.max_shard_size)
     if not (src / "config.json").is_file():
         raise RetokError(f"{src} has no config.json; rerun the stage that made it")
     out.mkdir(parents=True, exist_ok=True)
     print(f"retok: export {src} -> {out}", flush=True)
-
-    weights = stream_weights(src, out, max_bytes, cfg.export.dtype)
-
-    changes: list[str] = []
-    tok = load_tokenizer(src, trust_remote_code=cfg.model.trust_remote_code)
-    conf = json.loads((src / "config.json").read_text())
-    if cfg.export.dtype != "keep":
-        for key in ("dtype", "torch_dtype"):
-            if key in conf or key == "dtype":
-                conf[key] = cfg.export.dtype
-    changes += sync_special_ids(conf, tok, "config.json")
-    gen_path = src / "generation_config.json"
-    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {"_from_model_config": True}
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if gen.get(key) is None and conf.get(key) is not None:
-            gen[key] = conf[key]
-    changes += sync_special_ids(gen, tok, "generation_config.json")
-    (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
-    tok.save_pretrained(str(out))
-    for line in changes:
-        print(f"retok: export: {line}", flush=True)
-
+    weights = stream_weights(src, out, parse_size(cfg.export.max_shard_size), cfg.export.dtype)
+    tok, conf, changes = _write_configs(cfg, src, out)
     llama = _llamacpp(cfg, tok)
     checks = check_folder(out)
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        print_checks(checks)
-        raise RetokError(
-            "export: the exported folder fails `retok check`: "
-            + "; ".join(f"{c.name}: {c.detail}" for c in failed)
-        )
+    _refuse_failed(checks, "the exported folder")
     name = _model_name(cfg)
-    gguf: dict[str, Any] = {"written": False, "reason": "export.gguf: off"}
-    gguf_error: RetokError | None = None
-    if cfg.export.gguf != "off":
-        try:
-            info, gguf_checks = export_gguf(cfg, out, tok, conf, llama, name)
-        except RetokError as e:
-            gguf_error = e
-            gguf = {"written": False, "reason": str(e)}
-        else:
-            bad = [c for c in gguf_checks if not c.ok]
-            if bad:
-                print_checks(gguf_checks)
-                raise RetokError(
-                    "export: the GGUF fails `retok check`: " + "; ".join(f"{c.name}: {c.detail}" for c in bad)
-                )
-            gguf = {"written": True, **info}
-            checks += gguf_checks
+    gguf, gguf_error = _gguf_part(cfg, out, tok, conf, llama, name, checks)
     (out / "README.md").write_text(
         model_card(cfg, src, name, tok, conf, llama, checks, eval_table(cfg, src), gguf), encoding="utf-8"
     )
@@ -271,3 +226,59 @@ def export_model(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     if gguf_error is not None:
         raise PartialOutput(f"{gguf_error} (the Hugging Face folder was written and passes its checks)")
     return report
+
+
+def _write_configs(cfg: RetokConfig, src: Path, out: Path) -> tuple[Any, dict[str, Any], list[str]]:
+    """config.json and generation_config.json with the special ids the tokenizer's roles say (and
+    export.dtype), and the tokenizer files: (the tokenizer, config.json's dict, what changed)."""
+    changes: list[str] = []
+    tok = load_tokenizer(src, trust_remote_code=cfg.model.trust_remote_code)
+    conf = json.loads((src / "config.json").read_text())
+    if cfg.export.dtype != "keep":
+        for key in ("dtype", "torch_dtype"):
+            if key in conf or key == "dtype":
+                conf[key] = cfg.export.dtype
+    changes += sync_special_ids(conf, tok, "config.json")
+    gen_path = src / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if gen.get(key) is None and conf.get(key) is not None:
+            gen[key] = conf[key]
+    changes += sync_special_ids(gen, tok, "generation_config.json")
+    (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    tok.save_pretrained(str(out))
+    for line in changes:
+        print(f"retok: export: {line}", flush=True)
+    return tok, conf, changes
+
+
+def _refuse_failed(checks: list, what: str) -> None:
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        print_checks(checks)
+        raise RetokError(
+            f"export: {what} fails `retok check`: " + "; ".join(f"{c.name}: {c.detail}" for c in failed)
+        )
+
+
+def _gguf_part(
+    cfg: RetokConfig,
+    out: Path,
+    tok: Any,
+    conf: dict[str, Any],
+    llama: dict[str, Any],
+    name: str,
+    checks: list,
+) -> tuple[dict[str, Any], RetokError | None]:
+    """export.gguf: the GGUF written and checked (its checks appended to ``checks``), or why it could not be
+    made (the folder stays; the stage then ends as a partial output)."""
+    if cfg.export.gguf == "off":
+        return {"written": False, "reason": "export.gguf: off"}, None
+    try:
+        info, gguf_checks = export_gguf(cfg, out, tok, conf, llama, name)
+    except RetokError as e:
+        return {"written": False, "reason": str(e)}, e
+    _refuse_failed(gguf_checks, "the GGUF")
+    checks += gguf_checks
+    return {"written": True, **info}, None
