@@ -220,55 +220,16 @@ def measure_bpb(
     """Held-out BPB per domain of the original model and of the folder just written (loaded with plain
     transformers), and of every method in ``init.compare_methods`` (rows rebuilt in memory; the folder keeps
     the configured method). Returns {"bpb": ..., "compare": ...}."""
-    import dataclasses
-
-    import torch
-
     docs = load_domains(cfg.data.eval, "data.eval", cfg.init.eval_max_bytes)
     print(
         f"retok: init report: BPB of the original and the new model on {cfg.init.eval_max_bytes:,} held-out bytes "
         f"of each of {', '.join(docs)} (init.eval_max_bytes; init.eval_bpb: false skips it)",
         flush=True,
     )
-    kw = {"window": cfg.eval.window, "stride": cfg.eval.stride}
-    load = {
-        "dtype": cfg.compute.dtype,
-        "device": cfg.compute.device,
-        "trust_remote_code": cfg.model.trust_remote_code,
-    }
-
-    # Both models score exactly the same bytes of each document.
-    starts = {d: score_starts([old_hf, new_hf], texts) for d, texts in docs.items()}
-
-    def figures(model: Any, tok: Any, label: str, keep_tokens: bool = False) -> dict[str, dict[str, Any]]:
-        return {
-            d: bits_per_byte(
-                model, tok, texts, desc=f"bpb {label} {d}", starts=starts[d], keep_tokens=keep_tokens, **kw
-            )
-            for d, texts in docs.items()
-        }
-
-    def score(model: Any, tok: Any, label: str) -> dict[str, float]:
-        return {d: round(f["bpb"], 5) for d, f in figures(model, tok, label).items()}
-
-    original = load_model(model_dir, allow_pickle=cfg.model.allow_pickle, **load)
-    # per-position costs too: eval-speed reads them from the memo for its table of where new tokens fire
-    orig_figures = figures(original, old_hf, "original", keep_tokens=True)
-    orig = {d: round(f["bpb"], 5) for d, f in orig_figures.items()}
-    # eval-speed scores the original on these same bytes when eval.max_bytes equals init.eval_max_bytes
-    write_memo(
-        out,
-        {
-            bpb_key(model_dir, old_hf, docs[d], starts[d], model=original, **kw): f
-            for d, f in orig_figures.items()
-        },
-    )
-    old_emb = original.get_input_embeddings().weight.detach().cpu()
-    old_head = original.get_output_embeddings().weight.detach().cpu() if names.head is not None else old_emb
-    del original
-
-    model = load_model(out, **load)
-    init = score(model, new_hf, "init")
+    scorer = _Scorer(cfg, docs, old_hf, new_hf)
+    orig, old_emb, old_head = scorer.original(model_dir, out, names)
+    model = load_model(out, **scorer.load)
+    init = scorer.score(model, new_hf, "init")
     result: dict[str, Any] = {
         "bpb": {d: {"original": orig[d], "init": init[d]} for d in docs},
         "eval_settings": {
@@ -277,10 +238,78 @@ def measure_bpb(
             "stride": cfg.eval.stride,
         },
     }
+    compare = _compare_methods(cfg, scorer, model, new_hf, plan, names, old_emb, old_head)
+    if compare:
+        result["compare"] = compare
+    del model
+    return result
+
+
+class _Scorer:
+    """measure_bpb's scoring: both models on exactly the same bytes of each held-out document."""
+
+    def __init__(self, cfg: Any, docs: dict[str, list[str]], old_hf: Any, new_hf: Any) -> None:
+        self.cfg, self.docs = cfg, docs
+        self.kw = {"window": cfg.eval.window, "stride": cfg.eval.stride}
+        self.load = {
+            "dtype": cfg.compute.dtype,
+            "device": cfg.compute.device,
+            "trust_remote_code": cfg.model.trust_remote_code,
+        }
+        self.old_hf = old_hf
+        self.starts = {d: score_starts([old_hf, new_hf], texts) for d, texts in docs.items()}
+
+    def figures(
+        self, model: Any, tok: Any, label: str, keep_tokens: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        return {
+            d: bits_per_byte(
+                model,
+                tok,
+                texts,
+                desc=f"bpb {label} {d}",
+                starts=self.starts[d],
+                keep_tokens=keep_tokens,
+                **self.kw,
+            )
+            for d, texts in self.docs.items()
+        }
+
+    def score(self, model: Any, tok: Any, label: str) -> dict[str, float]:
+        return {d: round(f["bpb"], 5) for d, f in self.figures(model, tok, label).items()}
+
+    def original(self, model_dir: Path, out: Path, names: Any) -> tuple[dict[str, float], Any, Any]:
+        """The original model's BPB (left in ``out``'s memo, per-position costs too, for eval-speed), and its
+        embedding and head rows (for the compared methods)."""
+        original = load_model(model_dir, allow_pickle=self.cfg.model.allow_pickle, **self.load)
+        figs = self.figures(original, self.old_hf, "original", keep_tokens=True)
+        write_memo(
+            out,
+            {
+                bpb_key(model_dir, self.old_hf, self.docs[d], self.starts[d], model=original, **self.kw): f
+                for d, f in figs.items()
+            },
+        )
+        old_emb = original.get_input_embeddings().weight.detach().cpu()
+        old_head = (
+            original.get_output_embeddings().weight.detach().cpu() if names.head is not None else old_emb
+        )
+        del original
+        return {d: round(f["bpb"], 5) for d, f in figs.items()}, old_emb, old_head
+
+
+def _compare_methods(
+    cfg: Any, scorer: _Scorer, model: Any, new_hf: Any, plan: Any, names: Any, old_emb: Any, old_head: Any
+) -> dict[str, dict[str, float]]:
+    """init.compare_methods: each method's plain rows (no fitted head) written into ``model`` and scored, and
+    ReTok's plain mean as the reference line whenever this run's rows differ from it."""
+    import dataclasses
+
+    import torch
+
     compare: dict[str, dict[str, float]] = {}
     emb_param = model.get_input_embeddings().weight
     head_param = model.get_output_embeddings().weight
-    # A compared method is the plain rows of that method (no fitted head).
     variants = {
         m: dataclasses.replace(plan, method=m, head_method=m, head_rows=None)
         for m in cfg.init.compare_methods
@@ -296,8 +325,5 @@ def measure_bpb(
             emb_param.copy_(build_matrix(old_emb, p, "input").to(emb_param.dtype))
             if names.separate:
                 head_param.copy_(build_matrix(old_head, p, "head").to(head_param.dtype))
-        compare[m] = score(model, new_hf, m)
-    if compare:
-        result["compare"] = compare
-    del model
-    return result
+        compare[m] = scorer.score(model, new_hf, m)
+    return compare
