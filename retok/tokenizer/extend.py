@@ -627,23 +627,47 @@ def _learn_and_pick(
                 )
             dropped.update(bad)
             continue
-        if protect and rounds <= 12:
-            leaks = _leaks(extended, pick.vocab, sources or [], protect, protect_share)
-            if leaks:
-                # Keep the other domains' segmentation: those tokens are not learned, others move up.
-                if unprotected is None:
-                    unprotected = extended
-                if progress:
-                    print(
-                        f"retok: {len(leaks):,} new tokens fire in the protected domains' text; dropped",
-                        flush=True,
-                    )
-                dropped.update(leaks)
-                leaked.update(leaks)
-                continue
+        leaks = (
+            _leaks(extended, pick.vocab, sources or [], protect, protect_share)
+            if protect and rounds <= 12
+            else None
+        )
+        if leaks:
+            # Keep the other domains' segmentation: those tokens are not learned, others move up.
+            unprotected = unprotected or extended
+            if progress:
+                print(
+                    f"retok: {len(leaks):,} new tokens fire in the protected domains' text; dropped",
+                    flush=True,
+                )
+            dropped.update(leaks)
+            leaked.update(leaks)
+            continue
         if len(pick.vocab) >= needed or exhausted or rounds > 12:
             return _Learned(pick, extended, learned, rounds, dropped, exhausted, leaked, unprotected)
         margin *= 1.5  # not enough survived the filters: learn more merges and pick again
+
+
+def _check_learned(got: _Learned, new_tokens: int, min_frequency: int) -> list[str]:
+    """Refuse an extension that learned nothing (every later stage would run for nothing); warn when it learned
+    fewer tokens than asked."""
+    if not got.pick.vocab and got.leaked:
+        raise RetokError(
+            f"build-tokenizer: every token it could learn ({len(got.leaked)}) also fires in the protected domains' "
+            "text; set tokenizer.protect_domains: [] (or raise tokenizer.protect_share), or add text of the "
+            "domains the new tokens are for"
+        )
+    if not got.pick.vocab:
+        raise RetokError(
+            f"build-tokenizer learned 0 new tokens: no pair of tokens occurs at least tokenizer.min_frequency="
+            f"{min_frequency} times in the training text; add text to data.train or lower tokenizer.min_frequency"
+        )
+    if len(got.pick.vocab) < new_tokens:
+        return [
+            f"only {len(got.pick.vocab)} new tokens could be learned (asked for {new_tokens}): the training text has "
+            f"no more pairs seen at least tokenizer.min_frequency={min_frequency} times; add text or lower new_tokens"
+        ]
+    return []
 
 
 def extend_tokenizer(
@@ -694,23 +718,7 @@ def extend_tokenizer(
         protect_share=protect_share,
     )
 
-    if not got.pick.vocab and got.leaked:
-        raise RetokError(
-            f"build-tokenizer: every token it could learn ({len(got.leaked)}) also fires in the protected domains' "
-            "text; set tokenizer.protect_domains: [] (or raise tokenizer.protect_share), or add text of the "
-            "domains the new tokens are for"
-        )
-    if not got.pick.vocab:  # a tokenizer identical to the old one: every later stage would run for nothing
-        raise RetokError(
-            f"build-tokenizer learned 0 new tokens: no pair of tokens occurs at least tokenizer.min_frequency="
-            f"{min_frequency} times in the training text; add text to data.train or lower tokenizer.min_frequency"
-        )
-    warnings: list[str] = []
-    if len(got.pick.vocab) < new_tokens:
-        warnings.append(
-            f"only {len(got.pick.vocab)} new tokens could be learned (asked for {new_tokens}): the training text has "
-            f"no more pairs seen at least tokenizer.min_frequency={min_frequency} times; add text or lower new_tokens"
-        )
+    warnings = _check_learned(got, new_tokens, min_frequency)
     kept = {t for t, _ in got.pick.vocab}
     return Extension(
         tokenizer=got.tokenizer,

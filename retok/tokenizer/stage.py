@@ -292,6 +292,27 @@ def measure(
     return domains, digits, share, warnings
 
 
+def protection_report(
+    learned: Learned, old: Any, family: str, domains: dict[str, Any], eval_docs: dict[str, list[str]]
+) -> dict[str, Any] | None:
+    """What keeping the protected domains' segmentation cost: the tokens dropped, and each held-out domain's
+    compression with and without them (None when nothing was dropped)."""
+    if learned.unprotected is None:
+        return None
+    return {
+        "domains": learned.counts["protected_domains"],
+        "dropped": learned.counts["dropped_protected"],
+        "examples": [
+            token_to_bytes(family, x).decode("utf-8", errors="replace")
+            for x in learned.counts["dropped_protected_examples"]
+        ],
+        "ratio_with": {d: v["ratio"] for d, v in domains.items()},
+        "ratio_without": {
+            d: domain_compression(old, learned.unprotected, docs)["ratio"] for d, docs in eval_docs.items()
+        },
+    }
+
+
 def build_tokenizer(cfg: RetokConfig, out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Build the new tokenizer into ``out`` (an empty folder) and write its reports; returns compression.json."""
 
@@ -320,22 +341,7 @@ def build_tokenizer(cfg: RetokConfig, out: Path, *, progress: bool = True) -> di
         old_hf.backend_tokenizer, saved.backend_tokenizer, learned.new_ids, eval_docs, t.mode
     )
     warnings = learned.warnings + more
-    protection = None
-    if learned.unprotected is not None:  # what keeping the protected domains' segmentation cost
-        old_b = old_hf.backend_tokenizer
-        protection = {
-            "domains": learned.counts["protected_domains"],
-            "dropped": learned.counts["dropped_protected"],
-            "examples": [
-                token_to_bytes(family, x).decode("utf-8", errors="replace")
-                for x in learned.counts["dropped_protected_examples"]
-            ],
-            "ratio_with": {d: v["ratio"] for d, v in domains.items()},
-            "ratio_without": {
-                d: domain_compression(old_b, learned.unprotected, docs)["ratio"]
-                for d, docs in eval_docs.items()
-            },
-        }
+    protection = protection_report(learned, old_hf.backend_tokenizer, family, domains, eval_docs)
 
     report = {
         "mode": t.mode,
