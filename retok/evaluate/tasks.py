@@ -25,7 +25,6 @@ Two kinds of task (``eval.tasks``):
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Sequence
@@ -184,7 +183,8 @@ def score_items(
     model: Any, tok: Any, items: Sequence[Item], device: Any, max_context: int, desc: str
 ) -> list[list[float]]:
     """Log-likelihood (nats) of every choice of every item after its context: one forward pass over the
-    context, then each choice from a copy of its KV cache. The context keeps its last ``max_context`` tokens."""
+    context, then all its choices in one batch from its KV cache. The context keeps its last ``max_context``
+    tokens."""
     import torch
     from tqdm.auto import tqdm
 
@@ -202,17 +202,24 @@ def score_items(
         with torch.inference_mode():
             first = model(input_ids=torch.tensor([ctx], device=device), use_cache=True, logits_to_keep=1)
             head = torch.log_softmax(first.logits[0, -1].float(), -1)
-            lls = []
-            for ids in conts:
-                ll = float(head[ids[0]])
-                if len(ids) > 1:
-                    cache = copy.deepcopy(_cache_of(first))
-                    nxt = model(
-                        input_ids=torch.tensor([ids[:-1]], device=device), use_cache=True, **{kwarg: cache}
-                    )
-                    lp = torch.log_softmax(nxt.logits[0].float(), -1)
-                    ll += float(lp.gather(1, torch.tensor(ids[1:], device=device).view(-1, 1)).sum())
-                lls.append(ll)
+            lls = [float(head[ids[0]]) for ids in conts]
+            rest = [ids[:-1] for ids in conts]
+            longest = max(map(len, rest))
+            if longest:
+                # every choice in one batch from a copy of the context's cache, right-padded: under causal
+                # attention a pad only reaches the positions after it, which are not read
+                cache = _cache_of(first)
+                cache.batch_repeat_interleave(len(conts))
+                batch = torch.tensor(
+                    [r + [r[-1] if r else ctx[-1]] * (longest - len(r)) for r in rest], device=device
+                )
+                lp = torch.log_softmax(
+                    model(input_ids=batch, use_cache=True, **{kwarg: cache}).logits.float(), -1
+                )
+                for k, ids in enumerate(conts):
+                    if len(ids) > 1:
+                        tgt = torch.tensor(ids[1:], device=device).view(-1, 1)
+                        lls[k] += float(lp[k, : len(ids) - 1].gather(1, tgt).sum())
         out.append(lls)
     return out
 
