@@ -25,9 +25,11 @@ from tests.tiny import (
     byte_level_tokenizer,
     save_model_folder,
     sentencepiece_tokenizer,
+    tiny_gemma,
     tiny_llama,
     tiny_mistral,
     tiny_qwen2,
+    tiny_qwen3,
 )
 
 TEXT = "Hello world, the model 123 机器学习 def f(x): return x"
@@ -41,8 +43,16 @@ def _folder(tmp_path: Path, kind: str, family: str) -> tuple[Path, object, objec
         "llama_untied": lambda: tiny_llama(tok, tied=False),
         "qwen2": lambda: tiny_qwen2(tok),
         "mistral": lambda: tiny_mistral(tok),
+        "qwen3": lambda: tiny_qwen3(tok),
+        # head_dim 256 = query_pre_attn_scalar, as in Gemma-3-270M: llama.cpp scales attention by head_dim, and
+        # transformers' GGUF loader (which has no key for it) assumes 256
+        "gemma3": lambda: tiny_gemma(tok, head_dim=256),
     }[kind]
     model = build()
+    with torch.no_grad():  # norms away from their init (Gemma's zeros, Qwen3's q/k ones): the shift must show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.3)
     return save_model_folder(model, tok, tmp_path / kind), tok, model
 
 
@@ -64,16 +74,25 @@ def _names(checks) -> dict:
         ("llama_untied", "sentencepiece"),
         ("qwen2", "byte_level"),  # 37 padding rows beyond the tokenizer
         ("mistral", "byte_level"),
+        ("qwen3", "byte_level"),  # q/k norms, head_dim != hidden / heads
+        ("gemma3", "sentencepiece"),  # norms stored + 1, sliding window, tied
     ],
 )
 def test_gguf_is_the_same_model_for_transformers(tmp_path: Path, kind: str, family: str):
     folder, tok, model = _folder(tmp_path, kind, family)
     path = _write(folder, tok)
-    # transformers reads GGUF with its own loader (undoing llama.cpp's q/k order): same logits, bit for bit.
+    # transformers reads GGUF with its own loader (undoing llama.cpp's q/k order and Gemma's norm shift): the
+    # same logits, bit for bit (Gemma: within float32 rounding of w + 1 - 1).
     back = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=path.name, dtype=torch.float32)
+    assert type(back).__name__ == ("LlamaForCausalLM" if kind == "mistral" else type(model).__name__)
     ids = tok(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, back(ids).logits)
+        if kind == "gemma3":
+            torch.testing.assert_close(model(ids).logits, back(ids).logits, rtol=0, atol=1e-5)
+            norm = dict(back.named_parameters())["model.layers.0.self_attn.q_norm.weight"]
+            torch.testing.assert_close(norm, model.model.layers[0].self_attn.q_norm.weight, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(model(ids).logits, back(ids).logits)
     back_tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name)
     plain = tok(TEXT, add_special_tokens=False).input_ids
     assert back_tok(TEXT, add_special_tokens=False).input_ids == plain and len(plain) > 10
@@ -147,13 +166,52 @@ def test_check_gguf_reports_a_damaged_file(tmp_path: Path):
 
 
 def test_unsupported_architecture_and_rope_say_what_to_do():
-    with pytest.raises(RetokError, match="not 'gemma3_text'; set export.gguf: off"):
-        gguf_out.gguf_architecture({"model_type": "gemma3_text"}, False)
+    with pytest.raises(RetokError, match="not 'gemma2'; set export.gguf: off"):
+        gguf_out.gguf_architecture({"model_type": "gemma2"}, False)
     with pytest.raises(RetokError, match="runs remote code"):
         gguf_out.gguf_architecture({"model_type": "llama"}, True)
     with pytest.raises(RetokError, match="rope scaling 'yarn'"):
         gguf_out.check_rope({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     assert gguf_out.gguf_architecture({"model_type": "mistral"}, False) == ("llama", True)
+
+
+GEMMA3_270M = {  # Gemma-3-270M's config.json, the keys llama.cpp's gemma3 depends on
+    "model_type": "gemma3_text",
+    "num_hidden_layers": 18,
+    "hidden_size": 640,
+    "num_attention_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)],
+    "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"layer_types": ["sliding_attention"] * 18}, "layer_types is not every 6th layer global"),
+        ({"query_pre_attn_scalar": 128}, "query_pre_attn_scalar 128 is not the head_dim 256"),
+        ({"final_logit_softcapping": 30.0}, "soft-capping"),
+        (
+            {
+                "rope_parameters": {
+                    "full_attention": {"rope_theta": 1e6},
+                    "sliding_attention": {"rope_theta": 5e4},
+                }
+            },
+            "sliding layers' rope base is 50000.0",
+        ),
+    ],
+)
+def test_gemma3_configs_llama_cpp_would_run_differently_are_refused(change, words):
+    assert gguf_out.gguf_architecture(GEMMA3_270M, False) == ("gemma3", False)
+    assert gguf_out._rope(GEMMA3_270M)["rope_theta"] == 1000000.0  # the global layers' base
+    with pytest.raises(RetokError, match=words):
+        gguf_out.gguf_architecture({**GEMMA3_270M, **change}, False)
 
 
 def test_llama3_rope_freqs_follow_the_scaling_rule():

@@ -45,6 +45,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 SAMPLE_TEXT = """\
@@ -259,19 +261,37 @@ def tiny_qwen2(tokenizer: PreTrainedTokenizerFast, extra_rows: int = 37, seed: i
     return _seeded(lambda: Qwen2ForCausalLM(config), seed)
 
 
-def tiny_gemma(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Gemma3ForCausalLM:
-    """A 2-layer text-only Gemma-3 (``Gemma3ForCausalLM`` + ``Gemma3TextConfig``), tied head."""
+def tiny_gemma(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides) -> Gemma3ForCausalLM:
+    """A 2-layer text-only Gemma-3 (``Gemma3ForCausalLM`` + ``Gemma3TextConfig``), tied head; ``overrides``
+    go to the config."""
     config = Gemma3TextConfig(
+        **{
+            "vocab_size": len(tokenizer),
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "max_position_embeddings": 512,
+            "sliding_window": 16,
+            "tie_word_embeddings": True,
+            **_SMALL,
+            **_special_ids(tokenizer),
+            **overrides,
+        }
+    )
+    return _seeded(lambda: Gemma3ForCausalLM(config), seed)
+
+
+def tiny_qwen3(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Qwen3ForCausalLM:
+    """A 2-layer Qwen3 (q/k RMS norms; head_dim 128 as in every Qwen3, != hidden / heads here), untied head."""
+    config = Qwen3Config(
         vocab_size=len(tokenizer),
-        num_key_value_heads=1,
-        head_dim=8,
+        num_key_value_heads=2,
+        head_dim=128,
         max_position_embeddings=512,
-        sliding_window=16,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
         **_SMALL,
         **_special_ids(tokenizer),
     )
-    return _seeded(lambda: Gemma3ForCausalLM(config), seed)
+    return _seeded(lambda: Qwen3ForCausalLM(config), seed)
 
 
 def save_model_folder(

@@ -33,7 +33,21 @@ from retok.core.tokens import detect_family
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 # config.json model_type -> (llama.cpp architecture name, q/k rows reordered for llama.cpp's rope layout)
-ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+ARCHS = {
+    "llama": ("llama", True),
+    "mistral": ("llama", True),
+    "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),  # qwen2 plus per-head q/k RMS norms (attn_q_norm / attn_k_norm), no q/k/v bias
+    "gemma3_text": ("gemma3", False),  # Gemma3ForCausalLM; see check_gemma3 for what llama.cpp assumes
+}
+# Gemma's RMS norms scale by (1 + weight); llama.cpp's by the stored weight, so every norm is stored + 1 (as
+# llama.cpp's convert_hf_to_gguf.py does). The sqrt(hidden) embedding scale llama.cpp applies in its graph.
+NORM_SHIFT = {"gemma3": 1.0}
+# llama.cpp's gemma3 (src/llama-model.cpp): every 6th layer attends to the whole context, the others to a
+# sliding window with rope base 10,000; the attention scale is 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the
+# 62-layer 27B).
+GEMMA3_SWA_PATTERN = 6
+GEMMA3_SWA_ROPE_BASE = 10000.0
 
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some checkpoints carry; llama.cpp computes them
 _BLOCK = 32  # Q8_0 block: a row length that is not a multiple falls back to F16, as in llama.cpp
@@ -72,12 +86,41 @@ def gguf_architecture(conf: dict[str, Any], trust_remote_code: bool) -> tuple[st
             f"export.gguf: retok writes GGUF for model_type {', '.join(sorted(ARCHS))}, not {model_type!r}; "
             "set export.gguf: off and convert the exported folder with llama.cpp's convert_hf_to_gguf.py"
         )
+    if model_type == "gemma3_text":
+        check_gemma3(conf)
     return ARCHS[model_type]
 
 
+def check_gemma3(conf: dict[str, Any]) -> None:
+    """What llama.cpp's gemma3 takes for granted, checked against the config (RetokError naming the key)."""
+    n = conf["num_hidden_layers"]
+    want = ["full_attention" if (i + 1) % GEMMA3_SWA_PATTERN == 0 else "sliding_attention" for i in range(n)]
+    heads, head_dim = conf["num_attention_heads"], conf.get("head_dim") or 256
+    scale = conf.get("query_pre_attn_scalar", head_dim)
+    local = ((conf.get("rope_parameters") or {}).get("sliding_attention") or {}).get(
+        "rope_theta", conf.get("rope_local_base_freq", GEMMA3_SWA_ROPE_BASE)
+    )
+    why = None
+    if conf.get("layer_types") and list(conf["layer_types"]) != want:
+        why = f"layer_types is not every {GEMMA3_SWA_PATTERN}th layer global, which llama.cpp assumes"
+    elif scale != (conf["hidden_size"] // heads if n == 62 else head_dim):
+        why = f"query_pre_attn_scalar {scale} is not the head_dim {head_dim} llama.cpp assumes"
+    elif conf.get("final_logit_softcapping") or conf.get("attn_logit_softcapping"):
+        why = "logit soft-capping is set, which llama.cpp's gemma3 does not apply"
+    elif float(local) != GEMMA3_SWA_ROPE_BASE:
+        why = f"the sliding layers' rope base is {local}, llama.cpp assumes {GEMMA3_SWA_ROPE_BASE:g}"
+    if why:
+        raise RetokError(
+            f"export.gguf: this Gemma-3 config differs from what llama.cpp runs ({why}); set export.gguf: off"
+        )
+
+
 def _rope(conf: dict[str, Any]) -> dict[str, Any]:
-    """rope_theta and scaling, from transformers 5's rope_parameters or the older flat keys."""
+    """rope_theta and scaling, from transformers 5's rope_parameters or the older flat keys; for a model with
+    rope parameters per layer type (Gemma-3), those of the full-attention layers."""
     params = dict(conf.get("rope_parameters") or {})
+    if isinstance(params.get("full_attention"), dict):
+        params = dict(params["full_attention"])
     scaling = conf.get("rope_scaling") or {}
     params.update({k: v for k, v in scaling.items() if k not in params})
     params.setdefault("rope_theta", conf.get("rope_theta", 10000.0))
@@ -203,6 +246,13 @@ def _permute(n_head: int) -> Callable[[Any], Any]:
     return f
 
 
+def _shifted(shift: float) -> Callable[[Any], Any]:
+    def f(w: Any) -> Any:
+        return w + shift
+
+    return f
+
+
 def _llama3_rope_freqs(conf: dict[str, Any]) -> Any:
     """The per-frequency factors llama.cpp reads from ``rope_freqs.weight`` for Llama-3.1-style scaling."""
     import numpy as np
@@ -254,7 +304,10 @@ def plan_tensors(folder: Path, conf: dict[str, Any], arch: Any, permute: bool, f
             if qtype == q.Q8_0 and info.shape[-1] % _BLOCK:
                 qtype = q.F16
         transform = None
-        if permute and ".attn_q." in name:
+        shift = NORM_SHIFT.get(g.MODEL_ARCH_NAMES[arch])
+        if shift and hf_name.endswith("norm.weight"):
+            transform = _shifted(shift)
+        elif permute and ".attn_q." in name:
             transform = _permute(n_head)
         elif permute and ".attn_k." in name:
             transform = _permute(n_kv)
@@ -345,7 +398,9 @@ def _hparams(w: Any, conf: dict[str, Any], rows: int, ftype: str, name: str) -> 
     w.add_layer_norm_rms_eps(conf.get("rms_norm_eps", 1e-6))
     w.add_vocab_size(rows)
     w.add_rope_dimension_count(head_dim)
-    if head_dim * n_head != conf["hidden_size"]:
+    if conf.get("model_type") == "gemma3_text":
+        w.add_sliding_window(int(conf["sliding_window"]))
+    if head_dim * n_head != conf["hidden_size"] or conf.get("model_type") == "gemma3_text":
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     rope = _rope(conf)
