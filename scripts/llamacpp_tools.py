@@ -77,18 +77,24 @@ def decode(
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def perplexity(gguf: Path, text: str, n_ctx: int, threads: int = 2) -> float:
-    """llama-perplexity's "Final estimate" over chunks of ``n_ctx`` tokens (the second half of each scored)."""
-    with tempfile.TemporaryDirectory() as d:
-        f = _text_file(text, Path(d), "text.txt")
-        p = _run(
-            [_bin("llama-perplexity"), "-m", gguf, "-f", f, "-c", n_ctx, "-b", n_ctx, "-t", threads],
-            timeout=3600,
-        )
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", p.stdout + p.stderr)
-    if m is None:
-        raise RuntimeError("llama-perplexity printed no final estimate:\n" + (p.stdout + p.stderr)[-1500:])
-    return float(m.group(1))
+def perplexity(gguf: Path, text: str, n_ctx: int, threads: int = 2, attempts: int = 3) -> float:
+    """llama-perplexity's "Final estimate" over chunks of ``n_ctx`` tokens (the second half of each scored).
+
+    llama.cpp's logger writes from a thread of its own, and on a busy machine the process can exit before the
+    last lines are out (seen: every chunk printed, no final line, exit 0), so a run without it is repeated."""
+    out = ""
+    for _ in range(attempts):
+        with tempfile.TemporaryDirectory() as d:
+            f = _text_file(text, Path(d), "text.txt")
+            p = _run(
+                [_bin("llama-perplexity"), "-m", gguf, "-f", f, "-c", n_ctx, "-b", n_ctx, "-t", threads],
+                timeout=3600,
+            )
+        out = p.stdout + p.stderr
+        m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+        if m is not None:
+            return float(m.group(1))
+    raise RuntimeError(f"llama-perplexity printed no final estimate in {attempts} runs:\n" + out[-1500:])
 
 
 def scored_tokens(n_tokens: int, n_ctx: int) -> list[int]:
@@ -98,7 +104,8 @@ def scored_tokens(n_tokens: int, n_ctx: int) -> list[int]:
 
 
 def bpb_from_ppl(ppl: float, ids: Sequence[int], n_ctx: int, token_bytes: dict[int, bytes]) -> float:
-    """Bits per byte from llama-perplexity's PPL: total nats over the scored tokens / their bytes."""
+    """Bits per byte from llama-perplexity's PPL: total nats over the scored tokens / their bytes. ``ids``: the
+    token stream llama-perplexity cuts into chunks, which starts with BOS where the vocabulary adds one."""
     pos = scored_tokens(len(ids), n_ctx)
     n_bytes = sum(len(token_bytes[ids[p]]) for p in pos)
     return math.log(ppl) * len(pos) / (math.log(2) * n_bytes)

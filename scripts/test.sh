@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 VENV="${RETOK_VENV:-.venv}"
-"$VENV/bin/python" scripts/fetch_assets.py -q --vocabs
+"$VENV/bin/python" scripts/fetch_assets.py -q --vocabs --gemma3
 # A real llama.cpp for the GGUF tests (built once into the cache, ~10 minutes on 2 cores the first time).
 "$VENV/bin/python" scripts/build_llamacpp.py -q
 "$VENV/bin/ruff" check retok scripts tests

@@ -40,6 +40,7 @@ class Assets:
         self.corpora = self.root / "corpora"
         self.vocabs = self.root / "vocabs"
         self.mmlu = self.root / "tasks" / "mmlu.jsonl"
+        self.gemma3 = self.root / "models" / "gemma-3-270m-q4_k_m.gguf"  # fetch_assets.py --gemma3
 
     def corpus(self, domain: str, split: str) -> Path:
         return self.corpora / domain / f"{split}.jsonl"

