@@ -431,9 +431,9 @@ SAMPLE_PROMPT_BYTES = 240  # held-out text a sample continues: short enough to r
 CONTINUATION_TASK_ITEMS = 40  # questions of each domain's continuation task when eval.tasks is null
 
 
-def read_tasks(cfg: RetokConfig, chosen: list[str]) -> dict[str, list[Item]]:
+def read_tasks(cfg: RetokConfig, chosen: list[str], toks: tuple[Any, ...]) -> dict[str, list[Item]]:
     """The questions of every task (eval.tasks; null: a continuation task on every eval domain), read and
-    checked before any model is loaded."""
+    checked before any model is loaded; continuation tasks cut their text where both tokenizers end a token."""
     from retok.core.config import TaskConfig, expand
 
     tasks = cfg.eval.tasks
@@ -461,7 +461,7 @@ def read_tasks(cfg: RetokConfig, chosen: list[str]) -> dict[str, list[Item]]:
                     break
             try:
                 items = continuation_items(
-                    docs, t.max_items, t.prompt_bytes, t.continuation_bytes, t.choices, key
+                    docs, t.max_items, t.prompt_bytes, t.continuation_bytes, t.choices, key, toks
                 )
             except RetokError as e:
                 if cfg.eval.tasks is not None:
@@ -493,7 +493,7 @@ def read_inputs(cfg: RetokConfig) -> Inputs:
         check_config_rows(folder, tok, f"eval-speed ({key})")
         toks.append(tok)
     starts = {name: score_starts(toks, texts) for name, texts in docs.items()}
-    tasks = read_tasks(cfg, chosen)
+    tasks = read_tasks(cfg, chosen, tuple(toks))
     prompts = sample_prompts(docs, ev.samples, SAMPLE_PROMPT_BYTES, ev.sample_prompts)
     return Inputs(chosen, docs, speed_texts, configs, folders, tuple(toks), starts, tasks, prompts)
 

@@ -25,6 +25,7 @@ Two kinds of task (``eval.tasks``):
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from retok.core.errors import RetokError
-from retok.core.metrics import bos_id
+from retok.core.metrics import bos_id, clean_boundaries, encode_docs
 from retok.evaluate.speed import _cache_kwarg, _cache_of, char_index_at_byte, nbytes
 
 LETTERS = "ABCDEFGHIJ"
@@ -129,22 +130,52 @@ def spread(items: Sequence[Any], n: int) -> list[Any]:
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
+def _common_boundaries(tokenizers: Sequence[Any], doc: str) -> list[int] | None:
+    """Character offsets where every tokenizer ends a token (sorted), or None without tokenizers."""
+    if not tokenizers:
+        return None
+    common: set[int] | None = None
+    for tok in tokenizers:
+        ((_, offsets),) = encode_docs(tok, [doc])
+        bounds = clean_boundaries(offsets, len(doc))
+        common = bounds if common is None else common & bounds
+    return sorted(common or ())
+
+
 def continuation_items(
-    docs: Sequence[str], n: int, prompt_bytes: int, continuation_bytes: int, n_choices: int, key: str
+    docs: Sequence[str],
+    n: int,
+    prompt_bytes: int,
+    continuation_bytes: int,
+    n_choices: int,
+    key: str,
+    tokenizers: Sequence[Any] = (),
 ) -> list[Item]:
-    """Up to ``n`` continuation questions from held-out documents: a passage of ``prompt_bytes``, its true next
-    ``continuation_bytes`` and ``n_choices - 1`` continuations of passages of OTHER documents (the same
-    length, cut at character boundaries). Passages do not overlap and are spread through the text."""
+    """Up to ``n`` continuation questions from held-out documents: a passage of about ``prompt_bytes``, its true
+    next ``continuation_bytes`` or so, and ``n_choices - 1`` continuations of passages of OTHER documents.
+    Passages do not overlap and are spread through the text. Every cut falls where each of ``tokenizers`` ends
+    a token anyway (at or before the byte budget): a cut inside a token would hand a model a segmentation it
+    never saw, and the tokenizer with the longer tokens (the new one) would pay for it most."""
     passages: list[tuple[int, str, str]] = []  # (document, prefix, continuation)
     for d, doc in enumerate(docs):
-        rest = doc
-        while nbytes(rest) >= prompt_bytes + continuation_bytes:
-            cut = char_index_at_byte(rest, prompt_bytes)
-            end = cut + char_index_at_byte(rest[cut:], continuation_bytes)
-            prefix, cont = rest[:cut], rest[cut:end]
+        bounds = _common_boundaries(tokenizers, doc)
+
+        def snap(i: int, lo: int, bounds: list[int] | None = bounds) -> int | None:
+            if bounds is None:
+                return i if i > lo else None
+            k = bisect.bisect_right(bounds, i) - 1
+            return bounds[k] if k >= 0 and bounds[k] > lo else None
+
+        pos = 0
+        while nbytes(doc[pos:]) >= prompt_bytes + continuation_bytes:
+            cut = snap(pos + char_index_at_byte(doc[pos:], prompt_bytes), pos)
+            end = None if cut is None else snap(cut + char_index_at_byte(doc[cut:], continuation_bytes), cut)
+            if cut is None or end is None:
+                break
+            prefix, cont = doc[pos:cut], doc[cut:end]
             if prefix.strip() and cont.strip():
                 passages.append((d, prefix, cont))
-            rest = rest[end:]
+            pos = end
     n_docs = len({d for d, _, _ in passages})
     if n_docs < n_choices:
         raise RetokError(
