@@ -59,6 +59,9 @@ def run_dir(tmp_path_factory, assets) -> Path:
             "continuation_bytes": 60,
             "repeats": 1,
             "warmup": 0,
+            "tasks": [{"name": "zh-cont", "domain": "zh", "max_items": 6}],
+            "samples": 1,
+            "sample_bytes": 40,
         },
         "export": {"max_shard_size": "200MB", "gguf": "f32"},
     }
@@ -104,6 +107,16 @@ def test_report_contracts(run_dir):
             for k in ("bytes_per_token", "bpb", "tokens_per_s", "bytes_per_s", "prefill_ms"):
                 assert ev["domains"][d][side][k] > 0, (d, side, k)
         assert ev["domains"][d]["speedup_bytes_per_s"] > 0
+    task = ev["tasks"]["zh-cont"]  # the new tokens change the zh answers' bits, not the questions
+    assert (
+        task["questions"] == 6
+        and task["old"]["gold_bpb"] > 0
+        and task["new"]["gold_bpb"] != task["old"]["gold_bpb"]
+    )
+    assert [s["domain"] for s in ev["samples"]] == ["zh", "en"]
+    assert (
+        ev["samples"][0]["new"]["tokens"] < ev["samples"][0]["old"]["tokens"]
+    )  # the same bytes in fewer tokens
 
 
 def test_retok_check_passes_on_model_folders(run_dir):
