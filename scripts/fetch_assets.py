@@ -3,7 +3,7 @@
 
 Standard library only: this runs before the ``retok`` package is installed.
 
-    python scripts/fetch_assets.py [--cache DIR] [--only model|zh|en|code|tasks|vocabs|gemma3 ...]
+    python scripts/fetch_assets.py [--cache DIR] [--only model|zh|en|code|ja|tasks|vocabs|gemma3 ...]
                                    [--eval-percent N] [--more-zh] [--zh-min-han N] [--vocabs] [--gemma3] [-q]
 
 Everything goes under ``<cache>/assets/`` (cache: ``--cache``, else ``$RETOK_CACHE``, else
@@ -21,7 +21,9 @@ Everything goes under ``<cache>/assets/`` (cache: ``--cache``, else ``$RETOK_CAC
 The Chinese sources carry many paragraphs that were never translated (option lists, code samples, English
 licence blocks); the zh corpus keeps the paragraphs in which Chinese characters are at least
 ``--zh-min-han`` percent (default 30) of the non-blank characters, so that "zh" measures Chinese text and
-English and code are measured by their own domains. ``--zh-min-han 0`` keeps every paragraph.
+English and code are measured by their own domains. ``--zh-min-han 0`` keeps every paragraph. ``--only ja``
+fetches Japanese man pages (Debian ``manpages-ja``) the same way (kana counted with the Han characters), a second
+language for benchmarks; it is not fetched by default.
 
 The script is idempotent: a second run downloads nothing and rewrites nothing. Every file is written to
 a temporary name and renamed, so an interrupted run never leaves a half file that looks complete.

