@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import re
 import subprocess
 import sys
 import tempfile
@@ -77,24 +76,17 @@ def decode(
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def perplexity(gguf: Path, text: str, n_ctx: int, threads: int = 2, attempts: int = 3) -> float:
-    """llama-perplexity's "Final estimate" over chunks of ``n_ctx`` tokens (the second half of each scored).
-
-    llama.cpp's logger writes from a thread of its own, and on a busy machine the process can exit before the
-    last lines are out (seen: every chunk printed, no final line, exit 0), so a run without it is repeated."""
-    out = ""
-    for _ in range(attempts):
-        with tempfile.TemporaryDirectory() as d:
-            f = _text_file(text, Path(d), "text.txt")
-            p = _run(
-                [_bin("llama-perplexity"), "-m", gguf, "-f", f, "-c", n_ctx, "-b", n_ctx, "-t", threads],
-                timeout=3600,
-            )
-        out = p.stdout + p.stderr
-        m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
-        if m is not None:
-            return float(m.group(1))
-    raise RuntimeError(f"llama-perplexity printed no final estimate in {attempts} runs:\n" + out[-1500:])
+def perplexity(gguf: Path, text: str, n_ctx: int, threads: int = 2) -> float:
+    """llama-perplexity's estimate over chunks of ``n_ctx`` tokens (the second half of each scored), computed by
+    retok-llama --perplexity through llama.cpp's C API the way llama-perplexity does it. llama-perplexity itself
+    prints from a logger thread that a busy machine can cut off before its last lines (seen: its final estimate
+    missing in 3 runs of 3); retok-llama prints its one JSON line itself."""
+    with tempfile.TemporaryDirectory() as d:
+        f = _text_file(text, Path(d), "text.txt")
+        p = _run(
+            [_bin("retok-llama"), "-m", gguf, "-f", f, "--perplexity", n_ctx, "-t", threads], timeout=3600
+        )
+    return float(json.loads(p.stdout.strip().splitlines()[-1])["ppl"])
 
 
 def scored_tokens(n_tokens: int, n_ctx: int) -> list[int]:

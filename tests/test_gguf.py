@@ -26,6 +26,7 @@ from tests.tiny import (
     save_model_folder,
     sentencepiece_tokenizer,
     tiny_gemma,
+    tiny_gemma2,
     tiny_llama,
     tiny_mistral,
     tiny_qwen2,
@@ -47,6 +48,7 @@ def _folder(tmp_path: Path, kind: str, family: str) -> tuple[Path, object, objec
         # head_dim 256 = query_pre_attn_scalar, as in Gemma-3-270M: llama.cpp scales attention by head_dim, and
         # transformers' GGUF loader (which has no key for it) assumes 256
         "gemma3": lambda: tiny_gemma(tok, head_dim=256),
+        "gemma2": lambda: tiny_gemma2(tok),
     }[kind]
     model = build()
     with torch.no_grad():  # norms away from their init (Gemma's zeros, Qwen3's q/k ones): the shift must show
@@ -76,6 +78,7 @@ def _names(checks) -> dict:
         ("mistral", "byte_level"),
         ("qwen3", "byte_level"),  # q/k norms, head_dim != hidden / heads
         ("gemma3", "sentencepiece"),  # norms stored + 1, sliding window, tied
+        ("gemma2", "sentencepiece"),  # the same, and logit soft-capping
     ],
 )
 def test_gguf_is_the_same_model_for_transformers(tmp_path: Path, kind: str, family: str):
@@ -87,10 +90,11 @@ def test_gguf_is_the_same_model_for_transformers(tmp_path: Path, kind: str, fami
     assert type(back).__name__ == ("LlamaForCausalLM" if kind == "mistral" else type(model).__name__)
     ids = tok(TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
-        if kind == "gemma3":
+        if kind in ("gemma2", "gemma3"):
             torch.testing.assert_close(model(ids).logits, back(ids).logits, rtol=0, atol=1e-5)
-            norm = dict(back.named_parameters())["model.layers.0.self_attn.q_norm.weight"]
-            torch.testing.assert_close(norm, model.model.layers[0].self_attn.q_norm.weight, rtol=0, atol=1e-6)
+            norm = dict(back.named_parameters())["model.layers.0.post_feedforward_layernorm.weight"]
+            want = model.model.layers[0].post_feedforward_layernorm.weight
+            torch.testing.assert_close(norm, want, rtol=0, atol=1e-6)
         else:
             assert torch.equal(model(ids).logits, back(ids).logits)
     back_tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=path.name)
@@ -166,8 +170,8 @@ def test_check_gguf_reports_a_damaged_file(tmp_path: Path):
 
 
 def test_unsupported_architecture_and_rope_say_what_to_do():
-    with pytest.raises(RetokError, match="not 'gemma2'; set export.gguf: off"):
-        gguf_out.gguf_architecture({"model_type": "gemma2"}, False)
+    with pytest.raises(RetokError, match="not 'phi3'; set export.gguf: off"):
+        gguf_out.gguf_architecture({"model_type": "phi3"}, False)
     with pytest.raises(RetokError, match="runs remote code"):
         gguf_out.gguf_architecture({"model_type": "llama"}, True)
     with pytest.raises(RetokError, match="rope scaling 'yarn'"):

@@ -1,6 +1,6 @@
 """retok's GGUF of the families beyond Llama/Mistral/Qwen2 in the real llama.cpp (scripts/build_llamacpp.py):
-tiny Qwen3 (q/k norms, head_dim != hidden / heads) and Gemma-3 (norms stored + 1, sliding-window layers,
-embedding scale, tied head, SentencePiece vocabulary with BOS) models, written by retok, must give in llama.cpp
+tiny Qwen3 (q/k norms, head_dim != hidden / heads), Gemma-3 (norms stored + 1, sliding-window layers,
+embedding scale, tied head, SentencePiece vocabulary with BOS) and Gemma-2 (the same with logit soft-capping) models, written by retok, must give in llama.cpp
 the tokens transformers gives, the same greedy ids, and perplexity within 1% of transformers' on the same chunks."""
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ def tools(assets):
     return llamacpp_tools
 
 
-@pytest.mark.parametrize(("kind", "family"), [("qwen3", "byte_level"), ("gemma3", "sentencepiece")])
+@pytest.mark.parametrize(
+    ("kind", "family"), [("qwen3", "byte_level"), ("gemma3", "sentencepiece"), ("gemma2", "sentencepiece")]
+)
 def test_llamacpp_runs_the_family_as_transformers_does(tools, tmp_path, kind, family):
     folder, tok, model = _folder(tmp_path, kind, family)
     model.eval()

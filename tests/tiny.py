@@ -34,6 +34,8 @@ from tokenizers import (
     trainers,
 )
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     GenerationConfig,
@@ -278,6 +280,22 @@ def tiny_gemma(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **overrides) -
         }
     )
     return _seeded(lambda: Gemma3ForCausalLM(config), seed)
+
+
+def tiny_gemma2(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Gemma2ForCausalLM:
+    """A 2-layer Gemma-2 (sliding-window and global layers alternating, logit soft-capping in attention and on
+    the output), tied head; head_dim 256 = query_pre_attn_scalar, as in Gemma-2-2B/9B."""
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=512,
+        sliding_window=16,
+        tie_word_embeddings=True,
+        **_SMALL,
+        **_special_ids(tokenizer),
+    )
+    return _seeded(lambda: Gemma2ForCausalLM(config), seed)
 
 
 def tiny_qwen3(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Qwen3ForCausalLM:

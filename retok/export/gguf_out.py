@@ -38,15 +38,17 @@ ARCHS = {
     "mistral": ("llama", True),
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),  # qwen2 plus per-head q/k RMS norms (attn_q_norm / attn_k_norm), no q/k/v bias
-    "gemma3_text": ("gemma3", False),  # Gemma3ForCausalLM; see check_gemma3 for what llama.cpp assumes
+    "gemma2": ("gemma2", False),  # logit soft-capping in attention and on the output
+    "gemma3_text": ("gemma3", False),  # Gemma3ForCausalLM; see check_gemma for what llama.cpp assumes
 }
 # Gemma's RMS norms scale by (1 + weight); llama.cpp's by the stored weight, so every norm is stored + 1 (as
 # llama.cpp's convert_hf_to_gguf.py does). The sqrt(hidden) embedding scale llama.cpp applies in its graph.
-NORM_SHIFT = {"gemma3": 1.0}
-# llama.cpp's gemma3 (src/llama-model.cpp): every 6th layer attends to the whole context, the others to a
-# sliding window with rope base 10,000; the attention scale is 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the
-# 62-layer 27B).
-GEMMA3_SWA_PATTERN = 6
+NORM_SHIFT = {"gemma2": 1.0, "gemma3": 1.0}
+# llama.cpp (src/llama-model.cpp): Gemma-2 alternates sliding-window and global layers (the first sliding),
+# Gemma-3 makes every 6th layer global, its sliding ones with rope base 10,000; the attention scale is
+# 1/sqrt(head_dim), 1/sqrt(hidden/heads) for the 27B models (Gemma-2: 46 layers, Gemma-3: 62).
+GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3_text": 62}
 GEMMA3_SWA_ROPE_BASE = 10000.0
 
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some checkpoints carry; llama.cpp computes them
@@ -86,15 +88,16 @@ def gguf_architecture(conf: dict[str, Any], trust_remote_code: bool) -> tuple[st
             f"export.gguf: retok writes GGUF for model_type {', '.join(sorted(ARCHS))}, not {model_type!r}; "
             "set export.gguf: off and convert the exported folder with llama.cpp's convert_hf_to_gguf.py"
         )
-    if model_type == "gemma3_text":
-        check_gemma3(conf)
+    if model_type in GEMMA_SWA_PATTERN:
+        check_gemma(conf)
     return ARCHS[model_type]
 
 
-def check_gemma3(conf: dict[str, Any]) -> None:
-    """What llama.cpp's gemma3 takes for granted, checked against the config (RetokError naming the key)."""
-    n = conf["num_hidden_layers"]
-    want = ["full_attention" if (i + 1) % GEMMA3_SWA_PATTERN == 0 else "sliding_attention" for i in range(n)]
+def check_gemma(conf: dict[str, Any]) -> None:
+    """What llama.cpp's gemma2/gemma3 take for granted, checked against the config (RetokError saying which)."""
+    kind = conf["model_type"]
+    n, pattern = conf["num_hidden_layers"], GEMMA_SWA_PATTERN[kind]
+    want = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
     heads, head_dim = conf["num_attention_heads"], conf.get("head_dim") or 256
     scale = conf.get("query_pre_attn_scalar", head_dim)
     local = ((conf.get("rope_parameters") or {}).get("sliding_attention") or {}).get(
@@ -102,16 +105,18 @@ def check_gemma3(conf: dict[str, Any]) -> None:
     )
     why = None
     if conf.get("layer_types") and list(conf["layer_types"]) != want:
-        why = f"layer_types is not every {GEMMA3_SWA_PATTERN}th layer global, which llama.cpp assumes"
-    elif scale != (conf["hidden_size"] // heads if n == 62 else head_dim):
+        why = f"layer_types is not every {pattern}th layer global, which llama.cpp assumes"
+    elif scale != (conf["hidden_size"] // heads if n == GEMMA_27B_LAYERS[kind] else head_dim):
         why = f"query_pre_attn_scalar {scale} is not the head_dim {head_dim} llama.cpp assumes"
-    elif conf.get("final_logit_softcapping") or conf.get("attn_logit_softcapping"):
+    elif kind == "gemma3_text" and (
+        conf.get("final_logit_softcapping") or conf.get("attn_logit_softcapping")
+    ):
         why = "logit soft-capping is set, which llama.cpp's gemma3 does not apply"
-    elif float(local) != GEMMA3_SWA_ROPE_BASE:
+    elif kind == "gemma3_text" and float(local) != GEMMA3_SWA_ROPE_BASE:
         why = f"the sliding layers' rope base is {local}, llama.cpp assumes {GEMMA3_SWA_ROPE_BASE:g}"
     if why:
         raise RetokError(
-            f"export.gguf: this Gemma-3 config differs from what llama.cpp runs ({why}); set export.gguf: off"
+            f"export.gguf: this {kind} config differs from what llama.cpp runs ({why}); set export.gguf: off"
         )
 
 
@@ -398,9 +403,17 @@ def _hparams(w: Any, conf: dict[str, Any], rows: int, ftype: str, name: str) -> 
     w.add_layer_norm_rms_eps(conf.get("rms_norm_eps", 1e-6))
     w.add_vocab_size(rows)
     w.add_rope_dimension_count(head_dim)
-    if conf.get("model_type") == "gemma3_text":
+    gemma = conf.get("model_type") in GEMMA_SWA_PATTERN
+    if gemma:
         w.add_sliding_window(int(conf["sliding_window"]))
-    if head_dim * n_head != conf["hidden_size"] or conf.get("model_type") == "gemma3_text":
+    if conf.get("model_type") == "gemma2":
+        for key, add in (
+            ("attn_logit_softcapping", w.add_attn_logit_softcapping),
+            ("final_logit_softcapping", w.add_final_logit_softcapping),
+        ):
+            if conf.get(key):
+                add(float(conf[key]))
+    if head_dim * n_head != conf["hidden_size"] or gemma:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     rope = _rope(conf)

@@ -3,7 +3,13 @@
 //   retok-llama -m model.gguf -f prompt.txt -n 32 [-t threads] [-c ctx]      greedy: n new tokens
 //   retok-llama -m model.gguf -f prompt.txt -r continuation.txt [-t threads]  timed: feed a reference text
 //   retok-llama -m model.gguf -f texts.txt --tokenize    ids of each NUL-separated text (vocabulary only)
+//   retok-llama -m model.gguf -f text.txt --perplexity N_CTX [-t threads]   llama-perplexity's estimate
 //
+// --perplexity scores the text as llama-perplexity does (the text tokenized with BOS where the GGUF adds it,
+// cut into chunks of N_CTX tokens, BOS in place of each chunk's first token, the tokens after the first half
+// of each chunk scored) and prints {"ppl": ..., "nll": nats, "count": scored tokens, "chunks": n} from this
+// process's own stdout: llama-perplexity's logger thread can lose its last lines when a busy machine ends the
+// process first, this cannot.
 // llama.cpp's own tokenizer encodes the prompt (BOS as the GGUF's add_bos flag says, special tokens not
 // parsed). Greedy: exactly n tokens are chosen by argmax of the logits (end-of-generation tokens do not stop
 // it, so two runs always decode the same number of tokens). With -r, the reference continuation's tokens are
@@ -15,6 +21,7 @@
 #include "llama.h"
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -34,6 +41,7 @@ int main(int argc, char ** argv) {
     std::string model_path, prompt_path, ref_path;
     int n_predict = 32, n_threads = 2, n_ctx = 0;
     bool tokenize_only = false;
+    int ppl_ctx = 0;
     for (int i = 1; i < argc; i++) {
         std::string a = argv[i];
         auto next = [&]() -> const char * {
@@ -47,6 +55,7 @@ int main(int argc, char ** argv) {
         else if (a == "-t") n_threads = atoi(next());
         else if (a == "-c") n_ctx = atoi(next());
         else if (a == "--tokenize") tokenize_only = true;
+        else if (a == "--perplexity") ppl_ctx = atoi(next());
         else { fprintf(stderr, "retok-llama: unknown argument %s\n", a.c_str()); return 2; }
     }
     if (model_path.empty() || prompt_path.empty()) {
@@ -94,6 +103,54 @@ int main(int argc, char ** argv) {
     }
 
     const bool add_bos = llama_vocab_get_add_bos(vocab);
+    if (ppl_ctx > 0) {
+        int n_tok = -llama_tokenize(vocab, prompt.data(), prompt.size(), nullptr, 0, add_bos, false);
+        std::vector<llama_token> all(n_tok);
+        llama_tokenize(vocab, prompt.data(), prompt.size(), all.data(), n_tok, add_bos, false);
+        llama_context_params cp = llama_context_default_params();
+        cp.n_ctx = ppl_ctx;
+        cp.n_batch = ppl_ctx;
+        cp.n_ubatch = ppl_ctx;
+        cp.n_threads = n_threads;
+        cp.n_threads_batch = n_threads;
+        llama_context * ctx = llama_init_from_model(model, cp);
+        if (!ctx) { fprintf(stderr, "retok-llama: cannot create a context\n"); return 1; }
+        const int n_vocab = llama_vocab_n_tokens(vocab);
+        const int n_chunks = n_tok / ppl_ctx, first = ppl_ctx / 2;
+        llama_batch batch = llama_batch_init(ppl_ctx, 0, 1);
+        double nll = 0.0;
+        long count = 0;
+        for (int c = 0; c < n_chunks; c++) {
+            llama_memory_clear(llama_get_memory(ctx), true);
+            batch.n_tokens = ppl_ctx;
+            for (int i = 0; i < ppl_ctx; i++) {
+                llama_token t = all[c * ppl_ctx + i];
+                if (i == 0 && add_bos) t = llama_vocab_bos(vocab);
+                batch.token[i] = t;
+                batch.pos[i] = i;
+                batch.n_seq_id[i] = 1;
+                batch.seq_id[i][0] = 0;
+                batch.logits[i] = 1;
+            }
+            if (llama_decode(ctx, batch)) { fprintf(stderr, "retok-llama: decode failed\n"); return 1; }
+            for (int i = first; i < ppl_ctx - 1; i++) {
+                const float * lg = llama_get_logits_ith(ctx, i);
+                double mx = lg[0];
+                for (int j = 1; j < n_vocab; j++) if (lg[j] > mx) mx = lg[j];
+                double sum = 0.0;
+                for (int j = 0; j < n_vocab; j++) sum += exp((double) lg[j] - mx);
+                nll -= (double) lg[all[c * ppl_ctx + i + 1]] - mx - log(sum);
+                count++;
+            }
+        }
+        printf("{\"ppl\": %.8f, \"nll\": %.8f, \"count\": %ld, \"chunks\": %d}\n",
+               count ? exp(nll / count) : 0.0, nll, count, n_chunks);
+        llama_batch_free(batch);
+        llama_free(ctx);
+        llama_model_free(model);
+        llama_backend_free();
+        return 0;
+    }
     int n_prompt = -llama_tokenize(vocab, prompt.data(), prompt.size(), nullptr, 0, add_bos, false);
     std::vector<llama_token> toks(n_prompt);
     if (llama_tokenize(vocab, prompt.data(), prompt.size(), toks.data(), n_prompt, add_bos, false) < 0) {
