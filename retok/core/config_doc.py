@@ -33,6 +33,10 @@ def _sub_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def _list_item_model(annotation: Any) -> type[BaseModel] | None:
+    """The section type of a list of sections (data.train, eval.tasks; also when the list may be null)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        found = [m for a in typing.get_args(annotation) if (m := _list_item_model(a)) is not None]
+        return found[0] if found else None
     if typing.get_origin(annotation) is list:
         (arg,) = typing.get_args(annotation)
         return _sub_model(arg)
@@ -129,7 +133,8 @@ def markdown_reference() -> str:
             default = _default(field)
             shown = "required" if default is PydanticUndefined else f"`{_scalar(default)}`"
             if item is not None:
-                rows.append(f"| `{key}` | list of sources | `[]` | {field.description} |")
+                kind = "list of sources" if item is DataSource else f"list of {item.__name__} or null"
+                rows.append(f"| `{key}` | {kind} | {shown} | {field.description} |")
                 walk(item, f"{key}[].")
                 continue
             desc = (field.description or "").replace("|", "\\|")
