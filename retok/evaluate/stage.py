@@ -454,10 +454,11 @@ def read_tasks(cfg: RetokConfig, chosen: list[str], toks: tuple[Any, ...]) -> di
                     f"{key}: domain {t.domain!r} is not among the data.eval domains "
                     f"{domain_names(cfg.data.eval)}; fix the task's domain"
                 )
-            docs = []
+            docs, total = [], 0
             for doc in iter_domain(cfg.data.eval, t.domain, "data.eval"):
                 docs.append(doc)
-                if sum(map(nbytes, docs)) >= SPEED_TEXT_CAP:
+                total += nbytes(doc)  # a running total: re-summing every document would be quadratic
+                if total >= SPEED_TEXT_CAP:
                     break
             try:
                 items = continuation_items(
