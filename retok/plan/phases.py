@@ -98,9 +98,18 @@ def train_phase(cfg: RetokConfig, s: Shape, phase: str, strategy: str, n: int, d
     distill = phase == "io" and t.objective != "lm"
     lm = phase == "all" or t.objective != "distill"
     head_learns = phase == "all" or t.objective != "distill"
-    learning = params if phase == "all" else (emb + (head if head_learns else 0))
+    emb_learning = emb
+    if (
+        phase == "io"
+        and strategy == "single"
+        and t.trainable == "io_new_rows"
+        and not (s.new_tied and head_learns)
+    ):
+        # retok.train.rows: the new input rows learn as an (n x H) parameter of their own
+        emb_learning = max(0, s.new_vocab - s.old_vocab) * s.hidden
+    learning = params if phase == "all" else (emb_learning + (head if head_learns else 0))
     if phase == "io" and not head_learns and s.new_tied:
-        learning = emb
+        learning = emb_learning
     items = []
     if fsdp:
         gathered = io_total * a + 2 * s.layer_params * a

@@ -49,6 +49,7 @@ from retok.train.params import (
     make_optimizer,
     row_masks,
 )
+from retok.train.rows import CompactRows
 from retok.train.state import METRICS, TrainState, load_optimizer, read_state, save_checkpoint
 
 # A seam for tests: called with the step number after every optimizer step (e.g. to send SIGINT).
@@ -250,8 +251,11 @@ class _Phase:
 
 def _start_phase(run: Run, phase: Phase, first: int, end: int, resume_optimizer: bool) -> _Phase:
     acc, t, model = run.acc, run.cfg.train, run.model
+    _compact_rows(run, phase)
     hooks = freeze(model, run.io, phase)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if run.io.compact is not None:
+        trainable.append(run.io.compact.param)
     masks, grad_masks = decay_masks(run.io, phase), {}
     if run.root is not None:
         for h in hooks:  # FSDP's gradients never pass these hooks: masked after backward instead
@@ -287,6 +291,28 @@ def _start_phase(run: Run, phase: Phase, first: int, end: int, resume_optimizer:
         hooks=hooks,
         trimmer=HeapTrimmer() if acc.device.type == "cpu" else None,
     )
+
+
+def _compact_rows(run: Run, phase: Phase) -> None:
+    """The io phase on one process trains the learning input rows as a parameter of their own
+    (retok.train.rows): no vocabulary-sized gradient or moments. The piece map then moves those rows."""
+    io = run.io
+    if phase != "io" or run.root is not None or run.acc.num_processes > 1 or not io.compact_ok():
+        return
+    io.compact = CompactRows.attach(run.model, io.learn_rows)
+    if io.compact is not None and run.piece_map is not None:
+        run.piece_map.bind(io.compact.param, io.compact.slot)
+
+
+def _end_phase(run: Run, ph: _Phase) -> None:
+    """The gradient hooks off; compact rows written back into the embedding and released."""
+    for h in ph.hooks:
+        h.remove()
+    if run.io.compact is not None:
+        run.io.compact.close()
+        run.io.compact = None
+        if run.piece_map is not None:
+            run.piece_map.bind(run.io.embed)
 
 
 def _optimizer_step(
@@ -337,6 +363,8 @@ def _optimizer_step(
     ph.opt.step()
     if ph.piece_map is not None:
         ph.piece_map.after_step()  # the rows move by what the step did to the map
+    if run.io.compact is not None:
+        run.io.compact.push()  # the embedding holds the whole row at every moment
     ph.opt.zero_grad(set_to_none=True)
     if ph.trimmer is not None:
         ph.trimmer.after_step()
@@ -387,8 +415,7 @@ def run_phase(
             run.shown.update(loss=loss_val, tps=run.tokens_per_step / secs)
             _after_step(run, ph, state, log, bar, stopping)
     finally:
-        for h in ph.hooks:
-            h.remove()
+        _end_phase(run, ph)
         acc.free_memory()
 
 

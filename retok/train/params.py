@@ -31,16 +31,38 @@ class IOParams:
     n_tokens: int  # len(tokenizer); rows at or past it are padding and stay inert
     learn_rows: torch.Tensor  # bool (rows,): rows that may change in the io phase
     head_learns: bool = True  # False: objective distill, which gives the head no gradient
+    compact: Any = None  # retok.train.rows.CompactRows while the io phase trains the input rows that way
 
     @property
     def matrices(self) -> list[nn.Parameter]:
         return [self.embed] + ([self.head] if self.head is not None else [])
 
+    @property
+    def input_param(self) -> nn.Parameter:
+        """What the input rows learn through: the compact rows in the io phase where set, else the embedding."""
+        return self.compact.param if self.compact is not None else self.embed
+
     def trainable(self, phase: Phase) -> list[nn.Parameter]:
         """The matrices that learn in ``phase`` (biases apart)."""
         if phase == "io" and not self.head_learns:
-            return [self.embed]
+            return [self.input_param]
+        if phase == "io":
+            return [self.input_param] + ([self.head] if self.head is not None else [])
         return self.matrices
+
+    def row_mask(self, p: nn.Parameter, phase: Phase) -> torch.Tensor:
+        """(rows, 1) mask of the rows of ``p`` that may move in ``phase`` (padding rows never do; every
+        compact row does)."""
+        if self.compact is not None and p is self.compact.param:
+            return torch.ones(p.shape[0], 1, dtype=p.dtype, device=p.device)
+        rows = self.learn_rows if phase == "io" else torch.arange(self.embed.shape[0]) < self.n_tokens
+        return _mask_col(rows, p)
+
+    def compact_ok(self) -> bool:
+        """Whether the io phase trains the input rows as compact rows: at most half the rows learn (the new
+        tokens' rows: io_new_rows), and the head is not the same matrix learning through the head's side too."""
+        few = int(self.learn_rows.sum()) <= self.learn_rows.numel() // 2
+        return few and not (self.head is None and self.head_learns)
 
     def biases(self, phase: Phase) -> list[nn.Parameter]:
         learns = phase == "all" or self.head_learns
@@ -75,19 +97,17 @@ def freeze(model: nn.Module, io: IOParams, phase: Phase) -> list[Any]:
         p.requires_grad_(phase == "all")
     for p in io.trainable(phase) + io.biases(phase):
         p.requires_grad_(True)
-    rows = io.learn_rows if phase == "io" else torch.arange(io.embed.shape[0]) < io.n_tokens
     hooks = []
-    if not bool(rows.all()):
-        for p in io.trainable(phase):
-            col = _mask_col(rows, p)
+    for p in io.trainable(phase):
+        col = io.row_mask(p, phase)
+        if not bool(col.all()):
             hooks.append(p.register_hook(lambda g, col=col: g * col))
     return hooks
 
 
 def row_masks(io: IOParams, phase: Phase) -> dict[int, torch.Tensor]:
     """id(matrix) -> (rows, 1) mask of the rows that may move in ``phase`` (padding rows never do)."""
-    rows = io.learn_rows if phase == "io" else torch.arange(io.embed.shape[0]) < io.n_tokens
-    return {id(p): _mask_col(rows, p) for p in io.trainable(phase)}
+    return {id(p): io.row_mask(p, phase) for p in io.trainable(phase)}
 
 
 decay_masks = row_masks  # weight decay is masked to the same rows
@@ -114,7 +134,7 @@ def make_optimizer(
     """AdamW over what learns in ``phase``; in the io phase also ``piece_map``'s map (retok.train.piecemap)."""
     t = cfg.train
     if phase == "io":
-        groups = [{"params": [io.embed], "lr": t.embed_lr or t.lr, "name": "embed"}]
+        groups = [{"params": [io.input_param], "lr": t.embed_lr or t.lr, "name": "embed"}]
         if piece_map is not None:
             groups.append({"params": [piece_map.map], "lr": t.piece_map_lr, "name": "piece_map"})
         if io.head is not None and io.head_learns:

@@ -51,7 +51,8 @@ class PieceMap:
         device = embed.device
         u = len(uniq)
         self.embed = embed
-        self.rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.ids = torch.tensor(rows, dtype=torch.long, device=device)  # the rows' token ids
+        self.rows = self.ids  # where they sit in ``embed``
         self.basis = orig_rows[torch.tensor(uniq, dtype=torch.long)].to(device=device, dtype=torch.float32)
         # One sparse (rows x 3 pieces) matrix picks the features: column block 0 the last piece, 1 the first,
         # 2 every piece at 1/len (the mean); features @ map = picks @ [basis @ map_k stacked over k].
@@ -70,6 +71,12 @@ class PieceMap:
             self.picks_t = picks.t().coalesce().to_sparse_csr().to(device)
         H = orig_rows.shape[1]
         self.map = nn.Parameter(torch.zeros(3 * H, H, device=device))  # zero between steps
+
+    def bind(self, param: nn.Parameter, slot: torch.Tensor | None = None) -> None:
+        """Move rows of ``param`` from now on: the embedding (``slot`` None), or the compact rows of
+        retok.train.rows, where token id t sits at ``slot[t]``."""
+        self.embed = param
+        self.rows = self.ids if slot is None else slot[self.ids]
 
     @property
     def n_rows(self) -> int:

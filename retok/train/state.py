@@ -72,7 +72,7 @@ class TrainState:
 
 
 def save_checkpoint(state_dir: Path, model: nn.Module, opt: torch.optim.Optimizer, state: TrainState) -> None:
-    """Trainable tensors + optimizer moments + RNG (safetensors) + position and history (JSON), swapped in
+    """Trainable tensors (the input embedding always) + optimizer moments + RNG (safetensors) + position and history (JSON), swapped in
     atomically: a crash while saving leaves the previous checkpoint whole."""
     from safetensors.torch import save_file
 
@@ -81,8 +81,10 @@ def save_checkpoint(state_dir: Path, model: nn.Module, opt: torch.optim.Optimize
     tmp.mkdir(parents=True)
     params: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
+    # The input embedding learns through compact rows (retok.train.rows) with its weight frozen: saved too.
+    embed = model.get_input_embeddings().weight
     for name, p in model.named_parameters():  # named_parameters lists a tied matrix once
-        if p.requires_grad and id(p) not in seen:
+        if (p.requires_grad or p is embed) and id(p) not in seen:
             seen.add(id(p))
             params[name] = p.detach().cpu().contiguous()
     save_file(params, str(tmp / "params.safetensors"))
@@ -144,6 +146,14 @@ def load_optimizer(state_dir: Path, opt: torch.optim.Optimizer) -> None:
             if not key.startswith("rng."):
                 idx, name = key.split(".", 1)
                 state.setdefault(int(idx), {})[name] = f.get_tensor(key)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for idx, moments in state.items():
+        shape = moments.get("exp_avg", torch.empty(0)).shape
+        if idx >= len(params) or (len(shape) and shape != params[idx].shape):
+            raise RetokError(
+                f"{state_dir / CKPT}: its optimizer state does not fit this run's parameters (a checkpoint "
+                "of another retok version?); run train-io without --resume (or with --overwrite) to start over"
+            )
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
