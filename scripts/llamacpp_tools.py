@@ -130,9 +130,9 @@ def transformers_greedy(model: Any, prompt_ids: Sequence[int], n: int) -> list[i
     import torch
 
     # the KV-cache argument's name differs between transformers versions
-    from retok.evaluate.speed import _cache_kwarg, _cache_of
+    from retok.evaluate.kvcache import cache_kwarg, cache_of
 
-    kwarg = _cache_kwarg(model)
+    kwarg = cache_kwarg(model)
     out: list[int] = []
     with torch.no_grad():
         res = model(torch.tensor([list(prompt_ids)]), use_cache=True)
@@ -140,5 +140,5 @@ def transformers_greedy(model: Any, prompt_ids: Sequence[int], n: int) -> list[i
             nxt = int(res.logits[0, -1].argmax())
             out.append(nxt)
             if len(out) < n:
-                res = model(torch.tensor([[nxt]]), use_cache=True, **{kwarg: _cache_of(res)})
+                res = model(torch.tensor([[nxt]]), use_cache=True, **{kwarg: cache_of(res)})
     return out

@@ -16,10 +16,9 @@ from transformers import BertConfig, BertModel
 from retok.core.config import validate_dict
 from retok.core.errors import RetokError
 from retok.core.metrics import bits_per_byte, bytes_per_token, score_starts
+from retok.evaluate.kvcache import prefill, step
 from retok.evaluate.speed import (
     SpeedText,
-    _prefill,
-    _step,
     cut_text,
     greedy_run,
     greedy_stats,
@@ -98,10 +97,10 @@ def test_feeding_through_the_cache_is_real_decoding():
     x = torch.tensor([ids])
     with torch.inference_mode():
         full = model(input_ids=x).logits[0].argmax(-1).tolist()
-        cache, first = _prefill(model, x[:, :50])
+        cache, first = prefill(model, x[:, :50])
         steps = [first]
         for t in ids[50:]:
-            cache, nxt = _step(model, torch.tensor([[t]]), cache, "cache")
+            cache, nxt = step(model, torch.tensor([[t]]), cache, "cache")
             steps.append(nxt)
     # Each step's choice equals what a full forward pass predicts at that position.
     assert steps[:-1] == full[49:-1] and steps[-1] == full[-1]

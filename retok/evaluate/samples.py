@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from retok.evaluate.speed import _cache_kwarg, _prefill, _step, default_max_tokens, nbytes, spread_segments
+from retok.evaluate.kvcache import cache_kwarg, prefill, step
+from retok.evaluate.speed import default_max_tokens, nbytes, spread_segments
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,10 @@ def generate(
 
     out: list[int] = []
     got = 0
-    kwarg = _cache_kwarg(model)
+    kwarg = cache_kwarg(model)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        cache, nxt = _prefill(model, torch.tensor([ids], dtype=torch.long, device=device))
+        cache, nxt = prefill(model, torch.tensor([ids], dtype=torch.long, device=device))
         while True:
             if nxt in stop_ids:
                 return out, time.perf_counter() - t0, True
@@ -74,7 +75,7 @@ def generate(
             got += token_nbytes.get(nxt, 0)
             if got >= max_bytes or len(out) >= default_max_tokens(max_bytes):
                 return out, time.perf_counter() - t0, False
-            cache, nxt = _step(model, torch.tensor([[nxt]], dtype=torch.long, device=device), cache, kwarg)
+            cache, nxt = step(model, torch.tensor([[nxt]], dtype=torch.long, device=device), cache, kwarg)
 
 
 def write_samples(

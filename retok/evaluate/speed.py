@@ -23,7 +23,6 @@ honest even though the two cuts differ by a few bytes.
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
@@ -31,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from retok.evaluate.kvcache import cache_kwarg, prefill, step
 
 # Extra text tokenized after the continuation so the tokens at its end are split as in running text.
 MARGIN_BYTES = 64
@@ -150,28 +151,6 @@ def sync(device: torch.device | str) -> None:
         torch.mps.synchronize()
 
 
-def _cache_kwarg(model: Any) -> str:
-    # transformers 5.2x renames the KV-cache argument from past_key_values to cache; use what the model takes.
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def _prefill(model: Any, prompt: torch.Tensor) -> tuple[Any, int]:
-    # logits_to_keep=1: generation only needs the last position's logits, not the prompt's whole vocab matrix.
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    return _cache_of(out), int(out.logits[0, -1].argmax())
-
-
-def _step(model: Any, token: torch.Tensor, cache: Any, kwarg: str) -> tuple[Any, int]:
-    out = model(input_ids=token, use_cache=True, **{kwarg: cache})
-    # int(argmax) each step: real decoding reads every choice back to the host (stop criteria, streaming).
-    return _cache_of(out), int(out.logits[0, -1].argmax())
-
-
 @torch.inference_mode()
 def reference_run(runs: Sequence[tuple[Any, SpeedText, torch.device | str]]) -> list[tuple[float, float]]:
     """One run of one or more models: (prefill seconds, seconds to feed the continuation) for each.
@@ -182,27 +161,27 @@ def reference_run(runs: Sequence[tuple[Any, SpeedText, torch.device | str]]) -> 
     which alternating whole runs cannot do. Each model's work is unchanged: its own cache, one step per token.
     """
     caches: list[Any] = []
-    prefill: list[float] = []
+    prefill_s: list[float] = []
     for model, text, device in runs:
         prompt = torch.tensor([text.prompt_ids], dtype=torch.long, device=device)
         sync(device)
         t0 = time.perf_counter()
-        cache, _ = _prefill(model, prompt)
+        cache, _ = prefill(model, prompt)
         sync(device)
-        prefill.append(time.perf_counter() - t0)
+        prefill_s.append(time.perf_counter() - t0)
         caches.append(cache)
     conts = [torch.tensor(t.continuation_ids, dtype=torch.long, device=d).view(-1, 1, 1) for _, t, d in runs]
-    kwargs = [_cache_kwarg(m) for m, _, _ in runs]
+    kwargs = [cache_kwarg(m) for m, _, _ in runs]
     # Step i of a model with n steps sits at (i + 0.5) / n of the run: the schedules interleave evenly.
     order = sorted(((i + 0.5) / len(c), k, i) for k, c in enumerate(conts) for i in range(len(c)))
     decode = [0.0] * len(runs)
     for _, k, i in order:
         model, _, device = runs[k]
         t0 = time.perf_counter()
-        caches[k], _ = _step(model, conts[k][i], caches[k], kwargs[k])  # int(argmax) waits for the device
+        caches[k], _ = step(model, conts[k][i], caches[k], kwargs[k])  # int(argmax) waits for the device
         sync(device)
         decode[k] += time.perf_counter() - t0
-    return list(zip(prefill, decode, strict=True))
+    return list(zip(prefill_s, decode, strict=True))
 
 
 @torch.inference_mode()
@@ -219,16 +198,16 @@ def greedy_run(
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     out_ids: list[int] = []
     got = 0
-    kwarg = _cache_kwarg(model)
+    kwarg = cache_kwarg(model)
     sync(device)
     t0 = time.perf_counter()
-    cache, nxt = _prefill(model, prompt)
+    cache, nxt = prefill(model, prompt)
     sync(device)
     t1 = time.perf_counter()
     while got < target_bytes and len(out_ids) < max_tokens:
         out_ids.append(nxt)
         got += token_nbytes.get(nxt, 0)
-        cache, nxt = _step(model, torch.tensor([[nxt]], dtype=torch.long, device=device), cache, kwarg)
+        cache, nxt = step(model, torch.tensor([[nxt]], dtype=torch.long, device=device), cache, kwarg)
     sync(device)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, out_ids

@@ -35,7 +35,8 @@ from typing import Any
 
 from retok.core.errors import RetokError
 from retok.core.metrics import bos_id, clean_boundaries, encode_docs
-from retok.evaluate.speed import _cache_kwarg, _cache_of, char_index_at_byte, nbytes
+from retok.evaluate.kvcache import cache_kwarg, cache_of
+from retok.evaluate.speed import char_index_at_byte, nbytes
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -220,7 +221,7 @@ def score_items(
     from tqdm.auto import tqdm
 
     bos = bos_id(tok)
-    kwarg = _cache_kwarg(model)
+    kwarg = cache_kwarg(model)
     out: list[list[float]] = []
     for item in tqdm(items, desc=desc, unit="q", leave=False):
         context, choices = _split_space(item.context, item.choices)
@@ -239,7 +240,7 @@ def score_items(
             if longest:
                 # every choice in one batch from a copy of the context's cache, right-padded: under causal
                 # attention a pad only reaches the positions after it, which are not read
-                cache = _cache_of(first)
+                cache = cache_of(first)
                 cache.batch_repeat_interleave(len(conts))
                 batch = torch.tensor(
                     [r + [r[-1] if r else ctx[-1]] * (longest - len(r)) for r in rest], device=device
