@@ -107,7 +107,7 @@ def at_scale(run: Path, out: Path, scale: float, eval_bytes: int, threads: int |
 
 
 def power_law(points: list[tuple[float, float]]) -> tuple[float, float] | None:
-    """(a, b) of gap = a * minutes^-b, least squares in log-log; None with fewer than 2 usable points."""
+    """(a, b) of gap = a * x^-b, least squares in log-log; None with fewer than 2 usable points."""
     pts = [(math.log(m), math.log(g)) for m, g in points if m > 0 and g > 0]
     if len(pts) < 2:
         return None
@@ -131,6 +131,12 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=1.05, help="the BPB ratio to reach on the target domain")
     ap.add_argument("--eval-bytes", type=int, default=8000)
     ap.add_argument("--threads", type=int, default=None, help="compute.threads for the runs")
+    ap.add_argument(
+        "--base-minutes",
+        type=float,
+        default=None,
+        help="train-io minutes of the run's budget on a quiet machine (default: the run's own)",
+    )
     args = ap.parse_args()
 
     run = args.run.resolve()
@@ -150,20 +156,22 @@ def main() -> None:
     for s, r in rows.items():
         cells = " | ".join(f"{r['ratios'].get(d, float('nan')):.4f}x" for d in domains)
         print(f"| x{s} | {r['steps']} | {r['fit_bytes'] / 1000:.0f} KB | {r['minutes']:.1f} | {cells} |")
-    law = power_law(
-        [(r["minutes"], r["ratios"][domain] - 1.0) for r in rows.values() if domain in r["ratios"]]
-    )
-    need = None
+    law = power_law([(float(s), r["ratios"][domain] - 1.0) for s, r in rows.items() if domain in r["ratios"]])
+    need = minutes = None
     if law is not None:
         a, b = law
         gap = args.target - 1.0
         need = (a / gap) ** (1 / b) if b > 0 and gap > 0 else None
+        base = from_run(run, args.eval_bytes)
+        per_budget = args.base_minutes or (base["minutes"] if base else None)
+        minutes = need * per_budget if need and per_budget else None
+        at = f" (~{minutes:.0f} train-io minutes at {per_budget:g} a budget)" if minutes else ""
         print(
-            f"{domain}: gap = {a:.3f} x minutes^-{b:.3f}; "
+            f"{domain}: gap = {a:.4f} x budget^-{b:.3f}; "
             + (
-                f"{args.target:.3f}x at about {need:.0f} train-io minutes on this machine"
+                f"{args.target:.3f}x at about {need:.1f}x the run's budget{at}"
                 if need
-                else "the gap does not shrink with minutes here"
+                else "the gap does not shrink with the budget here"
             )
         )
     print(
@@ -175,7 +183,8 @@ def main() -> None:
                 "target": args.target,
                 "rows": rows,
                 "power_law": {"a": law[0], "b": law[1]} if law else None,
-                "minutes_for_target": need,
+                "budget_for_target": need,
+                "minutes_for_target": minutes,
             }
         )
     )
